@@ -1,0 +1,113 @@
+"""Torch datasets over `Case`s: training pairs at a fixed size, and evaluation items that keep the
+original mask so scores are computed at the annotation's own resolution."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from medseg.data.formats import Case, load_case
+from medseg.data.io import mask_to_labels, read_mask, to_channels
+from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, resize_mask
+
+
+def load_image_tensor(case: Case, preprocessing: Preprocessing, reduce: bool = True) -> torch.Tensor:
+    """A case's image as float (C, H, W) in [0, 1] with the network's channel count, at its own size."""
+    image = load_case(case, reduce_to=preprocessing.size if reduce else None)
+    image = to_channels(image, preprocessing.in_channels)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def load_labels(case: Case, num_classes: int, mask_threshold: int | None) -> torch.Tensor:
+    raw = read_mask(case.mask)
+    return torch.from_numpy(mask_to_labels(raw, num_classes, mask_threshold, path=case.mask).astype(np.int64))
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) pairs resized to the training size, augmented when `augment` is given.
+
+    Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}.
+    """
+
+    def __init__(self, cases: list[Case], preprocessing: Preprocessing, num_classes: int,
+                 mask_threshold: int | None = None, augment: list[Any] | None = None):
+        self.cases = cases
+        self.preprocessing = preprocessing
+        self.num_classes = num_classes
+        self.mask_threshold = mask_threshold
+        self.augmentation = build_augmentation(augment or [], preprocessing.size)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        image = self.preprocessing.resize(load_image_tensor(case, self.preprocessing))
+        mask = resize_mask(load_labels(case, self.num_classes, self.mask_threshold), self.preprocessing.size)
+        image, mask = augment_pair(self.augmentation, image, mask)
+        return {"image": self.preprocessing.normalise(image), "mask": mask.long(), "stem": case.stem}
+
+
+class InferenceDataset(Dataset):
+    """Images at the network's size for batched inference; with masks, the original-size labels too.
+
+    Items: {"image": normalised (C, H, W) at preprocessing.size, "stem", "size": (H0, W0),
+    and "mask": long (H0, W0) when `with_masks`}.
+    """
+
+    def __init__(self, cases: list[Case], preprocessing: Preprocessing, num_classes: int = 1,
+                 mask_threshold: int | None = None, with_masks: bool = True):
+        self.cases = cases
+        self.preprocessing = preprocessing
+        self.num_classes = num_classes
+        self.mask_threshold = mask_threshold
+        self.with_masks = with_masks
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.cases[index]
+        original = load_image_tensor(case, self.preprocessing, reduce=False)
+        item = {
+            "image": self.preprocessing.normalise(self.preprocessing.resize(original)),
+            "stem": case.stem,
+            "size": tuple(original.shape[-2:]),
+        }
+        if self.with_masks:
+            item["mask"] = load_labels(case, self.num_classes, self.mask_threshold)
+        return item
+
+
+def collate_inference(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the fixed-size images; keep original-size masks and sizes as lists."""
+    batch = {"image": torch.stack([i["image"] for i in items]), "stem": [i["stem"] for i in items],
+             "size": [i["size"] for i in items]}
+    if "mask" in items[0]:
+        batch["mask"] = [i["mask"] for i in items]
+    return batch
+
+
+class MultiScaleCollate:
+    """Collate a training batch, then resize it to a size drawn per batch (M2SNet's multi-scale training).
+
+    Images are resized bilinearly, masks with nearest neighbour. Python's `random` is seeded per
+    worker by Lightning's `seed_everything(workers=True)`, so the draws are reproducible.
+    """
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = list(sizes)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        size = random.choice(self.sizes)
+        images = torch.stack([i["image"] for i in items])
+        masks = torch.stack([i["mask"] for i in items])
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+            masks = resize_mask(masks, (size, size))
+        return {"image": images, "mask": masks, "stem": [i["stem"] for i in items]}

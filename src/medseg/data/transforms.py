@@ -1,0 +1,136 @@
+"""Preprocessing (resize, channels, normalisation) and augmentation with torchvision.transforms.v2.
+
+Image and mask travel together as `tv_tensors.Image` / `tv_tensors.Mask`, so every geometric transform
+moves both the same way and masks are always resampled with nearest neighbour (labels stay labels).
+Augmentation runs at the training size on intensities in [0, 1]; normalisation comes last.
+
+`Preprocessing` is the part shared by training, evaluation and prediction; it is stored in the saved
+model's config.json so inference uses exactly what training used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+from medseg.errors import MedsegError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# One-channel input with "imagenet" normalisation: the mean of the three channel statistics.
+IMAGENET_GRAY = (sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What turns a [0, 1] image (C, H, W) into network input: size (H, W), channels, normalisation."""
+
+    size: tuple[int, int]
+    in_channels: int
+    normalize: Any = "imagenet"  # "imagenet" | "per_image" | "none" | {"mean": [...], "std": [...]}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "size": list(self.size)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
+        return cls(size=tuple(raw["size"]), in_channels=int(raw["in_channels"]), normalize=raw.get("normalize", "imagenet"))
+
+    def resize(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Bilinear (antialiased) resize of an image batch or single image to `size` (default: self.size)."""
+        return v2.functional.resize(image, list(size or self.size), InterpolationMode.BILINEAR, antialias=True)
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """Normalise (..., C, H, W) intensities in [0, 1]."""
+        norm = self.normalize
+        if norm == "none":
+            return image
+        if norm == "per_image":
+            dims = (-3, -2, -1)
+            mean = image.mean(dim=dims, keepdim=True)
+            std = image.std(dim=dims, keepdim=True).clamp(min=1e-6)
+            return (image - mean) / std
+        if norm == "imagenet":
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if image.shape[-3] == 3 else ([IMAGENET_GRAY[0]], [IMAGENET_GRAY[1]])
+        else:
+            mean, std = norm["mean"], norm["std"]
+        if len(mean) not in (1, image.shape[-3]):
+            raise MedsegError(f"normalisation has {len(mean)} channel means but the input has {image.shape[-3]} channels")
+        mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        return (image - mean_t) / std_t
+
+
+def _rotate(degrees: float = 10.0, p: float = 1.0):
+    return v2.RandomApply([v2.RandomRotation(degrees, interpolation=InterpolationMode.BILINEAR, fill=0)], p=p)
+
+
+def _affine(degrees: float = 0.0, translate: tuple[float, float] | None = None,
+            scale: tuple[float, float] | None = None, shear: float | None = None, p: float = 1.0):
+    affine = v2.RandomAffine(degrees, translate=translate, scale=scale, shear=shear,
+                             interpolation=InterpolationMode.BILINEAR, fill=0)
+    return v2.RandomApply([affine], p=p)
+
+
+def _zoom(scale: tuple[float, float] = (0.9, 1.1), p: float = 1.0):
+    return _affine(scale=scale, p=p)
+
+
+def _color_jitter(brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.0, hue: float = 0.0, p: float = 1.0):
+    return v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=p)
+
+
+class RandomRot90(v2.Transform):
+    """Rotate by a random multiple of 90 degrees (square inputs), image and mask alike."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"angle": 90.0 * int(torch.randint(4, ()).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(v2.functional.rotate, inpt, angle=params["angle"])
+
+
+AUGMENTATIONS = {
+    "hflip": lambda p=0.5: v2.RandomHorizontalFlip(p),
+    "vflip": lambda p=0.5: v2.RandomVerticalFlip(p),
+    "rot90": lambda: RandomRot90(),
+    "rotate": _rotate,
+    "affine": _affine,
+    "zoom": _zoom,
+    "color_jitter": _color_jitter,
+}
+
+
+def build_augmentation(spec: list[str | dict[str, Any]], size: tuple[int, int]) -> v2.Compose | None:
+    """Recipe `data.augment` -> one v2.Compose, e.g. [hflip, {name: rotate, degrees: 10, p: 0.5}]."""
+    steps = []
+    for item in spec:
+        options = {"name": item} if isinstance(item, str) else dict(item)
+        name = options.pop("name", None)
+        if name not in AUGMENTATIONS:
+            raise MedsegError(f"unknown augmentation {name!r} in data.augment; available: {', '.join(sorted(AUGMENTATIONS))}")
+        if name == "rot90" and size[0] != size[1]:
+            raise MedsegError(f"augmentation rot90 needs a square data.size, got {size[0]}x{size[1]}")
+        try:
+            steps.append(AUGMENTATIONS[name](**options))
+        except TypeError as exc:
+            raise MedsegError(f"augmentation {name!r}: {exc}") from None
+    return v2.Compose(steps) if steps else None
+
+
+def augment_pair(augmentation: v2.Compose | None, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply one random draw to image (C, H, W) and mask (H, W) together."""
+    if augmentation is None:
+        return image, mask
+    out_image, out_mask = augmentation(tv_tensors.Image(image), tv_tensors.Mask(mask))
+    return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a label mask (..., H, W)."""
+    return v2.functional.resize(tv_tensors.Mask(mask), list(size), InterpolationMode.NEAREST_EXACT).as_subclass(torch.Tensor)

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real datasets beside the repository (../shared/data), a tiny phantom set and one
+tiny trained run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MEDSEG = [sys.executable, "-m", "medseg"]
+# Tiny settings that keep a training test to seconds on 2 CPU cores.
+TINY = ("model.base_channels=4", "data.size=64", "train.batch_size=4", "data.num_workers=0", "train.epochs=2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (see its README); a missing folder fails loudly instead of skipping tests."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"real test data not found at {SHARED_DATA}; check out ../shared/data beside the repository")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kvasir(shared_data: Path) -> Path:
+    """The Kvasir-SEG polyp dataset in medseg's folder format (JPEG images, 0/255 PNG masks)."""
+    folder = shared_data / "kvasir_seg"
+    if not (folder / "images").is_dir() or not (folder / "masks").is_dir():
+        pytest.fail(f"{folder} lacks images/ or masks/; see {shared_data / 'README.md'}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medseg.data.phantom import make_phantom
+
+    return make_phantom(tmp_path_factory.mktemp("phantom") / "data", n=24, size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One U-Net run trained for 2 epochs on the phantom, shared by evaluate / predict tests."""
+    from medseg.config import load_recipe
+    from medseg.engine.train import train
+
+    return train(load_recipe("unet", TINY), phantom, out=tmp_path_factory.mktemp("runs"), progress=False)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m medseg ARGS` in a subprocess, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*MEDSEG, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
