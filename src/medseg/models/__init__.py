@@ -1,0 +1,7 @@
+"""Networks: the registry, shared blocks, one file per family. Importing this package registers them all."""
+
+from medseg.models import unet  # noqa: F401  (registers "unet")
+from medseg.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+from medseg.models.saving import load_model, save_model
+
+__all__ = ["ModelInfo", "create_model", "list_models", "load_model", "model_info", "register_model", "save_model"]
