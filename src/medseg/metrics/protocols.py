@@ -1,0 +1,80 @@
+"""Named metric protocols: what a reported number means (DESIGN.md, "Metric protocols").
+
+`summary.json` always records the protocol with its full definition, so a number can be compared
+with a paper's only when the protocols match.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from medseg.errors import MedsegError
+from medseg.metrics.confusion import FOREGROUND_METRICS, MEAN_METRICS, summary_metrics
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    description: str
+    threshold: float = 0.5
+    aggregation: str = "per-image"  # or "pooled"
+    empty: str = "one"  # value of a metric whose denominator is zero: "nan", "one", "zero"
+    metrics: tuple[str, ...] = FOREGROUND_METRICS + MEAN_METRICS
+
+    def definition(self) -> dict:
+        return {**asdict(self), "metrics": list(self.metrics),
+                "binary_rule": f"foreground if probability >= {self.threshold}; multi-class: argmax",
+                "resize": "probabilities are resized (bilinear) to each mask's original size before thresholding"}
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p
+    for p in (
+        Protocol("paper", "Confusion metrics at threshold 0.5, computed per image and averaged over images; an "
+                 "empty prediction on an empty mask scores 1 (the smooth-term convention of the papers' code). "
+                 "mDice/mIoU average foreground and background (STS-Net)."),
+        Protocol("nnunet", "nnU-Net's evaluation: per-case Dice and IoU at 0.5 (argmax for multi-class), NaN when "
+                 "both prediction and reference are empty, mean over the cases that are not NaN.",
+                 empty="nan", metrics=("dice", "iou", "precision", "sensitivity")),
+        Protocol("pooled", "Confusion metrics at threshold 0.5 from counts pooled over all pixels of all images "
+                 "(one global score, common for vessel segmentation).", aggregation="pooled"),
+    )
+}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise MedsegError(f"unknown metric protocol {name!r}; available: {', '.join(sorted(PROTOCOLS))}")
+    return PROTOCOLS[name]
+
+
+def case_scores(counts: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
+    """Per-case values (N,) of the protocol's metrics (plus per-class Dice/IoU for multi-class)."""
+    values = summary_metrics(counts, protocol.empty)
+    keep = [m for m in values if m in protocol.metrics or m.split("_class")[0] in protocol.metrics]
+    return {m: values[m] for m in keep}
+
+
+def summarize(counts: torch.Tensor, protocol: Protocol) -> dict[str, dict[str, float]]:
+    """Dataset-level numbers from per-case counts (N, K, 4) under `protocol`."""
+    out: dict[str, dict[str, float]] = {}
+    if protocol.aggregation == "pooled":
+        pooled = case_scores(counts.sum(dim=0, keepdim=True), protocol)
+        return {m: {"value": _f(v[0]), "n": int(counts.shape[0])} for m, v in pooled.items()}
+    for metric, values in case_scores(counts, protocol).items():
+        valid = values[~values.isnan()]
+        out[metric] = {
+            "value": _f(valid.mean()) if valid.numel() else math.nan,
+            "std": _f(valid.std(unbiased=False)) if valid.numel() else math.nan,
+            "median": _f(valid.median()) if valid.numel() else math.nan,
+            "n": int(valid.numel()),
+            "n_nan": int(values.numel() - valid.numel()),
+        }
+    return out
+
+
+def _f(value: torch.Tensor) -> float:
+    return float(value.item())
