@@ -1,0 +1,219 @@
+"""Recipes: YAML files validated by pydantic, with `--set a.b=c` overrides (DESIGN.md, "A recipe").
+
+A recipe names one paper setting completely: model, data (size, normalisation, augmentation, split),
+loss terms, optimiser, schedule, training length, evaluation protocol. Built-in recipes live in
+`medseg/recipes/<name>.yaml`; any YAML path works too. Unknown keys are errors (a typo must not be
+silently ignored), except under `model:` where extra keys are the network's own options.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.errors import MedsegError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    in_channels: int = Field(3, ge=1)
+    num_classes: int = Field(1, ge=1)
+    weights: str | None = None  # local file that initialises the whole network (fine-tuning); nothing downloads
+
+    def options(self) -> dict[str, Any]:
+        """The network's own options (every key besides the common ones)."""
+        return dict(self.model_extra or {})
+
+
+class NormalizeStats(Strict):
+    mean: list[float]
+    std: list[float]
+
+
+class SplitConfig(Strict):
+    val: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    size: Union[int, tuple[int, int]] = 256  # training / inference size (H, W); an int means square
+    multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
+    normalize: Union[Literal["imagenet", "per_image", "none"], NormalizeStats] = "imagenet"
+    augment: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
+    mask_threshold: int | None = None  # binary masks: foreground = raw value > threshold (JPEG-noisy masks)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    num_workers: int | None = None  # None: one less than the CPU cores, at most 8
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+
+class LossTerm(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    weight: float = 1.0
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    eps: float = 1e-8
+    group_lr: dict[str, float] = Field(default_factory=dict)  # lr multiplier per model.param_groups() name
+
+
+class ScheduleConfig(Strict):
+    name: Literal["none", "step", "cosine", "poly", "plateau", "warmup_linear"] = "none"
+    interval: Literal["epoch", "step"] = "epoch"  # when cosine / poly / warmup_linear advance
+    step_size: int = 30  # step
+    gamma: float = 0.1  # step
+    min_lr: float = 0.0  # cosine
+    power: float = 0.9  # poly
+    warmup_epochs: float | None = None  # warmup_linear: peak position; None = (epochs + 1) / 2, a triangle
+    factor: float = 0.1  # plateau
+    patience: int = 10  # plateau
+    threshold: float = 1e-4  # plateau
+    monitor: str = "val/loss"  # plateau
+    mode: Literal["min", "max"] = "min"  # plateau
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(ge=1)
+    min_delta: float = 0.0
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    monitor: str = "val/dice"  # what `best` means
+    monitor_mode: Literal["max", "min"] = "max"
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"  # auto: 16-mixed on CUDA, 32 on CPU
+    early_stopping: EarlyStopping | None = None
+    deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
+    extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
+    gradient_clip: float | None = None
+
+
+class EvalConfig(Strict):
+    protocol: str = "paper"
+    checkpoint: Literal["best", "last"] = "best"  # which weights the run exports to model/
+
+
+class Recipe(Strict):
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: list[LossTerm]
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_not_empty(cls, terms: list[LossTerm]) -> list[LossTerm]:
+        if not terms:
+            raise ValueError("give at least one loss term")
+        return terms
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def list_recipes() -> list[str]:
+    folder = resources.files("medseg") / "recipes"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe_yaml(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(recipe name, raw mapping) for a built-in name or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MedsegError(f"recipe file {path} does not exist; give a built-in name ({', '.join(list_recipes())}) or a YAML path")
+        text, name = path.read_text(), path.stem
+    else:
+        resource = resources.files("medseg") / "recipes" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise MedsegError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(list_recipes())} (or give a YAML path)")
+        text, name = resource.read_text(), str(name_or_path)
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise MedsegError(f"recipe {name}: invalid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise MedsegError(f"recipe {name}: the file must hold a mapping of sections (model, data, loss, ...)")
+    return name, raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML, so numbers, lists and booleans work) in place."""
+    if "=" not in assignment:
+        raise MedsegError(f"--set {assignment!r}: expected key=value, e.g. --set train.epochs=2")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise MedsegError(f"--set {key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; use an index 0..{len(node) - 1}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise MedsegError(f"--set {key}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def validate_recipe(name: str, raw: dict[str, Any]) -> Recipe:
+    raw = {k: v for k, v in raw.items() if k != "run"}  # a run's config.yaml is a recipe plus its run record
+    try:
+        return Recipe.model_validate({**raw, "name": raw.get("name", name)})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise MedsegError(f"recipe {name}: {where}: {first['msg']}, got {first.get('input')!r}{more}") from None
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    name, raw = read_recipe_yaml(name_or_path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_recipe(name, raw)
+
+
+def recipe_from_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Rebuild a recipe stored in a run's config.yaml (resume), with optional overrides on top."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # a deep copy
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_recipe(raw.get("name", "custom"), raw)

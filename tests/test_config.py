@@ -1,0 +1,44 @@
+import pytest
+import yaml
+
+from medseg.config import list_recipes, load_recipe, recipe_from_dict
+from medseg.errors import MedsegError
+
+
+def test_builtin_recipe_loads_with_typed_overrides():
+    recipe = load_recipe("unet", ["data.size=128", "train.epochs=2", "model.base_channels=16", "loss.1.smooth=0.5",
+                                  "data.augment=[hflip, {name: rotate, degrees: 5}]", "train.early_stopping={patience: 3}"])
+    assert recipe.name == "unet" and "unet" in list_recipes()
+    assert recipe.data.hw == (128, 128) and recipe.train.epochs == 2
+    assert recipe.model.options() == {"base_channels": 16}
+    assert recipe.loss[1].model_dump() == {"name": "dice", "weight": 1.0, "smooth": 0.5, "per_image": True}
+    assert recipe.data.augment[1] == {"name": "rotate", "degrees": 5}
+    assert recipe.train.early_stopping.patience == 3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.sise=1", "data.sise: Extra inputs are not permitted"),
+    ("optim.name=rmsprop", "optim.name"),
+    ("train.epochs=0", "train.epochs"),
+    ("loss.5.weight=1", "loss is a list of 2"),
+    ("train.epochs", "expected key=value"),
+])
+def test_bad_overrides_are_one_clear_error(override, message):
+    with pytest.raises(MedsegError, match=message):
+        load_recipe("unet", [override])
+
+
+def test_unknown_recipe_names_the_builtin_ones(tmp_path):
+    with pytest.raises(MedsegError, match="unknown recipe 'unet9'; built-in recipes: .*unet"):
+        load_recipe("unet9")
+    with pytest.raises(MedsegError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_yaml_file_and_run_config_round_trip(tmp_path):
+    recipe = load_recipe("unet", ["train.epochs=3"])
+    stored = {**recipe.to_dict(), "run": {"data": "/somewhere", "seed": 0}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(stored))
+    assert load_recipe(path) == recipe.model_copy(update={"name": "unet"})
+    assert recipe_from_dict(stored, ["train.epochs=5"]).train.epochs == 5
