@@ -1,0 +1,238 @@
+"""The `medseg` command (typer). Each pipeline stage is a command; user errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from medseg.errors import MedsegError, user_message
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="2D medical image segmentation: five papers and their baselines, side by side.")
+console = Console()
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+@app.command("models")
+def models_command() -> None:
+    """Table of registered networks: paper, parameters (3 in, 1 out), input size.
+
+    Example: medseg models
+    """
+    from medseg.config import list_recipes
+    from medseg.models import create_model, list_models, model_info
+
+    recipes = set(list_recipes())
+    table = Table(title="medseg networks")
+    for column in ("name", "paper", "params (3->1)", "default size", "size multiple", "recipe"):
+        table.add_column(column)
+    for name in list_models():
+        info = model_info(name)
+        params = sum(p.numel() for p in create_model(name, 3, 1).parameters())
+        table.add_row(name, info.paper, f"{params:,}", str(info.default_size), str(info.size_multiple),
+                      name if name in recipes else "-")
+    console.print(table)
+
+
+@app.command("check-data")
+def check_data_command(
+    data: Path = typer.Argument(..., help="data folder (DATA/images + DATA/masks, or nnU-Net raw layout)"),
+    num_classes: int = typer.Option(1, help="1 = binary masks (0/255 or 0/1); >= 2 = integer label masks"),
+    mask_threshold: Optional[int] = typer.Option(None, help="binary: foreground = value > threshold (noisy masks)"),
+    recipe: Optional[str] = typer.Option(None, help="take num_classes and mask_threshold from this recipe"),
+) -> None:
+    """Report every problem of a data folder at once: unpaired or unreadable files, size mismatches,
+    unexpected mask values; empty masks as information. Exit code 1 when there are errors.
+
+    Example: medseg check-data ../shared/data/kvasir_seg
+    """
+    from medseg.config import load_recipe
+    from medseg.data.check import check_data
+
+    if recipe:
+        chosen = load_recipe(recipe)
+        num_classes, mask_threshold = chosen.model.num_classes, chosen.data.mask_threshold
+    with console.status(f"checking {data} ..."):
+        report = check_data(data, num_classes, mask_threshold)
+    stats = report.stats
+    lines = [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
+             f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
+    if stats.get("height"):
+        lines.append(f"  sizes: height {stats['height'][0]}-{stats['height'][1]}, width {stats['width'][0]}-"
+                     f"{stats['width'][1]} ({stats['distinct_sizes']} distinct); channels {stats['channels']}; "
+                     f"dtypes {stats['dtypes']}")
+    if stats.get("mean_foreground_fraction") is not None:
+        values = stats["label_values"]
+        shown = ", ".join(map(str, values[:12])) + (f", ... ({len(values)} distinct)" if len(values) > 12 else "")
+        lines.append(f"  masks: label values {{{shown}}}, mean foreground "
+                     f"{100 * stats['mean_foreground_fraction']:.1f}%, {stats['empty_masks']} empty")
+    for line in lines:
+        console.print(Text(line), soft_wrap=True)
+    colours = {"error": "red", "warning": "yellow", "info": "cyan"}
+    for p in report.problems:  # one line per problem, so the list can be grepped and diffed
+        console.print(Text.assemble((f"{p.level:7}", colours[p.level]), f" {p.kind:15} {p.file}: {p.message}"), soft_wrap=True)
+    console.print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s), {len(report.infos)} info")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+@app.command("train")
+def train_command(
+    recipe: str = typer.Option(..., help="built-in recipe name (see `medseg models`) or a YAML file"),
+    data: Path = typer.Option(..., help="data folder"),
+    set_: list[str] = typer.Option([], "--set", help="override a recipe value: --set train.epochs=2 (repeatable)"),
+    out: Path = typer.Option(Path("runs"), help="folder that holds run folders"),
+    name: Optional[str] = typer.Option(None, help="run folder name (default: <recipe>-<data>, numbered if taken)"),
+    devices: int = typer.Option(1, min=1, help="processes/GPUs; > 1 trains with DDP (gloo on CPU)"),
+    resume: bool = typer.Option(False, help="continue the latest (or --name) run from its last.ckpt"),
+) -> None:
+    """Train a recipe on a data folder; writes a run folder (config, splits, metrics, checkpoints, model).
+
+    Example: medseg train --recipe unet --data ../shared/data/kvasir_seg --set data.size=128 --set train.epochs=2
+    """
+    from medseg.config import load_recipe
+    from medseg.engine.train import train
+
+    chosen = load_recipe(recipe, set_)
+    run = train(chosen, data, out=out, name=name, devices=devices, resume=resume, overrides=set_)
+    if _is_rank_zero():
+        console.print(f"run folder: [bold]{run.path}[/] (model in {run.model_dir}); "
+                      f"next: medseg evaluate {run.path} --data {data}")
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run: Path = typer.Argument(..., help="run folder written by `medseg train`"),
+    data: Path = typer.Option(..., help="data folder: the training folder (scores its test split) or another one"),
+    protocol: Optional[str] = typer.Option(None, help="metric protocol: paper, nnunet, pooled (default: the recipe's)"),
+    split: str = typer.Option("auto", help="auto (test split of the training folder, else all), all, train, val, test"),
+    overlays: int = typer.Option(8, help="overlay pictures in the report (worst and best cases); -1 for all"),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
+
+    Example: medseg evaluate runs/unet-kvasir_seg --data ../shared/data/kvasir_seg
+    """
+    from medseg.engine.evaluate import evaluate
+
+    folder = evaluate(run, data, protocol, split, batch_size, device, overlays)
+    summary = json.loads((folder / "summary.json").read_text())
+    table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
+    table.add_column("metric")
+    table.add_column("value")
+    for metric, values in summary["metrics"].items():
+        table.add_row(metric, f"{values['value']:.4f}")
+    console.print(table)
+    console.print(f"report: [bold]{folder / 'report.md'}[/]")
+
+
+@app.command("predict")
+def predict_command(
+    run: Path = typer.Argument(..., help="run folder or model folder"),
+    inputs: list[str] = typer.Argument(..., help="image files, folders or glob patterns"),
+    out: Path = typer.Option(..., help="output folder"),
+    overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
+    probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255)"),
+    native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
+    threshold: float = typer.Option(0.5, help="binary decision threshold on the probability"),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Predict masks for images of any size; masks are written at each input's size.
+
+    Example: medseg predict runs/unet-kvasir_seg photo.jpg scans/ --out predictions --overlay
+    """
+    from medseg.engine.predict import predict
+
+    written = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device)
+    console.print(f"wrote {len(written)} mask(s) to [bold]{out}[/]")
+
+
+@app.command("benchmark")
+def benchmark_command(
+    models: str = typer.Option("unet", help="comma-separated model names"),
+    size: int = typer.Option(352, help="square input size"),
+    batch: int = typer.Option(8, min=1, help="the batch size N for the batch-N latency and throughput"),
+    device: str = typer.Option("auto"),
+    warmup: int = typer.Option(3, min=0),
+    repeats: int = typer.Option(10, min=1),
+    in_channels: int = typer.Option(3, min=1),
+    amp: bool = typer.Option(False, help="autocast (CUDA only)"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+    markdown: bool = typer.Option(False, help="also print a markdown table (for docs/BENCHMARKS.md)"),
+) -> None:
+    """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory.
+
+    Example: medseg benchmark --models unet --size 352
+    """
+    from medseg.engine.benchmark import benchmark, markdown_table, write_json
+    from medseg.models import model_info
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    for name in names:
+        model_info(name)  # unknown names fail before any timing
+    table = Table(title=f"{size}x{size}, batch 1 and {batch}")
+    for column in ("model", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}", "peak MB"):
+        table.add_column(column, justify="right")
+
+    def add(r: dict) -> None:
+        peak = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        table.add_row(r["model"], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_ms_b1']:.1f}",
+                      f"{r['throughput_b1']:.2f}", f"{r['latency_ms_bn']:.1f}", f"{r['throughput_bn']:.2f}", peak)
+
+    with console.status("benchmarking ..."):
+        report = benchmark(names, (size, size), batch, device, warmup, repeats, in_channels, amp=amp, on_result=add)
+    console.print(table)
+    m = report["machine"]
+    console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), torch {m.get('torch')}, "
+                  f"{report['date']}; GMACs = multiply-accumulates = GFLOPs / 2; peak memory: "
+                  f"{report['results'][0]['peak_memory_kind']}")
+    if json_out:
+        write_json(report, json_out)
+        console.print(f"results: {json_out}")
+    if markdown:
+        print(markdown_table(report))
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("medseg-demo"), help="folder for the phantom data and the run"),
+    epochs: int = typer.Option(25, min=1),
+) -> None:
+    """Generate the synthetic phantom set, train U-Net on the CPU, evaluate, and name the report.
+
+    Example: medseg demo
+    """
+    from medseg.engine.demo import demo, summary_line
+
+    console.print("medseg demo: SYNTHETIC phantom data (generated, not patient images), U-Net on this machine")
+    folder = demo(out, epochs=epochs)
+    console.print(summary_line(folder))
+    console.print(f"report: [bold]{folder / 'report.md'}[/]")
+
+
+def main() -> None:
+    try:
+        app()
+    except MedsegError as exc:
+        print(f"error: {user_message(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Engine: the Lightning module and trainer factory, evaluate, predict, benchmark, the demo."""

@@ -1,0 +1,144 @@
+"""`medseg benchmark`: cost of registered networks, measured, not estimated.
+
+Per model (random init, eval mode): parameters; FLOPs of one forward pass of one image from
+torch.utils.flop_counter (GMACs = GFLOPs / 2, labelled as such); latency at batch 1 and at batch N
+(median of `repeats` timed runs after `warmup` untimed ones), throughput in images/s; peak memory
+(CUDA: max allocated; CPU: the process's peak resident set size during the model's runs, Linux).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from medseg.engine.inference import pick_device
+from medseg.engine.run import versions, write_text_atomic
+from medseg.models import create_model
+
+
+def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops())
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux: write 5 to clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def benchmark_model(name: str, size: tuple[int, int], batch: int = 8, device: str = "auto", warmup: int = 3,
+                    repeats: int = 10, in_channels: int = 3, num_classes: int = 1, amp: bool = False) -> dict[str, Any]:
+    dev = pick_device(device)
+    model = create_model(name, in_channels, num_classes).eval().to(dev)
+    params = sum(p.numel() for p in model.parameters())
+    one = torch.randn(1, in_channels, *size, device=dev)
+    flops = count_flops(model, one)
+    many = torch.randn(batch, in_channels, *size, device=dev)
+
+    def run(x: torch.Tensor) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.no_grad(), torch.autocast(dev.type, enabled=amp and dev.type == "cuda"):
+                return model(x)
+        return call
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    rss_reset = dev.type == "cpu" and _reset_peak_rss()
+    latency_1 = _timed(run(one), dev, warmup, repeats)
+    latency_n = _timed(run(many), dev, warmup, repeats)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20
+        peak_kind = "cuda max allocated"
+    else:
+        peak = _peak_rss_mb() if rss_reset else None
+        peak_kind = "process peak RSS"
+    return {
+        "model": name, "input": f"{in_channels}x{size[0]}x{size[1]}", "params": params,
+        "gflops": flops / 1e9, "gmacs": flops / 2e9,
+        "latency_ms_b1": latency_1 * 1e3, "throughput_b1": 1 / latency_1,
+        "batch": batch, "latency_ms_bn": latency_n * 1e3, "throughput_bn": batch / latency_n,
+        "peak_memory_mb": peak, "peak_memory_kind": peak_kind,
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **versions()}
+    return info
+
+
+def benchmark(models: list[str], size: tuple[int, int], batch: int = 8, device: str = "auto", warmup: int = 3,
+              repeats: int = 10, in_channels: int = 3, num_classes: int = 1, amp: bool = False,
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    results = []
+    for name in models:
+        result = benchmark_model(name, size, batch, device, warmup, repeats, in_channels, num_classes, amp)
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return {"date": date.today().isoformat(), "device": str(pick_device(device)), "amp": amp, "machine": machine(),
+            "size": list(size), "batch": batch, "warmup": warmup, "repeats": repeats, "results": results}
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    write_text_atomic(Path(path), json.dumps(report, indent=2) + "\n")
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    head = ("| model | input | params | GFLOPs | GMACs | latency b1 (ms) | img/s b1 | "
+            f"latency b{report['batch']} (ms) | img/s b{report['batch']} | peak mem (MB) |")
+    lines = [head, "|" + "---|" * 10]
+    for r in report["results"]:
+        peak = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['model']} | {r['input']} | {r['params']:,} | {r['gflops']:.2f} | {r['gmacs']:.2f} | "
+                     f"{r['latency_ms_b1']:.1f} | {r['throughput_b1']:.2f} | {r['latency_ms_bn']:.1f} | "
+                     f"{r['throughput_bn']:.2f} | {peak} |")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""`medseg evaluate`: score a run on a data folder under a named metric protocol.
+
+Writes RUN/eval/<data>[-<split>]/ atomically: per_case.csv (one row per image), summary.json (the
+protocol with its full definition, the numbers, what was scored), report.md (the table, best and worst
+cases) and overlays/ (prediction tinted red, annotation outlined green). Probabilities are resized
+back to each mask's original size before thresholding, so scores are at annotation resolution.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medseg.data.check import check_data
+from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor, load_labels
+from medseg.data.formats import Case, discover
+from medseg.data.io import write_image_atomic
+from medseg.data.splits import cases_for
+from medseg.engine.inference import Predictor, overlay, resize_probabilities
+from medseg.engine.run import Run, now, slug
+from medseg.engine.train import default_workers
+from medseg.errors import MedsegError
+from medseg.metrics import case_scores, confusion_counts, get_protocol, predict_labels, summarize
+
+SPLITS = ("auto", "all", "train", "val", "test")
+
+
+def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
+    layout = discover(data)
+    trained_on = run.data_root().resolve()
+    if split == "auto":
+        split = "test" if data.resolve() == trained_on else "all"
+    if split == "all":
+        return layout.cases + layout.test_cases, split
+    if data.resolve() != trained_on:
+        raise MedsegError(f"--split {split} refers to the run's splits of {trained_on}, but --data is {data}; "
+                          "use --split all for another dataset")
+    stems = run.splits()[split]
+    if not stems:
+        raise MedsegError(f"the run's {split} split is empty; choose another --split")
+    return cases_for(layout, stems), split
+
+
+def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None, split: str = "auto",
+             batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None) -> Path:
+    """Score the run's saved model on `data`; returns the eval folder."""
+    run = Run(run_path).require()
+    data = Path(data)
+    if split not in SPLITS:
+        raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    predictor = Predictor(run.model_dir if run.model_dir.is_dir() else run.path, device)
+    protocol_def = get_protocol(protocol or run.recipe().eval.protocol)
+    cases, split = select_cases(run, data, split)
+    report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
+    if report.errors:
+        first = report.errors[0]
+        raise MedsegError(f"{data}: {first.file}: {first.message} — run `medseg check-data {data}` to see all problems")
+
+    dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
+                        num_workers=default_workers() if workers is None else workers)
+    stems, sizes, counts, pixels = [], [], [], []
+    for batch in loader:
+        probs = predictor.probabilities(batch["image"]).cpu()
+        for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
+            labels = predict_labels(resize_probabilities(prob, size)[None], protocol_def.threshold)
+            counts.append(confusion_counts(labels, mask[None], predictor.num_classes)[0])
+            stems.append(stem)
+            sizes.append(size)
+            pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
+    counts_t = torch.stack(counts)
+    per_case = {name: values.tolist() for name, values in case_scores(counts_t, protocol_def).items()}
+    summary = summarize(counts_t, protocol_def)
+
+    name = slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}")
+    final = run.eval_dir(name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
+    try:
+        _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
+        chosen = _overlay_cases(stems, per_case, overlays)
+        by_stem = {c.stem: c for c in cases}
+        for stem in chosen:
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor, protocol_def.threshold)
+        info = {
+            "protocol": protocol_def.definition(),
+            "metrics": summary,
+            "cases": len(stems),
+            "split": split,
+            "data": str(data.resolve()),
+            "run": str(run.path.resolve()),
+            "model": {k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe") if k in predictor.config},
+            "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
+            "created": now(),
+        }
+        (tmp / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "report.md").write_text(_report(info, stems, per_case, chosen))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_per_case(path: Path, stems: list[str], sizes: list[tuple[int, int]], pixels: list[tuple[int, int]],
+                    per_case: dict[str, list[float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["stem", "height", "width", "mask_pixels", "predicted_pixels", *per_case])
+    for i, stem in enumerate(stems):
+        writer.writerow([stem, *sizes[i], *pixels[i], *(f"{per_case[m][i]:.6f}" for m in per_case)])
+    path.write_text(buffer.getvalue())
+
+
+def _overlay_cases(stems: list[str], per_case: dict[str, list[float]], count: int) -> list[str]:
+    """The `count` cases to picture: half the worst and half the best by Dice (all when count < 0)."""
+    if count < 0 or count >= len(stems):
+        return list(stems)
+    scores = [(-1.0 if math.isnan(v) else v) for v in per_case.get("dice", [0.0] * len(stems))]
+    order = sorted(range(len(stems)), key=lambda i: (scores[i], stems[i]))
+    worst, best = order[: (count + 1) // 2], order[len(order) - count // 2:]
+    return [stems[i] for i in dict.fromkeys(worst + best)]
+
+
+def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: float) -> None:
+    original = load_image_tensor(case, predictor.preprocessing, reduce=False)
+    prep = predictor.preprocessing
+    probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
+    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0].numpy()
+    truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
+    write_image_atomic(path, overlay(original.permute(1, 2, 0).numpy(), labels, truth))
+
+
+def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[float]], chosen: list[str]) -> str:
+    protocol = info["protocol"]
+    lines = [f"# Evaluation: {Path(info['run']).name} on {Path(info['data']).name} ({info['split']})", ""]
+    if info["synthetic"]:
+        lines += ["**The data are SYNTHETIC** (medseg's generated phantom), not patient images.", ""]
+    lines += [f"- model: {info['model'].get('name')} ({info['model'].get('checkpoint', '?')}), recipe {info['model'].get('recipe', '?')}",
+              f"- cases: {info['cases']}", f"- data: `{info['data']}`",
+              f"- protocol **{protocol['name']}**: {protocol['description']}",
+              f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, empty rule {protocol['empty']}",
+              "", "| metric | value | std | median | n |", "|---|---|---|---|---|"]
+    for metric, values in info["metrics"].items():
+        lines.append(f"| {metric} | {values['value']:.4f} | {values.get('std', float('nan')):.4f} | "
+                     f"{values.get('median', float('nan')):.4f} | {values['n']} |")
+    if chosen:
+        index = {s: i for i, s in enumerate(stems)}
+        lines += ["", "## Overlays", "", "Prediction tinted red, annotation outlined green (worst cases first).", ""]
+        for stem in chosen:
+            dice = per_case.get("dice", [float("nan")] * len(stems))[index[stem]]
+            lines += [f"**{stem}**: Dice {dice:.3f}", "", f"![{stem}](overlays/{stem}.png)", ""]
+    lines += ["", f"Per-case numbers: `per_case.csv`; all definitions: `summary.json`. Written {info['created']}."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""Inference shared by evaluate, predict and benchmark: device choice, padding to the network's size
+multiple, activation, and resizing probabilities back to an image's original size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.data.transforms import Preprocessing
+from medseg.engine.module import activate
+from medseg.errors import MedsegError
+from medseg.models import load_model
+from medseg.models.saving import read_model_config
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MedsegError(f"device {name!r} asked for, but CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+class Predictor:
+    """A saved network ready for inference, with the preprocessing it was trained with."""
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        self.config = read_model_config(path)
+        self.device = pick_device(device)
+        self.model: nn.Module = load_model(path).to(self.device)
+        self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
+        self.size_multiple = int(self.config.get("size_multiple", 1))
+        self.num_classes = int(self.config["num_classes"])
+        self.mask_threshold = self.config.get("mask_threshold")
+        self.amp = self.device.type == "cuda"
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, C, H, W) -> probabilities (B, K, H, W), padded to the size multiple and cropped back."""
+        images = images.to(self.device, non_blocking=True)
+        padded, (height, width) = pad_to_multiple(images, self.size_multiple)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            logits = self.model(padded)
+        return activate(logits.float())[..., :height, :width]
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad bottom/right (reflect, or replicate when the image is too small to reflect) to a multiple."""
+    height, width = images.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if not pad_h and not pad_w:
+        return images, (height, width)
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(images, (0, pad_w, 0, pad_h), mode=mode), (height, width)
+
+
+def resize_probabilities(probabilities: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(K, h, w) -> (K, H, W), bilinear; probabilities are resized before any thresholding."""
+    if tuple(probabilities.shape[-2:]) == tuple(size):
+        return probabilities
+    return F.interpolate(probabilities.unsqueeze(0), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def label_image(labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Label map -> array to save: 0/255 for binary, the label values for multi-class."""
+    array = labels.cpu().numpy()
+    if num_classes == 1:
+        return (array > 0).astype(np.uint8) * 255
+    return array.astype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8 picture: the prediction tinted over the image; with `truth`, its outline in green.
+
+    `image` is (H, W, C) in [0, 1]; labels/truth are (H, W) integer maps (0 = background).
+    """
+    rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
+    rgb = np.clip(rgb, 0, 1).astype(np.float32)
+    palette = np.array([[0, 0, 0], [255, 40, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255], [0, 220, 220]], np.float32) / 255
+    colour = palette[np.clip(labels, 0, len(palette) - 1)]
+    tinted = np.where((labels > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
+    if truth is not None:
+        edge = _outline(truth > 0)
+        tinted[edge] = (0.1, 0.95, 0.2)
+    return (tinted * 255 + 0.5).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    return mask & ~inner
+
+
+def describe(config: dict[str, Any]) -> str:
+    prep = config["preprocessing"]
+    return (f"{config['name']} ({config['in_channels']} -> {config['num_classes']}), trained at "
+            f"{prep['size'][0]}x{prep['size'][1]}, normalisation {prep['normalize']}")

@@ -1,0 +1,82 @@
+"""The Lightning module: one network, the recipe's loss, optimiser and schedule; no per-model cases.
+
+Training: the network's output (a tensor, or a list for deep supervision) goes through the recipe's
+loss; extra terms a network reports through `extra_losses()` (e.g. a regulariser) are added with the
+weights of `train.extra_loss_weights`. Validation: the eval-mode output is scored per image at
+threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty rule, so `val/dice` is the
+mean per-image Dice that `best.ckpt` is chosen by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from medseg.config import Recipe
+from medseg.engine.optim import build_optimizer, build_scheduler
+from medseg.errors import MedsegError
+from medseg.losses import build_loss
+from medseg.metrics import confusion_counts, predict_labels, summary_metrics
+from medseg.models import create_model
+
+VAL_METRICS = ("dice", "iou", "mdice", "miou", "sensitivity", "precision")
+
+
+def activate(logits: torch.Tensor) -> torch.Tensor:
+    """Logits -> probabilities: sigmoid for one channel, softmax over channels otherwise."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, recipe: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"recipe": recipe})
+        self.recipe = Recipe.model_validate(recipe)
+        cfg = self.recipe.model
+        self.model = create_model(cfg.name, cfg.in_channels, cfg.num_classes, **cfg.options())
+        self.criterion = build_loss([t.model_dump() for t in self.recipe.loss], self.recipe.train.deep_supervision_weights)
+        self.num_classes = cfg.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.model(images)
+
+    def _extra_losses(self) -> dict[str, torch.Tensor]:
+        extras = self.model.extra_losses() if hasattr(self.model, "extra_losses") else {}
+        weights = self.recipe.train.extra_loss_weights
+        unweighted = sorted(set(extras) - set(weights))
+        if unweighted:
+            raise MedsegError(f"the network reports extra losses {unweighted} that the recipe gives no weight; "
+                              "set train.extra_loss_weights (0 to log them without training on them)")
+        return extras
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        outputs = self.model(batch["image"])
+        loss, parts = self.criterion(outputs, batch["mask"])
+        for name, value in self._extra_losses().items():
+            loss = loss + self.recipe.train.extra_loss_weights[name] * value
+            parts[name] = value
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        if len(parts) > 1:
+            for name, value in parts.items():
+                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self.model(batch["image"])
+        loss, _ = self.criterion(logits, batch["mask"])
+        labels = predict_labels(activate(logits.float()), 0.5)
+        scores = summary_metrics(confusion_counts(labels, batch["mask"], self.num_classes), empty="one")
+        size = batch["image"].shape[0]
+        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        for name in VAL_METRICS:
+            self.log(f"val/{name}", scores[name].float().mean(), on_epoch=True, prog_bar=name == "dice",
+                     batch_size=size, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = build_optimizer(self.model, self.recipe.optim)
+        steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        scheduler = build_scheduler(optimizer, self.recipe.schedule, self.recipe.train.epochs, steps)
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}

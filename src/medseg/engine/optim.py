@@ -1,0 +1,93 @@
+"""Optimisers and learning-rate schedules from the recipe (`optim:` and `schedule:`).
+
+Parameter groups: a network may expose `param_groups() -> {"encoder": [...], "decoder": [...]}`; the
+recipe's `optim.group_lr: {encoder: 0.1}` multiplies the base lr of that group (M2SNet's 0.1x
+backbone). Parameters in no named group train at the base lr.
+
+Schedules: `step` (x gamma every step_size epochs), `cosine` (to min_lr), `poly` ((1 - t/T)^power),
+`plateau` (ReduceLROnPlateau on a logged metric), `warmup_linear` (linear rise to the peak, then linear
+decay: with the default peak at (T + 1) / 2 it is M2SNet's triangle lr_e = lr (1 - |2(e+1)/(T+1) - 1|)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from medseg.config import OptimConfig, ScheduleConfig
+from medseg.errors import MedsegError
+
+
+def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not optim.group_lr:
+        return [{"params": trainable, "lr": optim.lr, "name": "all"}]
+    if not hasattr(model, "param_groups"):
+        raise MedsegError(f"optim.group_lr names groups {sorted(optim.group_lr)} but this network defines no parameter groups")
+    named = model.param_groups()
+    unknown = sorted(set(optim.group_lr) - set(named))
+    if unknown:
+        raise MedsegError(f"optim.group_lr names unknown groups {unknown}; this network has: {sorted(named)}")
+    groups, assigned = [], set()
+    for name, params in named.items():
+        params = [p for p in params if p.requires_grad and id(p) not in assigned]
+        assigned.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": optim.lr * optim.group_lr.get(name, 1.0), "name": name})
+    rest = [p for p in trainable if id(p) not in assigned]
+    if rest:
+        groups.append({"params": rest, "lr": optim.lr, "name": "rest"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, optim)
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
+                               weight_decay=optim.weight_decay)
+    if optim.name == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+def warmup_linear_factor(unit: int, total: int, peak: float) -> float:
+    """lr factor at 0-based `unit` of `total`: rises linearly to 1 at `peak` (1-based), then falls linearly."""
+    position = unit + 1
+    if position <= peak:
+        return position / peak
+    return max(0.0, (total + 1 - position) / (total + 1 - peak))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, epochs: int,
+                    steps_per_epoch: int) -> dict[str, Any] | None:
+    """A Lightning lr_scheduler config, or None for a constant lr."""
+    per_step = schedule.interval == "step"
+    total = epochs * steps_per_epoch if per_step else epochs
+    name = schedule.name
+    if name == "none":
+        return None
+    if name == "step":
+        if per_step:
+            raise MedsegError("schedule step counts epochs; set schedule.interval: epoch")
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
+    elif name == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=schedule.min_lr)
+    elif name == "poly":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1 - u / total) ** schedule.power)
+    elif name == "warmup_linear":
+        peak_epochs = schedule.warmup_epochs if schedule.warmup_epochs is not None else (epochs + 1) / 2
+        peak = peak_epochs * (steps_per_epoch if per_step else 1)
+        if not 0 < peak <= total:
+            raise MedsegError(f"schedule.warmup_epochs must lie in (0, {epochs}], got {schedule.warmup_epochs}")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: warmup_linear_factor(u, total, peak))
+    else:  # plateau
+        if per_step:
+            raise MedsegError("schedule plateau reacts to epoch metrics; set schedule.interval: epoch")
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=schedule.mode, factor=schedule.factor, patience=schedule.patience,
+            threshold=schedule.threshold)
+        return {"scheduler": scheduler, "interval": "epoch", "monitor": schedule.monitor, "strict": True}
+    return {"scheduler": scheduler, "interval": schedule.interval}
+

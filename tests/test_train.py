@@ -1,0 +1,123 @@
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+import medseg
+from medseg.config import load_recipe
+from medseg.engine.run import Run
+from medseg.engine.train import train
+
+from conftest import TINY, run_cli
+
+
+def test_run_folder_is_complete_and_self_describing(tiny_run):
+    run = tiny_run
+    for part in ("config.yaml", "splits.json", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
+                 "model/config.json", "model/model.safetensors"):
+        assert (run.path / part).is_file(), part
+    config = yaml.safe_load(run.config_file.read_text())
+    assert config["model"]["base_channels"] == 4 and config["train"]["epochs"] == 2
+    assert config["run"]["versions"]["torch"] and config["run"]["seed"] == 0 and "git_commit" in config["run"]
+    splits = json.loads(run.splits_file.read_text())
+    assert set(splits) == {"train", "val", "test"} and not set(splits["train"]) & set(splits["test"])
+    with run.metrics_file.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert {"train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds"} <= set(rows[0])
+    model_config = json.loads((run.model_dir / "config.json").read_text())
+    assert model_config["preprocessing"] == {"size": [64, 64], "in_channels": 3, "normalize": "imagenet"}
+    model = medseg.load_model(run.path)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAtEpoch(L.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Crash(f"killed at the start of epoch {self.epoch}")
+
+
+class RecordStart(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not hasattr(self, "epoch"):
+            self.epoch = trainer.current_epoch
+            self.optimizer = {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                              for k, s in trainer.optimizers[0].state_dict()["state"].items()}
+
+
+def test_resume_continues_from_last_with_the_same_optimiser_state(phantom, tmp_path):
+    recipe = load_recipe("unet", [*TINY, "train.epochs=3"])
+    with pytest.raises(Crash):
+        train(recipe, phantom, out=tmp_path, name="crashed", callbacks=[CrashAtEpoch(1)], progress=False)
+    run = Run(tmp_path / "crashed")
+    saved = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0
+    record = RecordStart()
+    train(recipe, phantom, out=tmp_path, name="crashed", resume=True, callbacks=[record], progress=False)
+    assert record.epoch == 1  # the second epoch, not a restart
+    saved_state = saved["optimizer_states"][0]["state"]
+    assert saved_state and set(record.optimizer) == set(saved_state)
+    for key, state in saved_state.items():
+        assert torch.equal(record.optimizer[key]["exp_avg"], state["exp_avg"])
+        assert torch.equal(record.optimizer[key]["step"], state["step"])
+    with run.metrics_file.open() as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1, 2]
+    assert len(yaml.safe_load(run.config_file.read_text())["run"]["resumed"]) == 1
+    assert (run.model_dir / "model.safetensors").is_file()
+
+
+def test_resume_without_a_run_is_a_clear_error(phantom, tmp_path):
+    with pytest.raises(medseg.errors.MedsegError, match="nothing to resume"):
+        train(load_recipe("unet", TINY), phantom, out=tmp_path, resume=True)
+
+
+def test_two_gloo_processes_train_with_ddp_on_cpu(phantom, tmp_path):
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    result = run_cli("train", "--recipe", "unet", "--data", str(phantom), "--out", str(tmp_path), "--devices", "2",
+                     *sets, "--set", "train.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "in 2 process(es) on cpu" in result.stdout
+    run = Run(next(tmp_path.iterdir()))
+    assert (run.model_dir / "model.safetensors").is_file()
+    with run.metrics_file.open() as handle:
+        assert len(list(csv.DictReader(handle))) == 1  # one row, from rank zero only
+
+
+class ExtraLossModel(torch.nn.Module):
+    """A 1x1-conv network that reports an extra loss, to test the trainer's generic hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+
+    def forward(self, x):
+        self.last = self.conv(x)
+        return self.last
+
+    def extra_losses(self):
+        return {"l2": self.last.pow(2).mean()}
+
+
+def test_extra_losses_are_added_with_recipe_weights(phantom):
+    from medseg.engine.module import SegmentationModule
+
+    module = SegmentationModule(load_recipe("unet", [*TINY, "train.extra_loss_weights={l2: 0.5}"]).to_dict())
+    module.model = ExtraLossModel()
+    batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8, dtype=torch.long)}
+    module.log = lambda *args, **kwargs: None
+    total = module.training_step(batch, 0)
+    base, _ = module.criterion(module.model.last, batch["mask"])
+    assert torch.allclose(total, base + 0.5 * module.model.last.pow(2).mean())
+    module.recipe.train.extra_loss_weights = {}
+    with pytest.raises(medseg.errors.MedsegError, match="extra losses \\['l2'\\]"):
+        module.training_step(batch, 0)
