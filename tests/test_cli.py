@@ -141,11 +141,16 @@ def test_benchmark_reports_cost_and_speed(tmp_path):
 
 
 def test_models_and_help():
-    result = run_cli("models")
-    assert result.returncode == 0 and "unet" in result.stdout and "31,037,633" in result.stdout
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["models"], terminal_width=200)
+    assert result.exit_code == 0 and "unet" in result.stdout and "31,037,633" in result.stdout
     for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models"):
-        help_text = run_cli(command, "--help")
-        assert help_text.returncode == 0 and "Example" in help_text.stdout, command
+        help_text = runner.invoke(app, [command, "--help"], terminal_width=200)
+        assert help_text.exit_code == 0 and "Example" in help_text.stdout, command
 
 
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):

@@ -17,7 +17,7 @@ from medseg.errors import MedsegError, user_message
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="2D medical image segmentation: five papers and their baselines, side by side.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: no truncated tables
 
 
 def _is_rank_zero() -> bool:

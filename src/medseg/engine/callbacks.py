@@ -24,9 +24,10 @@ class EpochMetrics(L.Callback):
     Train loss is the mean of this rank's step losses over the epoch.
     """
 
-    def __init__(self, path: Path, echo: bool = True):
+    def __init__(self, path: Path, echo: bool = True, echo_progress: bool = False):
         self.path = Path(path)
         self.echo = echo
+        self.echo_progress = echo_progress  # without a progress bar (logs, pipes): a line per tenth of an epoch
         self._losses: list[float] = []
         self._started = time.perf_counter()
 
@@ -47,6 +48,12 @@ class EpochMetrics(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(float(loss.detach()))
+        total = trainer.num_training_batches
+        if self.echo_progress and trainer.is_global_zero and isinstance(total, int) and total >= 10:
+            done = batch_idx + 1
+            if done % (total // 10) == 0 and done < total:
+                tqdm.write(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} batches, "
+                           f"loss {sum(self._losses) / len(self._losses):.4g}, {time.perf_counter() - self._started:.0f}s")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:

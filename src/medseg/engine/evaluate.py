@@ -33,6 +33,7 @@ from medseg.errors import MedsegError
 from medseg.metrics import case_scores, confusion_counts, get_protocol, predict_labels, summarize
 
 SPLITS = ("auto", "all", "train", "val", "test")
+OVERLAY_MIN_SIDE = 256
 
 
 def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
@@ -58,7 +59,7 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     data = Path(data)
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    predictor = Predictor(run.model_dir if run.model_dir.is_dir() else run.path, device)
+    predictor = Predictor(run.path, device)
     protocol_def = get_protocol(protocol or run.recipe().eval.protocol)
     cases, split = select_cases(run, data, split)
     report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
@@ -139,7 +140,11 @@ def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: floa
     probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
     labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0].numpy()
     truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
-    write_image_atomic(path, overlay(original.permute(1, 2, 0).numpy(), labels, truth))
+    picture = overlay(original.permute(1, 2, 0).numpy(), labels, truth)
+    zoom = -(-OVERLAY_MIN_SIDE // max(picture.shape[:2]))  # small images are enlarged (nearest) to be seen
+    if zoom > 1:
+        picture = picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
+    write_image_atomic(path, picture)
 
 
 def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[float]], chosen: list[str]) -> str:

@@ -4,8 +4,6 @@ multiple, activation, and resizing probabilities back to an image's original siz
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -98,8 +96,3 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     inner[:, :-1] &= mask[:, 1:]
     return mask & ~inner
 
-
-def describe(config: dict[str, Any]) -> str:
-    prep = config["preprocessing"]
-    return (f"{config['name']} ({config['in_channels']} -> {config['num_classes']}), trained at "
-            f"{prep['size'][0]}x{prep['size'][1]}, normalisation {prep['normalize']}")

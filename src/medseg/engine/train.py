@@ -91,11 +91,11 @@ def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequenc
     train = recipe.train
     checkpoint = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=train.monitor, mode=train.monitor_mode,
                                  save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
-    all_callbacks: list[L.Callback] = [EpochMetrics(run.metrics_file), *callbacks, checkpoint]
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    all_callbacks: list[L.Callback] = [EpochMetrics(run.metrics_file, echo_progress=not show_bar), *callbacks, checkpoint]
     if train.early_stopping:
         all_callbacks.append(EarlyStopping(train.monitor, patience=train.early_stopping.patience,
                                            min_delta=train.early_stopping.min_delta, mode=train.monitor_mode))
-    show_bar = sys.stderr.isatty() if progress is None else progress
     if show_bar:
         all_callbacks.append(TQDMProgressBar())
     if torch.cuda.is_available():
