@@ -20,7 +20,7 @@ from medseg.errors import MedsegError
 FOLDER = "folder"
 NNUNET = "nnunet"
 NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
-# nnU-Net names channel files <case>_<XXXX><file_ending>, XXXX being the 4-digit channel index.
+# nnU-Net names channel files <case>_<NNNN><file_ending>, NNNN being the 4-digit channel index.
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -49,7 +49,7 @@ class Layout:
     notes: dict[Path, str] = field(default_factory=dict)
 
     def stem_of(self, path: Path) -> str:
-        """The case stem a file belongs to (nnU-Net channel files drop their _XXXX suffix)."""
+        """The case stem a file belongs to (nnU-Net channel files drop their _NNNN suffix)."""
         stem = Path(path).stem
         if self.kind == NNUNET and Path(path).parent.name in ("imagesTr", "imagesTs"):
             match = _NNUNET_CHANNEL.match(stem)
@@ -160,7 +160,7 @@ def _nnunet_split(
         if match is None or int(match["channel"]) not in channel_ids:
             unpaired_images.append(path)
             notes[path] = (
-                f"not named <case>_XXXX{ending} with XXXX one of the channels "
+                f"not named <case>_NNNN{ending} with NNNN one of the channels "
                 f"{', '.join(f'{c:04d}' for c in channel_ids)} in dataset.json"
             )
             continue
@@ -190,7 +190,7 @@ def _nnunet_split(
         notes[path] = (
             f"case {stem} is incomplete (see its image files)"
             if stem in channel_files
-            else f"no image {images_dir.name}/{stem}_XXXX{ending} for this label"
+            else f"no image {images_dir.name}/{stem}_NNNN{ending} for this label"
         )
     return cases, sorted(unpaired_images), unpaired_labels, notes
 
