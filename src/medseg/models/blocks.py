@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -24,3 +25,53 @@ class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None, bias: bool = False):
         mid = mid_channels or out_channels
         super().__init__(ConvBNReLU(in_channels, mid, bias=bias), ConvBNReLU(mid, out_channels, bias=bias))
+
+
+class UpConv(nn.Sequential):
+    """x2 nearest upsampling, then a 3x3 conv-BN-ReLU (the "up_conv" of the Attention U-Net / R2U-Net
+    reference implementations)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(nn.Upsample(scale_factor=2), ConvBNReLU(in_channels, out_channels, bias=True))
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al. 2018, Eq. 1-2; ANU-Net Eq. 1-3).
+
+    F = ReLU(BN(W_f f) + BN(W_g g)), alpha = sigmoid(BN(W_theta F)), output = f * alpha, with 1x1 convs
+    (bias on) and one coefficient per pixel broadcast over the channels of f. `keep_coefficients` makes
+    the gate remember its last alpha (detached) so that attention maps can be saved (ANU-Net Fig. 12).
+    """
+
+    def __init__(self, gate_channels: int, skip_channels: int, inter_channels: int):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Conv2d(gate_channels, inter_channels, 1), nn.BatchNorm2d(inter_channels))
+        self.skip = nn.Sequential(nn.Conv2d(skip_channels, inter_channels, 1), nn.BatchNorm2d(inter_channels))
+        self.coefficient = nn.Sequential(nn.Conv2d(inter_channels, 1, 1), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.keep_coefficients = False
+        self.last_coefficients: torch.Tensor | None = None
+
+    def forward(self, gating: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        alpha = self.coefficient(torch.relu(self.gate(gating) + self.skip(skip)))
+        if self.keep_coefficients:
+            self.last_coefficients = alpha.detach()
+        return skip * alpha
+
+
+class AttentionMaps:
+    """Mixin for networks with attention gates: `record_attention(True)` makes the gates remember their
+    coefficients; `attention_maps()` returns those of the gates the network names as its first layer."""
+
+    def first_layer_gates(self) -> dict[str, AttentionGate]:
+        raise TypeError(f"{type(self).__name__} must say which gates form its first layer")
+
+    def record_attention(self, enabled: bool = True) -> None:
+        for module in self.modules():
+            if isinstance(module, AttentionGate):
+                module.keep_coefficients = enabled
+                module.last_coefficients = None
+
+    def attention_maps(self) -> dict[str, torch.Tensor]:
+        """{name: (B, 1, H, W) coefficients in [0, 1]} from the last forward pass."""
+        return {name: gate.last_coefficients for name, gate in self.first_layer_gates().items()
+                if gate.last_coefficients is not None}

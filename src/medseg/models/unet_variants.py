@@ -1,0 +1,122 @@
+"""Attention U-Net, R2U-Net and Attention R2U-Net: the U-Net variants ANU-Net (seed 002, Sec. 4.3,
+Tables 2-5) and FocusNet compare against.
+
+- Attention U-Net: Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018.
+- R2U-Net: Alom et al., "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for
+  Medical Image Segmentation", arXiv:1802.06955 (2018); the recurrent convolutional layer of Sec. 3.1
+  applies one 3x3 conv t + 1 times, each time to the input plus the previous output; a 1x1 conv matches
+  the channels and the block is residual.
+
+All three share one skeleton, the common reference form of these networks (SPECS.md Sec. 6): five
+encoder levels of 64-1024 channels with 2x2 max pooling, decoder upsampling by x2 nearest + 3x3
+conv-BN-ReLU ("up-conv"), concatenation [skip, up], a 1x1 head. With `attention`, every skip passes an
+additive attention gate gated by the up-conv output, with F_int = F / 2. Convs keep their bias, as in
+that form. Parameters (3 in, 1 out): attention_unet 34,878,573; r2unet (t = 2) 39,091,393;
+r2attunet 39,442,925 (pinned in tests/test_unet_variants.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv
+from medseg.models.registry import register_model
+
+WIDTHS = (64, 128, 256, 512, 1024)
+
+
+class RecurrentConv(nn.Module):
+    """One 3x3 conv-BN-ReLU applied t + 1 times: y = f(x), then y = f(x + y) t times (shared weights)."""
+
+    def __init__(self, channels: int, steps: int):
+        super().__init__()
+        self.conv = ConvBNReLU(channels, channels, bias=True)
+        self.steps = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        for _ in range(self.steps):
+            y = self.conv(x + y)
+        return y
+
+
+class RecurrentResidualBlock(nn.Module):
+    """RRCNN block: 1x1 conv to the output width, two recurrent convs, residual sum."""
+
+    def __init__(self, in_channels: int, out_channels: int, steps: int = 2):
+        super().__init__()
+        self.project = nn.Conv2d(in_channels, out_channels, 1)
+        self.body = nn.Sequential(RecurrentConv(out_channels, steps), RecurrentConv(out_channels, steps))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(x)
+        return x + self.body(x)
+
+
+class UNetVariant(AttentionMaps, nn.Module):
+    """U-Net skeleton with a choice of level block (double conv or recurrent residual) and optional gates."""
+
+    size_multiple = 16
+    default_size = 256
+
+    def __init__(self, in_channels: int, num_classes: int, recurrent: bool, attention: bool, steps: int = 2):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Module:
+            return RecurrentResidualBlock(cin, cout, steps) if recurrent else DoubleConv(cin, cout, bias=True)
+
+        self.encoder = nn.ModuleList([block(in_channels, WIDTHS[0])])
+        self.encoder.extend(block(WIDTHS[i], WIDTHS[i + 1]) for i in range(4))
+        self.pool = nn.MaxPool2d(2)
+        levels = list(reversed(range(4)))
+        self.upsample = nn.ModuleList(UpConv(WIDTHS[i + 1], WIDTHS[i]) for i in levels)
+        self.gates = nn.ModuleList(AttentionGate(WIDTHS[i], WIDTHS[i], WIDTHS[i] // 2) for i in levels) if attention else None
+        self.decoder = nn.ModuleList(block(2 * WIDTHS[i], WIDTHS[i]) for i in levels)
+        self.head = nn.Conv2d(WIDTHS[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
+            raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {tuple(x.shape[-2:])}")
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
+            x = up(x)
+            skip = skips.pop()
+            if self.gates is not None:
+                skip = self.gates[i](x, skip)
+            x = block(torch.cat([skip, x], dim=1))
+        return self.head(x)
+
+    def first_layer_gates(self) -> dict[str, AttentionGate]:
+        return {"gate_level0": self.gates[-1]} if self.gates is not None else {}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        decoder = [*self.upsample.parameters(), *self.decoder.parameters(), *self.head.parameters()]
+        if self.gates is not None:
+            decoder += list(self.gates.parameters())
+        return {"encoder": list(self.encoder.parameters()), "decoder": decoder}
+
+
+@register_model("attention_unet")
+class AttentionUNet(UNetVariant):
+    """Attention U-Net: U-Net with additive attention gates on every skip (F_int = F / 2)."""
+
+    paper = "Oktay et al., Attention U-Net, MIDL 2018"
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1):
+        super().__init__(in_channels, num_classes, recurrent=False, attention=True)
+
+
+@register_model("r2unet", attention=False)
+@register_model("r2attunet", attention=True)
+class R2UNet(UNetVariant):
+    """R2U-Net: recurrent residual conv blocks (t = 2) in a U-Net; `r2attunet` adds attention gates."""
+
+    paper = "Alom et al., R2U-Net, arXiv:1802.06955, 2018"
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = False, steps: int = 2):
+        super().__init__(in_channels, num_classes, recurrent=True, attention=attention, steps=steps)
