@@ -1,0 +1,137 @@
+"""Nested U-Nets: UNet++ and ANU-Net (seed 002: Li et al., "ANU-Net: Attention-based nested U-Net to
+exploit full resolution features for medical image segmentation", Computers & Graphics 2020).
+
+Topology (ANU-Net Sec. 3.1-3.3, Eq. 4, Figs. 4-5; SPECS.md Sec. 3.2). Node X_{i,j} at depth i:
+- encoder: X_{i,0} = Phi(MaxPool(X_{i-1,0})), X_{0,0} = Phi(input);
+- nested: X_{i,j} = Phi([A_0, ..., A_{j-1}, U]) for j >= 1, where U = ConvTranspose2x2(X_{i+1,j-1})
+  ("deconvolution", Sec. 3.3) and A_k is X_{i,k} itself (UNet++) or X_{i,k} passed through its own
+  attention gate gated by U (ANU-Net: a distinct gate for every (node, skip) pair, 20 in L4, F_int = F/2);
+- Phi = [3x3 conv (bias) - BN - ReLU] x 2; filters 32-64-128-256-512 (the paper lists none; the
+  published parameter counts fix base 32, SPECS 3.2);
+- deep supervision (Sec. 3.4): a 1x1 head on each of X_{0,1..4}; training returns all four (main first:
+  [Y4, Y3, Y2, Y1]), evaluation returns the head of `level`.
+
+Pruning (Sec. 3.5, Fig. 7): "ANU-Net L_N" keeps the nodes with i + j <= N, their gates and up-convs, and
+head N. `forward(x, level=N)` computes only those nodes; `prune(N)` deletes the rest, so a model saved
+afterwards is smaller and rebuilds pruned (`level`, `pruned` are stored in its config.json).
+
+Parameter counts, in = 3 (only head N counted, as the paper's Table 6 counts a pruned network), against
+Table 6: L1 103,188 vs 0.1038M (-0.6 %), L2 520,829 vs 0.5134M (+1.4 %), L3 2,245,503 vs 2.1918M (+2.5 %),
+L4 9,203,741 vs 8.9506M (+2.8 %). No plausible configuration reproduces all four published numbers
+(SPECS 3.3 searched ~660k); this one follows the paper's text. The unpruned network with its four
+deep-supervision heads has 9,203,840. UNet++ (Zhou et al., DLMIA 2018) is the same graph without gates:
+ours uses BN and transposed-conv upsampling like ANU-Net, so the two differ only by the gates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.models.blocks import AttentionGate, AttentionMaps, DoubleConv
+from medseg.models.registry import register_model
+
+FILTERS = (32, 64, 128, 256, 512)
+DEPTH = 4
+
+
+def _nodes(level: int) -> list[tuple[int, int]]:
+    """(i, j) of every node with i + j <= level, in an order where each node's inputs come first."""
+    return [(i, j) for j in range(level + 1) for i in range(level + 1 - j)]
+
+
+class NestedUNet(AttentionMaps, nn.Module):
+    size_multiple = 16
+    default_size = 256
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = True,
+                 deep_supervision: bool = True, level: int = DEPTH, pruned: bool = False):
+        super().__init__()
+        if not 1 <= level <= DEPTH:
+            raise MedsegError(f"level must be 1..{DEPTH}, got {level}")
+        if level < DEPTH and not pruned:
+            raise MedsegError("a nested U-Net below level 4 exists only as a pruned trained network; build level 4 and prune it")
+        self.attention = attention
+        self.deep_supervision = deep_supervision
+        self.level = level
+        self.pruned = pruned
+        self.pool = nn.MaxPool2d(2)
+        self.blocks = nn.ModuleDict()
+        self.up = nn.ModuleDict()
+        self.gates = nn.ModuleDict()
+        for i, j in _nodes(level):
+            width = FILTERS[i]
+            if j == 0:
+                self.blocks[f"x{i}{j}"] = DoubleConv(in_channels if i == 0 else FILTERS[i - 1], width, bias=True)
+                continue
+            self.up[f"x{i}{j}"] = nn.ConvTranspose2d(FILTERS[i + 1], width, 2, stride=2)
+            self.blocks[f"x{i}{j}"] = DoubleConv((j + 1) * width, width, bias=True)
+            if attention:
+                for k in range(j):
+                    self.gates[f"x{i}{j}_{k}"] = AttentionGate(width, width, width // 2)
+        head_levels = [level] if pruned or not deep_supervision else range(1, level + 1)
+        self.heads = nn.ModuleDict({f"y{j}": nn.Conv2d(FILTERS[0], num_classes, 1) for j in head_levels})
+
+    def forward_heads(self, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
+        """Logits of every head up to `level`, computing only the nodes with i + j <= level."""
+        if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
+            raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {tuple(x.shape[-2:])}")
+        if not 1 <= level <= self.level:
+            raise ValueError(f"level must be 1..{self.level} for this network, got {level}")
+        nodes: dict[tuple[int, int], torch.Tensor] = {}
+        for i, j in _nodes(level):
+            name = f"x{i}{j}"
+            if j == 0:
+                nodes[i, 0] = self.blocks[name](x if i == 0 else self.pool(nodes[i - 1, 0]))
+                continue
+            up = self.up[name](nodes[i + 1, j - 1])
+            skips = [self.gates[f"{name}_{k}"](up, nodes[i, k]) if self.attention else nodes[i, k] for k in range(j)]
+            nodes[i, j] = self.blocks[name](torch.cat([*skips, up], dim=1))
+        return {j: self.heads[f"y{j}"](nodes[0, j]) for j in range(1, level + 1) if f"y{j}" in self.heads}
+
+    def forward(self, x: torch.Tensor, level: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+        level = self.level if level is None else level
+        if f"y{level}" not in self.heads:
+            raise ValueError(f"this network has no head at level {level} (heads: {sorted(self.heads)}); "
+                             "prune a full network to that level instead")
+        heads = self.forward_heads(x, level)
+        if self.training and len(heads) > 1:
+            return [heads[j] for j in sorted(heads, reverse=True)]
+        return heads[level]
+
+    def prune(self, level: int) -> "NestedUNet":
+        """Keep ANU-Net L_level: delete every node, gate, up-conv and head that head `level` does not use."""
+        if f"y{level}" not in self.heads:
+            raise MedsegError(f"cannot prune to level {level}: the network has heads {sorted(self.heads)} "
+                              "(pruning needs deep supervision, and a pruned network cannot grow back)")
+        keep = {f"x{i}{j}" for i, j in _nodes(level)}
+        for table in (self.blocks, self.up):
+            for name in [n for n in table if n not in keep]:
+                del table[name]
+        for name in [n for n in self.gates if n.split("_")[0] not in keep]:
+            del self.gates[name]
+        for name in [n for n in self.heads if n != f"y{level}"]:
+            del self.heads[name]
+        self.level, self.pruned = level, True
+        if hasattr(self, "medseg_config"):
+            self.medseg_config["kwargs"].update(level=level, pruned=True)
+        return self
+
+    def first_layer_gates(self) -> dict[str, AttentionGate]:
+        """The gates on the skips into the output node X_{0,level} (ANU-Net Fig. 12)."""
+        return {f"x0{self.level}_from_x0{k}": self.gates[f"x0{self.level}_{k}"]
+                for k in range(self.level) if f"x0{self.level}_{k}" in self.gates}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        encoder = [p for name, block in self.blocks.items() if name.endswith("0") for p in block.parameters()]
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+
+@register_model("anunet", attention=True)
+@register_model("unetpp", attention=False)
+class ANUNet(NestedUNet):
+    """Nested U-Net (filters 32-512, deep supervision, prunable); `anunet` adds an attention gate per skip."""
+
+    paper = "Li et al., ANU-Net, Computers & Graphics 2020 (UNet++: Zhou et al., DLMIA 2018)"
