@@ -120,6 +120,7 @@ def evaluate_command(
     overlays: int = typer.Option(8, help="overlay pictures in the report (worst and best cases); -1 for all"),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first (ANU-Net L1-L4)"),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
@@ -127,7 +128,7 @@ def evaluate_command(
     """
     from medseg.engine.evaluate import evaluate
 
-    folder = evaluate(run, data, protocol, split, batch_size, device, overlays)
+    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -149,6 +150,8 @@ def predict_command(
     threshold: float = typer.Option(0.5, help="binary decision threshold on the probability"),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto"),
+    level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
+    save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as <stem>_attention_*.png"),
 ) -> None:
     """Predict masks for images of any size; masks are written at each input's size.
 
@@ -156,15 +159,19 @@ def predict_command(
     """
     from medseg.engine.predict import predict
 
-    written = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device)
+    written = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
+                      save_attention)
     console.print(f"wrote {len(written)} mask(s) to [bold]{out}[/]")
 
 
 @app.command("benchmark")
 def benchmark_command(
-    models: str = typer.Option("unet", help="comma-separated model names"),
-    size: int = typer.Option(352, help="square input size"),
+    models: str = typer.Option("unet", help="comma-separated model names (random init)"),
+    size: Optional[int] = typer.Option(None, help="square input size (default 352; with --run, the run's size)"),
     batch: int = typer.Option(8, min=1, help="the batch size N for the batch-N latency and throughput"),
+    levels: Optional[str] = typer.Option(None, help="pruning levels of deeply supervised networks, e.g. 1,2,3,4"),
+    run: Optional[Path] = typer.Option(None, help="benchmark this trained run's network instead of --models"),
+    data: Optional[Path] = typer.Option(None, help="with --run: also score each level on this data (Dice, IoU)"),
     device: str = typer.Option("auto"),
     warmup: int = typer.Option(3, min=0),
     repeats: int = typer.Option(10, min=1),
@@ -173,27 +180,39 @@ def benchmark_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
     markdown: bool = typer.Option(False, help="also print a markdown table (for docs/BENCHMARKS.md)"),
 ) -> None:
-    """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory.
+    """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory;
+    per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
 
     Example: medseg benchmark --models unet --size 352
     """
-    from medseg.engine.benchmark import benchmark, markdown_table, write_json
+    from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, write_json
     from medseg.models import model_info
 
+    level_list = _int_list(levels, "--levels")
+    if data is not None and run is None:
+        raise MedsegError("--data scores a trained network: give --run RUN as well")
     names = [m.strip() for m in models.split(",") if m.strip()]
-    for name in names:
-        model_info(name)  # unknown names fail before any timing
-    table = Table(title=f"{size}x{size}, batch 1 and {batch}")
-    for column in ("model", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}", "peak MB"):
+    if run is None:
+        for name in names:
+            model_info(name)  # unknown names fail before any timing
+    table = Table(title=f"batch 1 and {batch}")
+    columns = ["model", "input", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}", "peak MB"]
+    for column in columns + (["Dice", "IoU"] if data else []):
         table.add_column(column, justify="right")
 
     def add(r: dict) -> None:
         peak = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
-        table.add_row(r["model"], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_ms_b1']:.1f}",
-                      f"{r['throughput_b1']:.2f}", f"{r['latency_ms_bn']:.1f}", f"{r['throughput_bn']:.2f}", peak)
+        cells = [r["model"], r["input"], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_ms_b1']:.1f}",
+                 f"{r['throughput_b1']:.2f}", f"{r['latency_ms_bn']:.1f}", f"{r['throughput_bn']:.2f}", peak]
+        table.add_row(*cells, *([f"{r['dice']:.4f}", f"{r['iou']:.4f}"] if "dice" in r else []))
 
     with console.status("benchmarking ..."):
-        report = benchmark(names, (size, size), batch, device, warmup, repeats, in_channels, amp=amp, on_result=add)
+        if run is not None:
+            square = (size, size) if size else None
+            report = benchmark_run(run, level_list or [None], square, data, batch, device, warmup, repeats, amp, on_result=add)
+        else:
+            report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels, amp=amp,
+                               levels=level_list, on_result=add)
     console.print(table)
     m = report["machine"]
     console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), torch {m.get('torch')}, "
@@ -204,6 +223,15 @@ def benchmark_command(
         console.print(f"results: {json_out}")
     if markdown:
         print(markdown_table(report))
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise MedsegError(f"{option} takes comma-separated integers, e.g. 1,2,3,4; got {text!r}") from None
 
 
 @app.command("demo")

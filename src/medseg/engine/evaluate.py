@@ -53,13 +53,14 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 
 def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None, split: str = "auto",
-             batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None) -> Path:
-    """Score the run's saved model on `data`; returns the eval folder."""
+             batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
+             level: int | None = None) -> Path:
+    """Score the run's saved model on `data` (pruned to `level` if given); returns the eval folder."""
     run = Run(run_path).require()
     data = Path(data)
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    predictor = Predictor(run.path, device)
+    predictor = Predictor(run.path, device, level)
     protocol_def = get_protocol(protocol or run.recipe().eval.protocol)
     cases, split = select_cases(run, data, split)
     report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
@@ -83,7 +84,7 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     per_case = {name: values.tolist() for name, values in case_scores(counts_t, protocol_def).items()}
     summary = summarize(counts_t, protocol_def)
 
-    name = slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}")
+    name = slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}") + (f"-L{level}" if level else "")
     final = run.eval_dir(name)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
@@ -100,7 +101,8 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
             "split": split,
             "data": str(data.resolve()),
             "run": str(run.path.resolve()),
-            "model": {k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe") if k in predictor.config},
+            "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
+                          if k in predictor.config}, "level": level},
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }

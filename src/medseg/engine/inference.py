@@ -27,15 +27,22 @@ def pick_device(name: str = "auto") -> torch.device:
 class Predictor:
     """A saved network ready for inference, with the preprocessing it was trained with."""
 
-    def __init__(self, path: str | Path, device: str = "auto"):
+    def __init__(self, path: str | Path, device: str = "auto", level: int | None = None):
         self.config = read_model_config(path)
         self.device = pick_device(device)
-        self.model: nn.Module = load_model(path).to(self.device)
+        self.model: nn.Module = prune_to(load_model(path), level).to(self.device)
         self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
         self.size_multiple = int(self.config.get("size_multiple", 1))
         self.num_classes = int(self.config["num_classes"])
         self.mask_threshold = self.config.get("mask_threshold")
         self.amp = self.device.type == "cuda"
+        self.last_attention: dict[str, torch.Tensor] = {}
+
+    def record_attention(self) -> None:
+        """Keep the first-layer attention coefficients of every forward (networks with attention gates)."""
+        if not hasattr(self.model, "attention_maps") or not self.model.first_layer_gates():
+            raise MedsegError(f"network {self.config['name']!r} has no attention gates to save; drop --save-attention")
+        self.model.record_attention(True)
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -44,7 +51,18 @@ class Predictor:
         padded, (height, width) = pad_to_multiple(images, self.size_multiple)
         with torch.autocast(self.device.type, enabled=self.amp):
             logits = self.model(padded)
+        if hasattr(self.model, "attention_maps"):
+            self.last_attention = {name: a[..., :height, :width].float().cpu() for name, a in self.model.attention_maps().items()}
         return activate(logits.float())[..., :height, :width]
+
+
+def prune_to(model: nn.Module, level: int | None) -> nn.Module:
+    """Prune a deeply supervised network to `level` (ANU-Net L_N); None leaves it as it is."""
+    if level is None:
+        return model
+    if not hasattr(model, "prune"):
+        raise MedsegError(f"network {model.medseg_config['name']!r} has no pruning levels; drop --level")
+    return model.prune(level)
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -70,6 +88,14 @@ def label_image(labels: torch.Tensor, num_classes: int) -> np.ndarray:
     if num_classes == 1:
         return (array > 0).astype(np.uint8) * 255
     return array.astype(np.uint8 if num_classes <= 256 else np.uint16)
+
+
+def heat_map(values: torch.Tensor) -> np.ndarray:
+    """(H, W) values in [0, 1] -> RGB uint8 through matplotlib's perceptually uniform "viridis" colour map."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["viridis"](values.clamp(0, 1).numpy())
+    return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:

@@ -4,7 +4,8 @@ By default each image is resized to the size the network was trained at (as eval
 predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead.
 Either way the input is padded to the network's size multiple and the output cropped back. Outputs:
 OUT/<stem>.png (0/255 binary, label values multi-class), <stem>_prob.png (foreground probability x 255;
-one <stem>_prob_c<k>.png per class for multi-class) and <stem>_overlay.png.
+one <stem>_prob_c<k>.png per class for multi-class), <stem>_overlay.png, and with `--save-attention`
+<stem>_attention_<gate>.png heat maps of a gated network's first-layer attention coefficients.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor
 from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, write_image_atomic
-from medseg.engine.inference import Predictor, label_image, overlay, resize_probabilities
+from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
 from medseg.metrics import predict_labels
@@ -51,19 +52,25 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
             probabilities: bool = False, native: bool = False, threshold: float = 0.5, batch_size: int = 8,
-            device: str = "auto") -> list[Path]:
-    """Predict every input image; returns the mask files written."""
-    predictor = Predictor(model_path, device)
+            device: str = "auto", level: int | None = None, save_attention: bool = False) -> list[Path]:
+    """Predict every input image; returns the mask files written. `level` prunes a deeply supervised
+    network (ANU-Net L_N); `save_attention` writes its first-layer attention coefficients as heat maps."""
+    predictor = Predictor(model_path, device, level)
+    if save_attention:
+        predictor.record_attention()
     out = Path(out)
     cases = [Case(p.stem, (p,), None) for p in expand_inputs(inputs)]
     written = []
-    for case, probs in _probabilities(predictor, cases, native, batch_size):
+    for case, probs, attention in _probabilities(predictor, cases, native, batch_size):
         labels = predict_labels(probs[None], threshold)[0]
         target = out / f"{case.stem}.png"
         write_image_atomic(target, label_image(labels, predictor.num_classes))
         written.append(target)
         if probabilities:
             _write_probabilities(out, case.stem, probs)
+        for name, coefficients in attention.items():
+            resized = resize_probabilities(coefficients, tuple(probs.shape[-2:]))[0]
+            write_image_atomic(out / f"{case.stem}_attention_{name}.png", heat_map(resized))
         if overlay_images:
             image = load_image_tensor(case, predictor.preprocessing, reduce=False).permute(1, 2, 0).numpy()
             write_image_atomic(out / f"{case.stem}_overlay.png", overlay(image, labels.numpy()))
@@ -71,12 +78,13 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
 
 
 def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_size: int):
-    """Yield (case, probabilities (K, H, W) at the image's own size)."""
+    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)})."""
     prep = predictor.preprocessing
     if native:
         for case in cases:
             image = load_image_tensor(case, prep, reduce=False)
-            yield case, predictor.probabilities(prep.normalise(image)[None]).cpu()[0]
+            probs = predictor.probabilities(prep.normalise(image)[None]).cpu()[0]
+            yield case, probs, {name: a[0] for name, a in predictor.last_attention.items()}
         return
     dataset = InferenceDataset(cases, prep, with_masks=False)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
@@ -84,8 +92,9 @@ def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_
     by_stem = {c.stem: c for c in cases}
     for batch in loader:
         probs = predictor.probabilities(batch["image"]).cpu()
-        for prob, stem, size in zip(probs, batch["stem"], batch["size"]):
-            yield by_stem[stem], resize_probabilities(prob, size)
+        for index, (prob, stem, size) in enumerate(zip(probs, batch["stem"], batch["size"])):
+            attention = {name: a[index] for name, a in predictor.last_attention.items()}
+            yield by_stem[stem], resize_probabilities(prob, size), attention
 
 
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor) -> None:
