@@ -4,7 +4,8 @@ Training: the network's output (a tensor, or a list for deep supervision) goes t
 loss; extra terms a network reports through `extra_losses()` (e.g. a regulariser) are added with the
 weights of `train.extra_loss_weights`. Validation: the eval-mode output is scored per image at
 threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty rule, so `val/dice` is the
-mean per-image Dice that `best.ckpt` is chosen by.
+mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of that one output, so for a
+deeply supervised network it is on another scale than `train/loss` (the weighted sum over all heads).
 """
 
 from __future__ import annotations
