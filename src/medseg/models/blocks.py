@@ -6,6 +6,12 @@ import torch
 from torch import nn
 
 
+def check_input_size(x: torch.Tensor, multiple: int) -> None:
+    """Networks that pool k times need H and W divisible by 2^k; predict pads to this, callers must too."""
+    if x.shape[-2] % multiple or x.shape[-1] % multiple:
+        raise ValueError(f"input height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
+
+
 class ConvBNReLU(nn.Sequential):
     """conv(k) -> BatchNorm -> ReLU. The conv has no bias by default: BN's shift makes it redundant."""
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.blocks import AttentionGate, AttentionMaps, DoubleConv
+from medseg.models.blocks import AttentionGate, AttentionMaps, DoubleConv, check_input_size
 from medseg.models.registry import register_model
 
 FILTERS = (32, 64, 128, 256, 512)
@@ -75,8 +75,7 @@ class NestedUNet(AttentionMaps, nn.Module):
 
     def forward_heads(self, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
         """Logits of every head up to `level`, computing only the nodes with i + j <= level."""
-        if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
-            raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {tuple(x.shape[-2:])}")
+        check_input_size(x, self.size_multiple)
         if not 1 <= level <= self.level:
             raise ValueError(f"level must be 1..{self.level} for this network, got {level}")
         nodes: dict[tuple[int, int], torch.Tensor] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import DoubleConv
+from medseg.models.blocks import DoubleConv, check_input_size
 from medseg.models.registry import register_model
 
 
@@ -41,8 +41,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
-            raise ValueError(f"U-Net input height and width must be multiples of {self.size_multiple}, got {tuple(x.shape[-2:])}")
+        check_input_size(x, self.size_multiple)
         skips = []
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))

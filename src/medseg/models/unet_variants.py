@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv
+from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv, check_input_size
 from medseg.models.registry import register_model
 
 WIDTHS = (64, 128, 256, 512, 1024)
@@ -76,8 +76,7 @@ class UNetVariant(AttentionMaps, nn.Module):
         self.head = nn.Conv2d(WIDTHS[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] % self.size_multiple or x.shape[-1] % self.size_multiple:
-            raise ValueError(f"input height and width must be multiples of {self.size_multiple}, got {tuple(x.shape[-2:])}")
+        check_input_size(x, self.size_multiple)
         skips = []
         for i, block in enumerate(self.encoder):
             x = block(x if i == 0 else self.pool(x))
