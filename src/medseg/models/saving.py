@@ -22,10 +22,12 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models.registry import create_model
+from medseg.weights import read_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+INITIALISATION_OPTIONS = ("encoder_weights",)
 
 
 def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -38,7 +40,10 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         _save_weights(model, str(tmp / WEIGHTS_NAME))
-        payload = {"format": FORMAT_VERSION, **config, **(extra or {})}
+        # Local pretrained-weight paths only initialise a network: the trained weights are in the
+        # safetensors file, so a rebuild must not need (or reload) those files.
+        kwargs = {k: v for k, v in config["kwargs"].items() if k not in INITIALISATION_OPTIONS}
+        payload = {"format": FORMAT_VERSION, **config, "kwargs": kwargs, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
         if folder.exists():
             shutil.rmtree(folder)
@@ -81,22 +86,7 @@ def load_weights_file(model: nn.Module, path: str | Path) -> dict[str, list[str]
     Tensors whose name and shape match are loaded; the rest are reported, so a user can see at once
     whether the file fits. Returns {"loaded", "missing", "unexpected", "mismatched"} name lists.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MedsegError(f"weights file {path} does not exist; give a local .safetensors or .pth file (nothing is downloaded)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
-            raise MedsegError(f"cannot read weights file {path}: {exc}") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise MedsegError(f"weights file {path} does not hold a state dict")
+    state = read_state_dict(path)
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     report = {
@@ -109,3 +99,4 @@ def load_weights_file(model: nn.Module, path: str | Path) -> dict[str, list[str]
         raise MedsegError(f"no tensor in {path} matches the network by name and shape; is it the right file?")
     model.load_state_dict(matched, strict=False)
     return report
+

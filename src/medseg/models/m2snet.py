@@ -1,0 +1,139 @@
+"""M2SNet and MSNet (seed 001: Zhao et al., "M2SNet: Multi-scale in Multi-scale Subtraction Network for
+Medical Image Segmentation", arXiv 2303.10894; MSNet: Zhao et al., MICCAI 2021), as SPECS.md Sec. 1 pins
+them down from the paper and the authors' code.
+
+- Encoder (S1 Sec. 4.3, SPECS 1.2): Res2Net-50-v1b-26w-4s = timm `res2net50d`, features x1 = MaxPool(3, 2, 1)
+  of the stem (64 ch, 1/4), x2..x5 = layer1..layer4 (256/512/1024/2048 ch at 1/4, 1/8, 1/16, 1/32).
+  `encoder_weights: PATH` loads a local timm res2net50d checkpoint (nothing is downloaded).
+- Channel reduction (SPECS 1.3): d_k = CBR_{->64}(x_k) for k = 2..5 (CBR = 3x3 conv with bias, BN, ReLU);
+  x1 is used as it is.
+- Subtraction unit (S1 Eq. 1-2, SPECS 1.4): MSU(A, B) = CBR(|A - B| + |Phi3(A) - Phi3(B)| + |Phi5(A) - Phi5(B)|)
+  with A (deeper) bilinearly upsampled to B. Phi_k = ReLU(BN_k(conv with a fixed all-ones 64x64xkxk filter,
+  zero padding)): a full cross-channel regional sum. The all-ones filters are non-persistent buffers: no
+  parameters, no gradient, not in the saved weights. Phi3 and Phi5 are ONE shared pair for the whole
+  network (their BN statistics are shared by every unit), as in the authors' code. MSNet keeps only |A - B|.
+- Inter-layer pyramid (S1 Eq. 3, Fig. 2; SPECS 1.5): 10 units in four orders, then the complementarity-
+  enhanced features CE4 = S54, CE3 = CBR(S43 + S543), CE2 = CBR(S32 + S432 + S5432),
+  CE1 = CBR(S21 + S321 + S4321 + S54321), where S54321 = MSU(CBR(S5432), S4321).
+- Decoder (SPECS 1.6): P5 = CBR_{2048->64}(x5); O4 = CBR(up(P5) + CE4); O3 = CBR(up(O4) + CE3);
+  O2 = CBR(up(O3) + CE2); O1 = conv3x3_{64->C}(up(O2) + CE1) at 1/4; logits = bilinear x4.
+
+Parameters (3 in, 1 out): M2SNet 27,692,585, MSNet 27,692,329 (backbone 23,669,352 + head), which is
+S1 Table 6's "27.7" (its "MB" column counts millions of parameters). Inputs: any multiple of 32.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.models.blocks import ConvBNReLU, check_input_size
+from medseg.models.registry import register_model
+from medseg.models.saving import load_weights_file
+
+WIDTH = 64
+ENCODER = "res2net50d"
+
+
+class AllOnesRegionalSum(nn.Module):
+    """Phi_k: a fixed all-ones k x k cross-channel filter (never trained, never saved), then BN and ReLU."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.register_buffer("ones", torch.ones(channels, channels, kernel, kernel), persistent=False)
+        self.padding = kernel // 2
+        self.norm = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(F.conv2d(x, self.ones.to(x.dtype), padding=self.padding)))
+
+
+class SubtractionUnit(nn.Module):
+    """MSU (or MSNet's single-scale SU when no regional filters are given): CBR of summed |differences|."""
+
+    def __init__(self):
+        super().__init__()
+        self.fuse = ConvBNReLU(WIDTH, WIDTH, bias=True)
+
+    def forward(self, deeper: torch.Tensor, shallower: torch.Tensor, regional: list[nn.Module]) -> torch.Tensor:
+        deeper = F.interpolate(deeper, size=shallower.shape[-2:], mode="bilinear", align_corners=False)
+        difference = (deeper - shallower).abs()
+        for phi in regional:
+            difference = difference + (phi(deeper) - phi(shallower)).abs()
+        return self.fuse(difference)
+
+
+# The ten units of the pyramid: name -> (deeper input, shallower input), in dependency order.
+PYRAMID = {
+    "s54": ("d5", "d4"), "s43": ("d4", "d3"), "s32": ("d3", "d2"), "s21": ("d2", "x1"),
+    "s543": ("s54", "s43"), "s432": ("s43", "s32"), "s321": ("s32", "s21"),
+    "s5432": ("s543", "s432"), "s4321": ("s432", "s321"),
+    "s54321": ("s5432_reduced", "s4321"),
+}
+
+
+class SubtractionNetwork(nn.Module):
+    size_multiple = 32
+    default_size = 352
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True,
+                 encoder_weights: str | None = None):
+        super().__init__()
+        self.encoder = timm.create_model(ENCODER, pretrained=False, features_only=True, in_chans=in_channels)
+        if encoder_weights:
+            self._load_encoder(encoder_weights)
+        self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
+        channels = self.encoder.feature_info.channels()  # 64, 256, 512, 1024, 2048
+        self.reduce = nn.ModuleDict({f"d{k}": ConvBNReLU(channels[k - 1], WIDTH, bias=True) for k in (2, 3, 4, 5)})
+        self.regional = nn.ModuleList([AllOnesRegionalSum(WIDTH, 3), AllOnesRegionalSum(WIDTH, 5)]) if multi_scale else nn.ModuleList()
+        self.units = nn.ModuleDict({name: SubtractionUnit() for name in PYRAMID})
+        self.s5432_reduce = ConvBNReLU(WIDTH, WIDTH, bias=True)
+        self.enhance = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("ce3", "ce2", "ce1")})
+        self.p5 = ConvBNReLU(channels[4], WIDTH, bias=True)
+        self.decode = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("o4", "o3", "o2")})
+        self.head = nn.Conv2d(WIDTH, num_classes, 3, padding=1)
+
+    def _load_encoder(self, path: str) -> None:
+        report = load_weights_file(self.encoder, path)
+        if report["missing"]:
+            raise MedsegError(f"{path} is not a complete {ENCODER} checkpoint: {len(report['missing'])} backbone tensors "
+                              f"missing, e.g. {report['missing'][:3]}; give timm {ENCODER} weights")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.size_multiple)
+        stem, *stages = self.encoder(x)
+        f = {"x1": self.stem_pool(stem), **{f"d{k}": self.reduce[f"d{k}"](stages[k - 2]) for k in (2, 3, 4, 5)}}
+        regional = list(self.regional)
+        for name, (deeper, shallower) in PYRAMID.items():
+            if name == "s54321":
+                f["s5432_reduced"] = self.s5432_reduce(f["s5432"])
+            f[name] = self.units[name](f[deeper], f[shallower], regional)
+        ce4 = f["s54"]
+        ce3 = self.enhance["ce3"](f["s43"] + f["s543"])
+        ce2 = self.enhance["ce2"](f["s32"] + f["s432"] + f["s5432"])
+        ce1 = self.enhance["ce1"](f["s21"] + f["s321"] + f["s4321"] + f["s54321"])
+        out = self.p5(stages[3])
+        for name, skip in (("o4", ce4), ("o3", ce3), ("o2", ce2)):
+            out = self.decode[name](_up(out, skip) + skip)
+        out = self.head(_up(out, ce1) + ce1)
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        encoder = list(self.encoder.parameters())
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
+@register_model("m2snet", multi_scale=True)
+@register_model("msnet", multi_scale=False)
+class M2SNet(SubtractionNetwork):
+    """Res2Net-50 encoder + multi-scale subtraction pyramid; `msnet` uses single-scale |A - B| units."""
+
+    paper = "Zhao et al., M2SNet, arXiv 2303.10894 (MSNet: MICCAI 2021)"
