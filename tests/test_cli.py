@@ -87,7 +87,7 @@ def test_evaluate_other_protocols_and_a_foreign_dataset(tiny_run, kvasir, tmp_pa
         shutil.copy(kvasir / "masks" / f"{stem}.png", data / "masks")
     result = run_cli("evaluate", str(tiny_run.path), "--data", str(data), "--protocol", "nnunet", "--overlays", "0")
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tiny_run.path / "eval" / "few" / "summary.json").read_text())
+    summary = json.loads((tiny_run.path / "eval" / "few-nnunet" / "summary.json").read_text())
     assert summary["split"] == "all" and summary["cases"] == 3 and summary["protocol"]["empty"] == "nan"
     bad = run_cli("evaluate", str(tiny_run.path), "--data", str(data), "--protocol", "dice-ish")
     assert bad.returncode == 2 and "unknown metric protocol 'dice-ish'" in bad.stderr

@@ -17,8 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
@@ -30,7 +28,7 @@ from medseg.engine.inference import Predictor, overlay, resize_probabilities
 from medseg.engine.run import Run, now, slug
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
-from medseg.metrics import case_scores, confusion_counts, get_protocol, predict_labels, summarize
+from medseg.metrics import get_protocol, predict_labels
 
 SPLITS = ("auto", "all", "train", "val", "test")
 OVERLAY_MIN_SIDE = 256
@@ -61,7 +59,8 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     predictor = Predictor(run.path, device, level)
-    protocol_def = get_protocol(protocol or run.recipe().eval.protocol)
+    default_protocol = run.recipe().eval.protocol
+    protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
     report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
     if report.errors:
@@ -71,29 +70,31 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
                         num_workers=default_workers() if workers is None else workers)
-    stems, sizes, counts, pixels = [], [], [], []
+    scorer = protocol_def.scorer(predictor.num_classes)
+    stems, sizes, pixels = [], [], []
     for batch in loader:
         probs = predictor.probabilities(batch["image"]).cpu()
         for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-            labels = predict_labels(resize_probabilities(prob, size)[None], protocol_def.threshold)
-            counts.append(confusion_counts(labels, mask[None], predictor.num_classes)[0])
+            resized = resize_probabilities(prob, size)
+            scorer.add(resized, mask)
             stems.append(stem)
             sizes.append(size)
-            pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
-    counts_t = torch.stack(counts)
-    per_case = {name: values.tolist() for name, values in case_scores(counts_t, protocol_def).items()}
-    summary = summarize(counts_t, protocol_def)
+            pixels.append((int((mask > 0).sum()), int((predict_labels(resized[None], 0.5) > 0).sum())))
+    per_case = scorer.per_case()
+    summary = scorer.summary()
 
     name = slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}") + (f"-L{level}" if level else "")
+    if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
+        name += f"-{protocol_def.name}"
     final = run.eval_dir(name)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
     try:
         _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
-        chosen = _overlay_cases(stems, per_case, overlays)
+        chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         by_stem = {c.stem: c for c in cases}
         for stem in chosen:
-            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor, protocol_def.threshold)
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor)
         info = {
             "protocol": protocol_def.definition(),
             "metrics": summary,
@@ -107,7 +108,7 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
             "created": now(),
         }
         (tmp / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "report.md").write_text(_report(info, stems, per_case, chosen))
+        (tmp / "report.md").write_text(_report(info, stems, per_case, chosen, protocol_def.rank_metric))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -126,21 +127,23 @@ def _write_per_case(path: Path, stems: list[str], sizes: list[tuple[int, int]], 
     path.write_text(buffer.getvalue())
 
 
-def _overlay_cases(stems: list[str], per_case: dict[str, list[float]], count: int) -> list[str]:
-    """The `count` cases to picture: half the worst and half the best by Dice (all when count < 0)."""
+def _overlay_cases(stems: list[str], scores: list[float] | None, count: int) -> list[str]:
+    """The `count` cases to picture: half the worst and half the best by the protocol's main score
+    (all when count < 0)."""
     if count < 0 or count >= len(stems):
         return list(stems)
-    scores = [(-1.0 if math.isnan(v) else v) for v in per_case.get("dice", [0.0] * len(stems))]
-    order = sorted(range(len(stems)), key=lambda i: (scores[i], stems[i]))
+    ranked = [(-1.0 if math.isnan(v) else v) for v in (scores or [0.0] * len(stems))]
+    order = sorted(range(len(stems)), key=lambda i: (ranked[i], stems[i]))
     worst, best = order[: (count + 1) // 2], order[len(order) - count // 2:]
     return [stems[i] for i in dict.fromkeys(worst + best)]
 
 
-def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: float) -> None:
+def _write_overlay(path: Path, case: Case, predictor: Predictor) -> None:
+    """Prediction at 0.5 (argmax for multi-class) over the image, annotation outlined."""
     original = load_image_tensor(case, predictor.preprocessing, reduce=False)
     prep = predictor.preprocessing
     probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
-    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0].numpy()
+    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], 0.5)[0].numpy()
     truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
     picture = overlay(original.permute(1, 2, 0).numpy(), labels, truth)
     zoom = -(-OVERLAY_MIN_SIDE // max(picture.shape[:2]))  # small images are enlarged (nearest) to be seen
@@ -149,24 +152,32 @@ def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: floa
     write_image_atomic(path, picture)
 
 
-def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[float]], chosen: list[str]) -> str:
+def _number(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[float]], chosen: list[str],
+            rank_metric: str) -> str:
     protocol = info["protocol"]
     lines = [f"# Evaluation: {Path(info['run']).name} on {Path(info['data']).name} ({info['split']})", ""]
     if info["synthetic"]:
         lines += ["**The data are SYNTHETIC** (medseg's generated phantom), not patient images.", ""]
     lines += [f"- model: {info['model'].get('name')} ({info['model'].get('checkpoint', '?')}), recipe {info['model'].get('recipe', '?')}",
               f"- cases: {info['cases']}", f"- data: `{info['data']}`",
-              f"- protocol **{protocol['name']}**: {protocol['description']}",
-              f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, empty rule {protocol['empty']}",
-              "", "| metric | value | std | median | n |", "|---|---|---|---|---|"]
+              f"- protocol **{protocol['name']}**: {protocol['description']}"]
+    if "threshold" in protocol:
+        lines.append(f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, empty rule {protocol['empty']}")
+    for metric, meaning in protocol.get("definitions", {}).items():
+        lines.append(f"  - `{metric}`: {meaning}")
+    lines += ["", "| metric | value | std | median | n |", "|---|---|---|---|---|"]
     for metric, values in info["metrics"].items():
-        lines.append(f"| {metric} | {values['value']:.4f} | {values.get('std', float('nan')):.4f} | "
-                     f"{values.get('median', float('nan')):.4f} | {values['n']} |")
+        cells = [_number(values.get(key)) for key in ("value", "std", "median")]
+        lines.append(f"| {metric} | {' | '.join(cells)} | {values['n']} |")
     if chosen:
         index = {s: i for i, s in enumerate(stems)}
-        lines += ["", "## Overlays", "", "Prediction tinted red, annotation outlined green (worst cases first).", ""]
+        lines += ["", "## Overlays", "", "Prediction (at 0.5) tinted red, annotation outlined green (worst cases first).", ""]
+        rank = rank_metric if rank_metric in per_case else next(iter(per_case))
         for stem in chosen:
-            dice = per_case.get("dice", [float("nan")] * len(stems))[index[stem]]
-            lines += [f"**{stem}**: Dice {dice:.3f}", "", f"![{stem}](overlays/{stem}.png)", ""]
+            lines += [f"**{stem}**: {rank} {per_case[rank][index[stem]]:.3f}", "", f"![{stem}](overlays/{stem}.png)", ""]
     lines += ["", f"Per-case numbers: `per_case.csv`; all definitions: `summary.json`. Written {info['created']}."]
     return "\n".join(lines) + "\n"

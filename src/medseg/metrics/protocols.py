@@ -1,5 +1,9 @@
 """Named metric protocols: what a reported number means (DESIGN.md, "Metric protocols").
 
+Two kinds share one interface (`scorer(num_classes)` -> add / per_case / summary, `definition()`,
+`rank_metric`): confusion protocols here (paper, nnunet, pooled) and the polyp map protocols of
+`medseg.metrics.polyp` (pranet, m2snet).
+
 `summary.json` always records the protocol with its full definition, so a number can be compared
 with a paper's only when the protocols match.
 """
@@ -12,7 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from medseg.errors import MedsegError
-from medseg.metrics.confusion import FOREGROUND_METRICS, MEAN_METRICS, summary_metrics
+from medseg.metrics.confusion import FOREGROUND_METRICS, MEAN_METRICS, confusion_counts, predict_labels, summary_metrics
+from medseg.metrics.polyp import MAP_PROTOCOLS, MapProtocol
 
 
 @dataclass(frozen=True)
@@ -24,13 +29,20 @@ class Protocol:
     empty: str = "one"  # value of a metric whose denominator is zero: "nan", "one", "zero"
     metrics: tuple[str, ...] = FOREGROUND_METRICS + MEAN_METRICS
 
+    @property
+    def rank_metric(self) -> str:
+        return "dice"
+
+    def scorer(self, num_classes: int) -> "ConfusionScorer":
+        return ConfusionScorer(self, num_classes)
+
     def definition(self) -> dict:
         return {**asdict(self), "metrics": list(self.metrics),
                 "binary_rule": f"foreground if probability >= {self.threshold}; multi-class: argmax",
                 "resize": "probabilities are resized (bilinear) to each mask's original size before thresholding"}
 
 
-PROTOCOLS: dict[str, Protocol] = {
+PROTOCOLS: dict[str, Protocol | MapProtocol] = {
     p.name: p
     for p in (
         Protocol("paper", "Confusion metrics at threshold 0.5, computed per image and averaged over images; an "
@@ -45,10 +57,33 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def get_protocol(name: str) -> Protocol:
+PROTOCOLS.update(MAP_PROTOCOLS)
+
+
+def get_protocol(name: str) -> Protocol | MapProtocol:
     if name not in PROTOCOLS:
         raise MedsegError(f"unknown metric protocol {name!r}; available: {', '.join(sorted(PROTOCOLS))}")
     return PROTOCOLS[name]
+
+
+class ConfusionScorer:
+    """Per-case confusion counts under a confusion protocol; the same interface as the map scorers."""
+
+    def __init__(self, protocol: Protocol, num_classes: int):
+        self.protocol = protocol
+        self.num_classes = num_classes
+        self.counts: list[torch.Tensor] = []
+
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
+        """probabilities (K, H, W) at the mask's size; mask (H, W) labels."""
+        labels = predict_labels(probabilities[None], self.protocol.threshold)
+        self.counts.append(confusion_counts(labels, mask[None], self.num_classes)[0])
+
+    def per_case(self) -> dict[str, list[float]]:
+        return {name: values.tolist() for name, values in case_scores(torch.stack(self.counts), self.protocol).items()}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return summarize(torch.stack(self.counts), self.protocol)
 
 
 def case_scores(counts: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
