@@ -4,6 +4,7 @@ tiny trained run."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run `python -m medseg ARGS` in a subprocess, as a user would."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([*MEDSEG, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def kvasir_subset(kvasir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 16 Kvasir-SEG pairs copied to a temporary folder (real images, odd sizes)."""
+    root = tmp_path_factory.mktemp("kvasir16") / "kvasir16"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for stem in sorted(p.stem for p in (kvasir / "images").glob("*.jpg"))[:16]:
+        shutil.copy(kvasir / "images" / f"{stem}.jpg", root / "images")
+        shutil.copy(kvasir / "masks" / f"{stem}.png", root / "masks")
+    return root

@@ -3,8 +3,6 @@ and the per-level benchmark with Dice and IoU from one run."""
 
 import csv
 import json
-import shutil
-
 import pytest
 from PIL import Image
 
@@ -12,17 +10,6 @@ from medseg.config import load_recipe
 from medseg.engine.train import train
 
 from conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def kvasir_subset(kvasir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("kvasir16") / "kvasir16"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for stem in sorted(p.stem for p in (kvasir / "images").glob("*.jpg"))[:16]:
-        shutil.copy(kvasir / "images" / f"{stem}.jpg", root / "images")
-        shutil.copy(kvasir / "masks" / f"{stem}.png", root / "masks")
-    return root
 
 
 @pytest.fixture(scope="module")
