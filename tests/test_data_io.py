@@ -235,9 +235,16 @@ def test_multiclass_labels_pass_through_and_out_of_range_is_refused(tmp_path):
     raw = np.array([[0, 1], [2, 2]], np.uint16)
     labels = mask_to_labels(raw, num_classes=3, mask_threshold=None)
     assert labels.dtype == np.uint8 and np.array_equal(labels, raw)
-    assert unexpected_mask_values(raw, 2, None) == [2]
-    with pytest.raises(MaskValueError, match=r"organs\.png has values \{2\} outside the labels 0\.\.1"):
-        mask_to_labels(raw, 2, None, path=tmp_path / "organs.png")
+    raw[0, 0] = 3
+    assert unexpected_mask_values(raw, 3, None) == [3]
+    with pytest.raises(MaskValueError, match=r"organs\.png has values \{3\} outside the labels 0\.\.2"):
+        mask_to_labels(raw, 3, None, path=tmp_path / "organs.png")
+
+
+def test_two_class_heads_read_binary_masks_as_background_and_foreground():
+    raw = np.array([[0, 255], [255, 0]], np.uint8)
+    assert np.array_equal(mask_to_labels(raw, num_classes=2, mask_threshold=None), [[0, 1], [1, 0]])
+    assert unexpected_mask_values(np.array([[0, 1, 2]], np.uint8), 2, None) == [0, 1, 2]
 
 
 def test_mask_reading_keeps_raw_values(tmp_path):

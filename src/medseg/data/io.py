@@ -300,18 +300,24 @@ def _format_values(values: list[int]) -> str:
     return f"{{{shown}}}"
 
 
+def binary_masks(num_classes: int) -> bool:
+    """Masks are read as background/foreground for one sigmoid channel and for a two-class softmax head
+    (STS-Net): 0/255, 0/1, or thresholded with data.mask_threshold."""
+    return num_classes <= 2
+
+
 def unexpected_mask_values(raw: np.ndarray, num_classes: int, mask_threshold: int | None) -> list[int]:
     """The values that make `mask_to_labels` refuse this mask; empty when the mask is fine.
 
-    Binary mode: the whole value set is the problem ({0, 1, 2} is neither 0/255 nor 0/1), so every
-    distinct value is returned. Multi-class: only the values outside 0..num_classes-1.
+    Binary mode (1 or 2 classes): the whole value set is the problem ({0, 1, 2} is neither 0/255 nor
+    0/1), so every distinct value is returned. Multi-class: only the values outside 0..num_classes-1.
     """
     if num_classes < 1:
         raise MedsegError(f"model.num_classes must be at least 1, got {num_classes}")
-    if num_classes == 1 and mask_threshold is not None:
+    if binary_masks(num_classes) and mask_threshold is not None:
         return []
     values = [int(v) for v in distinct_values(raw)]
-    if num_classes == 1:
+    if binary_masks(num_classes):
         present = set(values)
         return [] if present <= {0, 255} or present <= {0, 1} else values
     return [v for v in values if v < 0 or v >= num_classes]
@@ -320,10 +326,10 @@ def unexpected_mask_values(raw: np.ndarray, num_classes: int, mask_threshold: in
 def mask_values_message(path: str | Path | None, values: list[int], num_classes: int) -> str:
     """The one-line explanation for masks refused by `mask_to_labels` (shared with the checker)."""
     where = f"mask {path}" if path is not None else "mask"
-    if num_classes == 1:
+    if binary_masks(num_classes):
         return (
             f"{where} has values {_format_values(values)}: binary masks must be 0/255 or 0/1; "
-            f"set data.mask_threshold for noisy masks or model.num_classes for label masks"
+            f"set data.mask_threshold for noisy masks or model.num_classes (> 2) for label masks"
         )
     return (
         f"{where} has values {_format_values(values)} outside the labels 0..{num_classes - 1}; "
@@ -336,16 +342,17 @@ def mask_to_labels(
 ) -> np.ndarray:
     """Raw mask values -> uint8 labels (H, W): 0/1 for binary masks, 0..num_classes-1 otherwise.
 
-    Binary (num_classes == 1): with `mask_threshold`, foreground is raw > threshold (for JPEG-noisy
-    masks); without it only 0/255 or 0/1 masks are accepted, because guessing would hide label masks.
-    `mask_threshold` is ignored for multi-class masks, whose values are the labels themselves.
+    Binary (one sigmoid channel, or a two-class softmax head): with `mask_threshold`, foreground is
+    raw > threshold (for JPEG-noisy masks); without it only 0/255 or 0/1 masks are accepted, because
+    guessing would hide label masks. `mask_threshold` is ignored for masks of three or more classes,
+    whose values are the labels themselves.
     """
     if num_classes > 256:
         raise MedsegError(f"model.num_classes is {num_classes}; medseg supports at most 256 classes")
     bad = unexpected_mask_values(raw, num_classes, mask_threshold)
     if bad:
         raise MaskValueError(mask_values_message(path, bad, num_classes))
-    if num_classes == 1:
+    if binary_masks(num_classes):
         threshold = 0 if mask_threshold is None else mask_threshold
         return (raw > threshold).astype(np.uint8)
     return raw.astype(np.uint8)

@@ -83,9 +83,10 @@ def resize_probabilities(probabilities: torch.Tensor, size: tuple[int, int]) -> 
 
 
 def label_image(labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Label map -> array to save: 0/255 for binary, the label values for multi-class."""
+    """Label map -> array to save: 0/255 for binary (one sigmoid channel or a two-class head), the label
+    values for three classes or more."""
     array = labels.cpu().numpy()
-    if num_classes == 1:
+    if num_classes <= 2:
         return (array > 0).astype(np.uint8) * 255
     return array.astype(np.uint8 if num_classes <= 256 else np.uint16)
 

@@ -4,7 +4,7 @@ By default each image is resized to the size the network was trained at (as eval
 predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead.
 Either way the input is padded to the network's size multiple and the output cropped back. Outputs:
 OUT/<stem>.png (0/255 binary, label values multi-class), <stem>_prob.png (foreground probability x 255;
-one <stem>_prob_c<k>.png per class for multi-class), <stem>_overlay.png, and with `--save-attention`
+one <stem>_prob_c<k>.png per class for three classes or more), <stem>_overlay.png, and with `--save-attention`
 <stem>_attention_<gate>.png heat maps of a gated network's first-layer attention coefficients.
 """
 
@@ -99,8 +99,8 @@ def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_
 
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor) -> None:
     scaled = (probs.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
-    if probs.shape[0] == 1:
-        write_image_atomic(out / f"{stem}_prob.png", scaled[0])
+    if probs.shape[0] <= 2:  # binary: the foreground probability (the last channel of a two-class head)
+        write_image_atomic(out / f"{stem}_prob.png", np.ascontiguousarray(scaled[-1]))
         return
     for k in range(1, probs.shape[0]):
         write_image_atomic(out / f"{stem}_prob_c{k}.png", np.ascontiguousarray(scaled[k]))

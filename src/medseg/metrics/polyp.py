@@ -46,7 +46,7 @@ class MapProtocol:
                 "resize": "probabilities are resized (bilinear) to each mask's original size before quantising"}
 
     def scorer(self, num_classes: int) -> "PolypScorer":
-        if num_classes != 1:
+        if num_classes > 2:
             raise MedsegError(f"protocol {self.name!r} scores binary maps; this network has {num_classes} classes: "
                               "use --protocol paper or nnunet")
         return PolypScorer(self)
@@ -68,8 +68,8 @@ class PolypScorer:
         self.iou: list[float] = []
 
     def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
-        """probabilities (1, H, W) in [0, 1]; mask (H, W) with 0 = background."""
-        prediction = (probabilities[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        """probabilities (1 or 2, H, W) in [0, 1] (the last channel is the foreground); mask (H, W), 0 = background."""
+        prediction = (probabilities[-1].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         truth = ((mask > 0).to(torch.uint8) * 255).numpy()
         self.add_maps(prediction, truth)
 
