@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from medseg.engine.evaluate import evaluate
 from medseg.engine.inference import pick_device, prune_to
 from medseg.engine.run import versions, write_text_atomic
+from medseg.errors import MedsegError
 from medseg.models import create_model, load_model
 from medseg.models.saving import read_model_config
 
@@ -107,12 +109,26 @@ def benchmark_network(model: torch.nn.Module, label: str, size: tuple[int, int],
     }
 
 
-def benchmark_model(name: str, size: tuple[int, int], batch: int = 8, device: str = "auto", warmup: int = 3,
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'stsnet:decoder=unet:attention=none' -> ('stsnet', {'decoder': 'unet', 'attention': 'none'})."""
+    name, *options = spec.split(":")
+    kwargs = {}
+    for option in options:
+        if "=" not in option:
+            raise MedsegError(f"model spec {spec!r}: options are key=value after the name, e.g. stsnet:decoder=unet")
+        key, value = option.split("=", 1)
+        kwargs[key] = yaml.safe_load(value)
+    return name, kwargs
+
+
+def benchmark_model(spec: str, size: tuple[int, int], batch: int = 8, device: str = "auto", warmup: int = 3,
                     repeats: int = 10, in_channels: int = 3, num_classes: int = 1, amp: bool = False,
                     level: int | None = None) -> dict[str, Any]:
-    """A registered network at random initialisation, pruned to `level` when given (ANU-Net L_N)."""
-    model = prune_to(create_model(name, in_channels, num_classes), level)
-    label = name if level is None else f"{name} L{level}"
+    """A registered network (`name` or `name:option=value:...`) at random initialisation, pruned to `level`
+    when given (ANU-Net L_N)."""
+    name, options = parse_model_spec(spec)
+    model = prune_to(create_model(name, in_channels, num_classes, **options), level)
+    label = spec if level is None else f"{spec} L{level}"
     return benchmark_network(model, label, size, batch, device, warmup, repeats, amp)
 
 

@@ -1,0 +1,157 @@
+"""STS-Net (seed 003: "STS-Net: small-target segmentation network", Sci. Rep. 2025), as SPECS.md Sec. 2 pins
+it down from the paper and the authors' code (zlxokok/STSNet), and the encoder / decoder / attention families
+of its ablations (Tables 5, 6, 8, 9).
+
+- Network (S3 Methods, Fig. 3; SPECS 2.2): segmentation_models_pytorch DeepLabV3 on ResNeXt50-32x4d with
+  output stride 8 (layer3 and layer4 dilated), ASPP with 256 channels and rates 12/24/36, a two-class 1x1
+  head and x8 bilinear upsampling. **ESCA is applied in-line after each of the five encoder stages**: the
+  re-weighted tensor is what the next stage (and the decoder) receives.
+- ESCA (S3 Eq. 5-9; SPECS 2.2): y = GAP(x) read as a sequence over channels, y' = conv1d_k(conv1d_k(y)) with
+  ONE shared kernel applied twice (zero padding, no bias, nothing between), out = x * sigmoid(y'). k = 3 at
+  every stage as in the code; `adaptive_k` uses the ECA-Net rule k = odd(|(log2 C + 1) / 2|), i.e. 3/5/5/5/7.
+- Ablations, by recipe keys (`model.decoder`, `model.encoder`, `model.attention`): decoders DeepLabV3,
+  DeepLabV3+, U-Net, UNet++, PAN, FPN (smp, with smp's defaults for the non-DeepLabV3 ones); encoders
+  ResNeXt50-32x4d, ResNet50, MobileNetV2, EfficientNet-b0, DPN68 (smp); attention none / SE / CBAM / ECA
+  (timm's modules) / ESCA, always at the five stage outputs. Attention sits in forward hooks on the modules
+  that produce each stage's output, so encoder weights keep smp's names and local smp/torchvision encoder
+  checkpoints load (`encoder_weights: PATH`). A DPN stage's output is a (residual, dense) pair: its
+  attention sees the concatenation, as the decoder does, and the pair is split back.
+
+Parameters (3 in, 2 classes): 39,105,873 = smp DeepLabV3-ResNeXt50 39,105,858 + 5 x 3 ESCA weights, the
+paper's "39.10M" (Table 1). The paper reports MACs for a batch of 4 (SPECS 2.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import segmentation_models_pytorch as smp
+import torch
+from timm.layers import create_attn
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.models.blocks import check_input_size
+from medseg.models.registry import register_model
+from medseg.weights import read_state_dict
+
+DECODERS = {"deeplabv3": "DeepLabV3", "deeplabv3plus": "DeepLabV3Plus", "unet": "Unet", "unetplusplus": "UnetPlusPlus",
+            "pan": "PAN", "fpn": "FPN"}
+ENCODERS = ("resnext50_32x4d", "resnet50", "mobilenet_v2", "efficientnet-b0", "dpn68")
+ATTENTIONS = ("esca", "eca", "se", "cbam", "none")
+PAN_MIN_SIZE = 128
+
+
+def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
+    """ECA-Net's adaptive kernel: the odd number nearest above |(log2 C + b) / gamma|."""
+    k = int(abs((math.log2(channels) + b) / gamma))
+    return k if k % 2 else k + 1
+
+
+class ESCA(nn.Module):
+    """Efficient shared channel attention: one 1-D conv over the channel descriptor, applied twice."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        descriptor = x.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, C)
+        weights = torch.sigmoid(self.conv(self.conv(descriptor)))
+        return x * weights.transpose(1, 2).unsqueeze(-1)
+
+
+def make_attention(kind: str, channels: int, adaptive_k: bool) -> nn.Module:
+    if kind == "esca":
+        return ESCA(channels, eca_kernel_size(channels) if adaptive_k else 3)
+    if kind == "none":
+        return nn.Identity()
+    return create_attn(kind, channels)
+
+
+class StageAttention:
+    """Forward hook that replaces a stage's output by its attended version (in-line, not a side branch)."""
+
+    def __init__(self, attention: nn.Module):
+        self.attention = attention
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        if isinstance(output, tuple):  # DPN: (residual, dense) pair; attend to their concatenation
+            sizes = [part.shape[1] for part in output]
+            return tuple(torch.split(self.attention(torch.cat(output, dim=1)), sizes, dim=1))
+        return self.attention(output)
+
+
+def stage_modules(encoder: nn.Module, name: str) -> list[nn.Module]:
+    """The five modules whose outputs are the encoder's stage outputs, in smp's encoder implementations."""
+    if name in ("resnext50_32x4d", "resnet50"):
+        return [encoder.relu, encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
+    if name == "mobilenet_v2":
+        return [encoder.features[i] for i in encoder._out_indexes]  # noqa: SLF001  (smp's stage boundaries)
+    if name == "efficientnet-b0":
+        return [encoder._swish, *(encoder._blocks[i] for i in encoder._out_indexes)]  # noqa: SLF001
+    stages = encoder._stage_idxs  # noqa: SLF001  (dpn68)
+    return [encoder.features[0].act, *(encoder.features[i - 1] for i in stages)]
+
+
+class SMPSegmentation(nn.Module):
+    size_multiple = 32
+    default_size = 512
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, decoder: str = "deeplabv3",
+                 encoder: str = "resnext50_32x4d", attention: str = "esca", adaptive_k: bool = False,
+                 encoder_weights: str | None = None):
+        super().__init__()
+        self.decoder = decoder
+        for value, allowed, what in ((decoder, DECODERS, "decoder"), (encoder, ENCODERS, "encoder"),
+                                     (attention, ATTENTIONS, "attention")):
+            if value not in allowed:
+                raise MedsegError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        extra = {"encoder_output_stride": 8, "decoder_channels": 256, "decoder_atrous_rates": (12, 24, 36)} if decoder == "deeplabv3" else {}
+        self.network = getattr(smp, DECODERS[decoder])(encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                                                       classes=num_classes, **extra)
+        if encoder_weights:
+            self._load_encoder(encoder_weights)
+        channels = self.network.encoder.out_channels[1:]
+        self.attention = nn.ModuleList(make_attention(attention, c, adaptive_k) for c in channels)
+        if attention != "none":
+            for module, attend in zip(stage_modules(self.network.encoder, encoder), self.attention):
+                module.register_forward_hook(StageAttention(attend))
+
+    def _load_encoder(self, path: str) -> None:
+        state = read_state_dict(path)
+        own = self.network.encoder.state_dict()
+        matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        missing = [k for k in own if k not in matched]
+        if missing:
+            raise MedsegError(f"{path} does not fit this encoder: {len(missing)} of {len(own)} tensors missing or of "
+                              f"another shape, e.g. {missing[:3]}; give the smp/torchvision weights of the same encoder")
+        self.network.encoder.load_state_dict(matched)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.size_multiple)
+        if self.decoder == "pan" and min(x.shape[-2:]) < PAN_MIN_SIZE:
+            raise ValueError(f"the PAN decoder needs inputs of at least {PAN_MIN_SIZE} px (its pyramid pools the 1/32 map "
+                             f"three more times), got {tuple(x.shape[-2:])}")
+        return self.network(x)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        encoder = [*self.network.encoder.parameters(), *self.attention.parameters()]
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+
+@register_model("stsnet")
+class STSNet(SMPSegmentation):
+    """STS-Net: DeepLabV3 (OS 8) on ResNeXt50-32x4d with ESCA after every encoder stage; ablation keys."""
+
+    paper = "STS-Net, Sci. Rep. 2025 (seed 003)"
+
+
+@register_model("deeplabv3", decoder="deeplabv3", attention="none")
+@register_model("deeplabv3plus", decoder="deeplabv3plus", attention="none")
+@register_model("pan", decoder="pan", attention="none")
+class SMPBaseline(SMPSegmentation):
+    """DeepLabV3 / DeepLabV3+ / PAN baselines (segmentation_models_pytorch), ResNeXt50-32x4d by default."""
+
+    paper = "Chen et al. 2017 / 2018 (DeepLabV3 / V3+), Li et al. 2018 (PAN), via segmentation_models_pytorch"
