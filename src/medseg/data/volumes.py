@@ -1,0 +1,128 @@
+"""2.5D slices from 3D volumes (STS-Net, seed 003, Methods and Fig. 2; SPECS.md Sec. 2.1).
+
+`medseg slices VOLUMES --out DATA` reads NIfTI image / label volume pairs with nibabel and writes
+medseg's folder format, one PNG pair per axial slice k (the volume's last axis; written as
+array[:, :, k].T, so rows follow the second voxel axis; image and mask get the same transform):
+- `stack` (the paper, default): a 3-channel image of slices (k-1, k, k+1) as (R, G, B); at the first and last
+  slice the missing neighbour is the slice itself (edge slices repeated);
+- `sum` (the authors' code, 2.5D_L.py): one channel, the pixel sum of slices k-1, k, k+1 of the 8-bit
+  intensities clipped at 255 (edges count the slice itself twice); medseg repeats it to 3 channels.
+Intensities become 8-bit either through `window=(lo, hi)` (clip to the window, e.g. HU [-200, 200] for
+liver CT or [0, 1023] for the code's T2 clip, then scale to 0..255) or, without one, per-volume min-max.
+Labels: > 0 becomes 255 (binary), or the integer labels are kept (`keep_labels`). `only_lesion` keeps
+the slices whose label has foreground.
+
+Pairs: VOLUMES/images/<stem>.nii[.gz] with VOLUMES/labels/<stem>.nii[.gz] (or masks/), or nnU-Net's raw
+3D layout imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.data.io import write_image_atomic
+from medseg.errors import MedsegError
+
+NIFTI = (".nii", ".nii.gz")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
+
+
+def _volumes(folder: Path) -> dict[str, Path]:
+    return {_stem(p): p for p in sorted(folder.iterdir()) if p.name.endswith(NIFTI) and not p.name.startswith(".")}
+
+
+def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image volume, label volume) for every pair; unpaired files are an error naming them."""
+    root = Path(root)
+    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
+        images = {s.removesuffix("_0000"): p for s, p in _volumes(root / "imagesTr").items() if s.endswith("_0000")}
+        labels = _volumes(root / "labelsTr")
+    else:
+        label_dir = next((root / d for d in ("labels", "masks") if (root / d).is_dir()), None)
+        if not (root / "images").is_dir() or label_dir is None:
+            raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, same stems) or nnU-Net's "
+                              "imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz")
+        images, labels = _volumes(root / "images"), _volumes(label_dir)
+    unpaired = sorted(set(images) ^ set(labels))
+    if unpaired:
+        raise MedsegError(f"{root}: volumes without a partner: {', '.join(unpaired[:5])}; every image needs a label volume")
+    if not images:
+        raise MedsegError(f"{root} holds no NIfTI volumes (.nii or .nii.gz)")
+    return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # nibabel raises several types for damaged files
+        raise MedsegError(f"cannot read volume {path}: {exc}") from None
+    data = np.squeeze(data)
+    if data.ndim != 3:
+        raise MedsegError(f"volume {path} has shape {data.shape}; medseg slices 3-D volumes")
+    return data
+
+
+def to_uint8(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Intensities to 0..255: clip to the window and scale it, or min-max over the volume."""
+    low, high = window if window is not None else (float(volume.min()), float(volume.max()))
+    if high <= low:
+        return np.zeros(volume.shape, np.uint8)
+    scaled = (np.clip(volume.astype(np.float64), low, high) - low) / (high - low) * 255
+    return np.round(scaled).astype(np.uint8)
+
+
+def slice_image(volume: np.ndarray, k: int, mode: str) -> np.ndarray:
+    """The 2.5D image of slice k from an 8-bit volume (X, Y, Z): (H, W, 3) for stack, (H, W) for sum."""
+    last = volume.shape[2] - 1
+    neighbours = [volume[:, :, max(k - 1, 0)], volume[:, :, k], volume[:, :, min(k + 1, last)]]
+    if mode == "stack":
+        return np.stack([n.T for n in neighbours], axis=-1)
+    total = sum(n.astype(np.int32) for n in neighbours)
+    return np.clip(total, 0, 255).astype(np.uint8).T
+
+
+def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float] | None = None, mode: str = "stack",
+                only_lesion: bool = False, keep_labels: bool = False) -> dict:
+    """Write every slice of every pair to `out` (folder format, atomically); returns what was written."""
+    if mode not in ("stack", "sum"):
+        raise MedsegError(f"--mode must be stack or sum, got {mode!r}")
+    out = Path(out)
+    if out.exists():
+        raise MedsegError(f"{out} exists; slices writes a new folder, so give another --out or remove it")
+    pairs = find_pairs(volumes)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    written, skipped = 0, 0
+    try:
+        for stem, image_path, label_path in pairs:
+            image, labels = _read(image_path), _read(label_path)
+            if image.shape != labels.shape:
+                raise MedsegError(f"{image_path.name} is {image.shape} but {label_path.name} is {labels.shape}; "
+                                  "image and label volumes must match voxel for voxel")
+            image = to_uint8(image, window)
+            for k in range(image.shape[2]):
+                label = labels[:, :, k].T
+                if only_lesion and not np.any(label > 0):
+                    skipped += 1
+                    continue
+                name = f"{stem}_{k:04d}.png"
+                write_image_atomic(tmp / "images" / name, slice_image(image, k, mode))
+                mask = label.astype(np.uint8) if keep_labels else (label > 0).astype(np.uint8) * 255
+                write_image_atomic(tmp / "masks" / name, mask)
+                written += 1
+        if not written:
+            raise MedsegError(f"no slice was written from {volumes}" + (" (no slice has foreground)" if only_lesion else ""))
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
+            "window": list(window) if window else "per-volume min-max", "out": str(out)}
