@@ -166,7 +166,8 @@ def predict_command(
 
 @app.command("benchmark")
 def benchmark_command(
-    models: str = typer.Option("unet", help="comma-separated model names (random init)"),
+    models: str = typer.Option("unet", help="comma-separated model names (random init); options as name:key=value"),
+    num_classes: int = typer.Option(1, min=1, help="output channels of the benchmarked networks"),
     size: Optional[int] = typer.Option(None, help="square input size (default 352; with --run, the run's size)"),
     batch: int = typer.Option(8, min=1, help="the batch size N for the batch-N latency and throughput"),
     levels: Optional[str] = typer.Option(None, help="pruning levels of deeply supervised networks, e.g. 1,2,3,4"),
@@ -184,8 +185,9 @@ def benchmark_command(
     per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
 
     Example: medseg benchmark --models unet --size 352
+    Example: medseg benchmark --models stsnet,stsnet:decoder=unet:attention=none --size 512 --num-classes 2
     """
-    from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, write_json
+    from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec, write_json
     from medseg.models import model_info
 
     level_list = _int_list(levels, "--levels")
@@ -193,8 +195,8 @@ def benchmark_command(
         raise MedsegError("--data scores a trained network: give --run RUN as well")
     names = [m.strip() for m in models.split(",") if m.strip()]
     if run is None:
-        for name in names:
-            model_info(name)  # unknown names fail before any timing
+        for spec in names:
+            model_info(parse_model_spec(spec)[0])  # unknown names fail before any timing
     table = Table(title=f"batch 1 and {batch}")
     columns = ["model", "input", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}", "peak MB"]
     for column in columns + (["Dice", "IoU"] if data else []):
@@ -211,8 +213,8 @@ def benchmark_command(
             square = (size, size) if size else None
             report = benchmark_run(run, level_list or [None], square, data, batch, device, warmup, repeats, amp, on_result=add)
         else:
-            report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels, amp=amp,
-                               levels=level_list, on_result=add)
+            report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels, num_classes,
+                               amp=amp, levels=level_list, on_result=add)
     console.print(table)
     m = report["machine"]
     console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), torch {m.get('torch')}, "
@@ -232,6 +234,60 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise MedsegError(f"{option} takes comma-separated integers, e.g. 1,2,3,4; got {text!r}") from None
+
+
+@app.command("amplify")
+def amplify_command(
+    data: Path = typer.Argument(..., help="data folder (folder format); with splits.json only its train stems are amplified"),
+    out: Path = typer.Option(..., help="new folder: the originals plus the amplified views"),
+    n1: Optional[int] = typer.Option(None, help="threshold N1 (reported only; default computed)"),
+    n2: Optional[int] = typer.Option(None, help="threshold N2: images with 5 < lesion pixels < N2 qualify (default computed)"),
+    seed: int = typer.Option(0),
+    border: int = typer.Option(50, help="border crop in pixels"),
+) -> None:
+    """STS-Net's amplification blocks: five extra views (flips, border crops, a lesion-centred crop) of every
+    image whose lesion is small (5 < pixels < N2, N2 from the training masks). Writes OUT/amplify.json.
+
+    Example: medseg amplify ../shared/data/dsb2018_nuclei --out dsb2018_amplified
+    """
+    from medseg.data.amplify import amplify_folder
+
+    with console.status(f"amplifying {data} ..."):
+        record = amplify_folder(data, out, n1, n2, seed, border)
+    t = record["thresholds"]
+    console.print(f"N1 {t['n1']}, N2 {t['n2']} ({t['source']}; A = {t['lesion_images']} images with a lesion, "
+                  f"S = {t['lesion_pixels']} lesion pixels)")
+    console.print(f"{record['qualifying_images']} of {record['training_images']} training images qualify "
+                  f"({record['rule']}); {record['new_images']} views written; {out} holds "
+                  f"{len(list((out / 'images').iterdir()))} images; manifest {out / 'amplify.json'}")
+
+
+@app.command("slices")
+def slices_command(
+    volumes: Path = typer.Argument(..., help="folder of NIfTI pairs: images/ + labels/, or nnU-Net imagesTr/ + labelsTr/"),
+    out: Path = typer.Option(..., help="new data folder (images/ + masks/)"),
+    window: Optional[str] = typer.Option(None, help="intensity window LO,HI (e.g. -200,200 HU); default per-volume min-max"),
+    mode: str = typer.Option("stack", help="stack: slices (k-1, k, k+1) as 3 channels (paper); sum: their pixel sum (code)"),
+    only_lesion: bool = typer.Option(False, help="keep only slices whose label has foreground"),
+    keep_labels: bool = typer.Option(False, help="keep integer labels instead of 0/255 masks"),
+) -> None:
+    """2.5D slices from 3D volumes (STS-Net): one PNG image/mask pair per slice, edges repeated.
+
+    Example: medseg slices volumes/ --out slices --window=-200,200 --only-lesion
+    """
+    from medseg.data.volumes import make_slices
+
+    bounds = None
+    if window:
+        try:
+            low, high = (float(v) for v in window.split(","))
+        except ValueError:
+            raise MedsegError(f"--window takes LO,HI, e.g. --window=-200,200; got {window!r}") from None
+        bounds = (low, high)
+    with console.status(f"slicing {volumes} ..."):
+        record = make_slices(volumes, out, bounds, mode, only_lesion, keep_labels)
+    console.print(f"{record['slices']} slices from {record['volumes']} volumes written to {out} (mode {mode}, "
+                  f"window {record['window']}; {record['skipped_without_lesion']} slices without lesion skipped)")
 
 
 @app.command("demo")

@@ -46,6 +46,15 @@ class SplitConfig(Strict):
     seed: int = 0
 
 
+class AmplifyConfig(Strict):
+    """STS-Net's amplification blocks on the training split (medseg.data.amplify)."""
+
+    n1: int | None = None  # thresholds: None = computed from the training masks
+    n2: int | None = None
+    border: int = 50
+    seed: int = 0
+
+
 class DataConfig(Strict):
     size: Union[int, tuple[int, int]] = 256  # training / inference size (H, W); an int means square
     multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
@@ -53,6 +62,7 @@ class DataConfig(Strict):
     augment: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
     mask_threshold: int | None = None  # binary masks: foreground = raw value > threshold (JPEG-noisy masks)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    amplify: AmplifyConfig | None = None  # STS-Net amplification of small-lesion training images (None: off)
     num_workers: int | None = None  # None: one less than the CPU cores, at most 8
 
     @property

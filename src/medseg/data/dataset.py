@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from medseg.data.amplify import AmplifiedCase
+from medseg.data.amplify import apply as amplify_view
 from medseg.data.formats import Case, load_case
 from medseg.data.io import mask_to_labels, read_mask, to_channels
 from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, resize_mask
@@ -29,12 +31,13 @@ def load_labels(case: Case, num_classes: int, mask_threshold: int | None) -> tor
 
 
 class SegmentationDataset(Dataset):
-    """(image, mask) pairs resized to the training size, augmented when `augment` is given.
+    """(image, mask) pairs resized to the training size, augmented when `augment` is given; amplified
+    views (STS-Net) are derived from their source case on the fly.
 
     Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}.
     """
 
-    def __init__(self, cases: list[Case], preprocessing: Preprocessing, num_classes: int,
+    def __init__(self, cases: list[Case | AmplifiedCase], preprocessing: Preprocessing, num_classes: int,
                  mask_threshold: int | None = None, augment: list[Any] | None = None):
         self.cases = cases
         self.preprocessing = preprocessing
@@ -46,11 +49,17 @@ class SegmentationDataset(Dataset):
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        case = self.cases[index]
-        image = self.preprocessing.resize(load_image_tensor(case, self.preprocessing))
-        mask = resize_mask(load_labels(case, self.num_classes, self.mask_threshold), self.preprocessing.size)
+        item = self.cases[index]
+        case = item.case if isinstance(item, AmplifiedCase) else item
+        # An amplified view's pixel boxes refer to the full-size image, so it is decoded in full.
+        image = load_image_tensor(case, self.preprocessing, reduce=not isinstance(item, AmplifiedCase))
+        labels = load_labels(case, self.num_classes, self.mask_threshold)
+        if isinstance(item, AmplifiedCase):
+            image, labels = amplify_view(item, image, labels)
+        image = self.preprocessing.resize(image)
+        mask = resize_mask(labels, self.preprocessing.size)
         image, mask = augment_pair(self.augmentation, image, mask)
-        return {"image": self.preprocessing.normalise(image), "mask": mask.long(), "stem": case.stem}
+        return {"image": self.preprocessing.normalise(image), "mask": mask.long(), "stem": item.stem}
 
 
 class InferenceDataset(Dataset):

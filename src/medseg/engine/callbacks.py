@@ -49,9 +49,9 @@ class EpochMetrics(L.Callback):
         if isinstance(loss, torch.Tensor):
             self._losses.append(float(loss.detach()))
         total = trainer.num_training_batches
-        if self.echo_progress and trainer.is_global_zero and isinstance(total, int) and total >= 10:
+        if self.echo_progress and trainer.is_global_zero and isinstance(total, int) and total >= 20:
             done = batch_idx + 1
-            if done % (total // 10) == 0 and done < total:
+            if done % math.ceil(total / 10) == 0 and done < total:
                 tqdm.write(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} batches, "
                            f"loss {sum(self._losses) / len(self._losses):.4g}, {time.perf_counter() - self._started:.0f}s")
 

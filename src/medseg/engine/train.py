@@ -23,6 +23,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from torch.utils.data import DataLoader
 
 from medseg.config import Recipe
+from medseg.data.amplify import AmplifiedCase, Thresholds
+from medseg.data.amplify import manifest as amplify_manifest
+from medseg.data.amplify import plan as plan_amplification
 from medseg.data.check import check_data
 from medseg.data.dataset import MultiScaleCollate, SegmentationDataset
 from medseg.data.formats import Layout, discover
@@ -68,10 +71,11 @@ def check_before_training(layout: Layout, recipe: Recipe) -> None:
                           f"to see all {len(report.errors)} problem(s)")
 
 
-def data_loaders(layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> tuple[DataLoader, DataLoader]:
+def data_loaders(layout: Layout, splits: dict[str, list[str]], recipe: Recipe,
+                 views: Sequence[AmplifiedCase] = ()) -> tuple[DataLoader, DataLoader]:
     prep = preprocessing_of(recipe)
     common = {"preprocessing": prep, "num_classes": recipe.model.num_classes, "mask_threshold": recipe.data.mask_threshold}
-    train_set = SegmentationDataset(cases_for(layout, splits["train"]), augment=recipe.data.augment, **common)
+    train_set = SegmentationDataset([*cases_for(layout, splits["train"]), *views], augment=recipe.data.augment, **common)
     val_set = SegmentationDataset(cases_for(layout, splits["val"]), **common)
     if not len(val_set):
         raise MedsegError("the validation split is empty; set data.split.val > 0 or list val stems in splits.json")
@@ -171,7 +175,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     if _rank() == 0:
         os.environ[RUN_DIR_ENV] = str(run.path.resolve())
         _write_run_files(run, recipe, data, layout, splits, source, devices)
-    train_loader, val_loader = data_loaders(layout, splits, recipe)
+    views = amplified_views(run, layout, splits, recipe) if recipe.data.amplify else []
+    train_loader, val_loader = data_loaders(layout, splits, recipe, views)
     trainer = build_trainer(recipe, run, devices, callbacks, progress)
     if _rank() == 0:
         print(f"training {recipe.name} on {data} ({len(splits['train'])} train / {len(splits['val'])} val / "
@@ -184,6 +189,19 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
               f"on {trainer.strategy.root_device.type}; best {recipe.train.monitor} "
               f"{float(best) if best is not None else float('nan'):.4f}", flush=True)
     return run
+
+
+def amplified_views(run: Run, layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> list[AmplifiedCase]:
+    """STS-Net amplification of the training split only; the plan goes to RUN/amplify.json."""
+    cfg = recipe.data.amplify
+    given = Thresholds(cfg.n1, cfg.n2, None, None, "given in the recipe") if cfg.n2 is not None else None
+    thresholds, views, lesions = plan_amplification(layout, splits["train"], given, recipe.model.num_classes,
+                                                    recipe.data.mask_threshold, cfg.seed, cfg.border)
+    if _rank() == 0:
+        write_text_atomic(run.path / "amplify.json", json.dumps(amplify_manifest(thresholds, views, lesions, cfg.seed, cfg.border), indent=1) + "\n")
+        print(f"amplification: N1 {thresholds.n1}, N2 {thresholds.n2}; {len({v.case.stem for v in views})} of "
+              f"{len(splits['train'])} training images qualify, {len(views)} views added", flush=True)
+    return views
 
 
 def _write_run_files(run: Run, recipe: Recipe, data: Path, layout: Layout, splits: dict[str, list[str]],
