@@ -148,7 +148,8 @@ def test_models_and_help():
     runner = CliRunner()
     result = runner.invoke(app, ["models"], terminal_width=200)
     assert result.exit_code == 0 and "unet" in result.stdout and "31,037,633" in result.stdout
-    for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models"):
+    assert "39,105,873" in result.stdout  # stsnet counted with its paper's two-class head
+    for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models", "amplify", "slices"):
         help_text = runner.invoke(app, [command, "--help"], terminal_width=200)
         assert help_text.exit_code == 0 and "Example" in help_text.stdout, command
 

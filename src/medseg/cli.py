@@ -26,7 +26,7 @@ def _is_rank_zero() -> bool:
 
 @app.command("models")
 def models_command() -> None:
-    """Table of registered networks: paper, parameters (3 in, 1 out), input size.
+    """Table of registered networks: paper, parameters (3 input channels, the paper's output channels), input size.
 
     Example: medseg models
     """
@@ -35,12 +35,13 @@ def models_command() -> None:
 
     recipes = set(list_recipes())
     table = Table(title="medseg networks")
-    for column in ("name", "paper", "params (3->1)", "default size", "size multiple", "recipe"):
+    for column in ("name", "paper", "params", "in->out", "default size", "size multiple", "recipe"):
         table.add_column(column)
     for name in list_models():
         info = model_info(name)
-        params = sum(p.numel() for p in create_model(name, 3, 1).parameters())
-        table.add_row(name, info.paper, f"{params:,}", str(info.default_size), str(info.size_multiple),
+        params = sum(p.numel() for p in create_model(name, 3, info.paper_num_classes).parameters())
+        table.add_row(name, info.paper, f"{params:,}", f"3->{info.paper_num_classes}", str(info.default_size),
+                      str(info.size_multiple),
                       name if name in recipes else "-")
     console.print(table)
 

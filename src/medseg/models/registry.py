@@ -36,6 +36,11 @@ class ModelInfo:
         return self.cls.default_size
 
     @property
+    def paper_num_classes(self) -> int:
+        """Output channels of the paper's configuration (1 = sigmoid binary head, 2 = two-class softmax)."""
+        return getattr(self.cls, "paper_num_classes", 1)
+
+    @property
     def description(self) -> str:
         return (inspect.getdoc(self.cls) or "").splitlines()[0]
 

@@ -97,6 +97,7 @@ def stage_modules(encoder: nn.Module, name: str) -> list[nn.Module]:
 class SMPSegmentation(nn.Module):
     size_multiple = 32
     default_size = 512
+    paper_num_classes = 2  # STS-Net code: two-class softmax head
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, decoder: str = "deeplabv3",
                  encoder: str = "resnext50_32x4d", attention: str = "esca", adaptive_k: bool = False,
