@@ -115,7 +115,9 @@ def test_extra_losses_are_added_with_recipe_weights(phantom):
     module.model = ExtraLossModel()
     batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8, dtype=torch.long)}
     module.log = lambda *args, **kwargs: None
-    total = module.training_step(batch, 0)
+    step = module.training_step(batch, 0)
+    total = step["loss"]
+    assert set(step["terms"]) == {"bce", "dice", "l2"}  # each term, for metrics.csv
     base, _ = module.criterion(module.model.last, batch["mask"])
     assert torch.allclose(total, base + 0.5 * module.model.last.pow(2).mean())
     module.recipe.train.extra_loss_weights = {}

@@ -181,15 +181,30 @@ def benchmark_command(
     amp: bool = typer.Option(False, help="autocast (CUDA only)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
     markdown: bool = typer.Option(False, help="also print a markdown table (for docs/BENCHMARKS.md)"),
+    fovea_pool: bool = typer.Option(False, "--fovea-pool", help="time Fovea Pooling against the per-pixel loop "
+                                    "(16x128x128, R 16) and its share of fovea_unet's forward at --size (512)"),
 ) -> None:
     """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory;
     per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
 
     Example: medseg benchmark --models unet --size 352
     Example: medseg benchmark --models stsnet,stsnet:decoder=unet:attention=none --size 512 --num-classes 2
+    Example: medseg benchmark --fovea-pool
     """
     from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec, write_json
     from medseg.models import model_info
+
+    if fovea_pool:
+        from medseg.engine.benchmark import benchmark_fovea_pool
+
+        with console.status("benchmarking Fovea Pooling ..."):
+            result = benchmark_fovea_pool(network_size=size or 512, device=device, repeats=repeats)
+        for key, value in result.items():
+            if key != "machine":
+                console.print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+        if json_out:
+            write_json(result, json_out)
+        return
 
     level_list = _int_list(levels, "--levels")
     if data is not None and run is None:

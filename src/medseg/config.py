@@ -58,7 +58,9 @@ class AmplifyConfig(Strict):
 class DataConfig(Strict):
     size: Union[int, tuple[int, int]] = 256  # training / inference size (H, W); an int means square
     multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
-    normalize: Union[Literal["imagenet", "per_image", "none"], NormalizeStats] = "imagenet"
+    # "dataset": z-score with one mean / std of the training split, computed at the start of training and
+    # stored in the run's config.yaml and model as {mean: [m], std: [s]} (FocusNet)
+    normalize: Union[Literal["imagenet", "per_image", "dataset", "none"], NormalizeStats] = "imagenet"
     augment: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
     mask_threshold: int | None = None  # binary masks: foreground = raw value > threshold (JPEG-noisy masks)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -86,6 +88,7 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
     eps: float = 1e-8
     group_lr: dict[str, float] = Field(default_factory=dict)  # lr multiplier per model.param_groups() name
+    kernel_l2: float = Field(0.0, ge=0)  # Keras-style L2 added to the loss: kernel_l2 * sum(w^2) of conv kernels
 
 
 class ScheduleConfig(Strict):
@@ -99,6 +102,7 @@ class ScheduleConfig(Strict):
     factor: float = 0.1  # plateau
     patience: int = 10  # plateau
     threshold: float = 1e-4  # plateau
+    threshold_mode: Literal["rel", "abs"] = "rel"  # plateau: "abs" is Keras' min_delta
     monitor: str = "val/loss"  # plateau
     mode: Literal["min", "max"] = "min"  # plateau
 
@@ -106,6 +110,14 @@ class ScheduleConfig(Strict):
 class EarlyStopping(Strict):
     patience: int = Field(ge=1)
     min_delta: float = 0.0
+
+
+class FreezeConfig(Strict):
+    """Keep parameter groups (names of the network's `param_groups()`, e.g. encoder) frozen, weights and
+    BatchNorm statistics, for the first `epochs` epochs, then train them (Fovea-UNet's backbone schedule)."""
+
+    groups: list[str] = Field(min_length=1)
+    epochs: int = Field(ge=1)
 
 
 class TrainConfig(Strict):
@@ -119,6 +131,7 @@ class TrainConfig(Strict):
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
     gradient_clip: float | None = None
+    freeze: FreezeConfig | None = None  # e.g. {groups: [encoder], epochs: 30}
 
 
 class EvalConfig(Strict):

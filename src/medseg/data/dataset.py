@@ -3,6 +3,7 @@ original mask so scores are computed at the annotation's own resolution."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -16,6 +17,7 @@ from medseg.data.amplify import apply as amplify_view
 from medseg.data.formats import Case, load_case
 from medseg.data.io import mask_to_labels, read_mask, to_channels
 from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, resize_mask
+from medseg.errors import MedsegError
 
 
 def load_image_tensor(case: Case, preprocessing: Preprocessing, reduce: bool = True) -> torch.Tensor:
@@ -28,6 +30,22 @@ def load_image_tensor(case: Case, preprocessing: Preprocessing, reduce: bool = T
 def load_labels(case: Case, num_classes: int, mask_threshold: int | None) -> torch.Tensor:
     raw = read_mask(case.mask)
     return torch.from_numpy(mask_to_labels(raw, num_classes, mask_threshold, path=case.mask).astype(np.int64))
+
+
+def intensity_statistics(cases: list[Case], preprocessing: Preprocessing) -> tuple[float, float]:
+    """One mean and one standard deviation over every pixel and channel of `cases`, as the network sees them
+    (the network's channels, resized to the training size, intensities in [0, 1]): FocusNet's z-scoring
+    with "the mean pixel value" of the dataset (paper Sec. 3.2). Accumulated in float64."""
+    if not cases:
+        raise MedsegError("no training images to compute data.normalize: dataset statistics from")
+    total = squares = count = 0.0
+    for case in cases:
+        image = preprocessing.resize(load_image_tensor(case, preprocessing)).double()
+        total += float(image.sum())
+        squares += float((image * image).sum())
+        count += image.numel()
+    mean = total / count
+    return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
 
 
 class SegmentationDataset(Dataset):

@@ -33,6 +33,7 @@ class Preprocessing:
     size: tuple[int, int]
     in_channels: int
     normalize: Any = "imagenet"  # "imagenet" | "per_image" | "none" | {"mean": [...], "std": [...]}
+    # ("dataset" is resolved to {"mean", "std"} of the training split by `medseg train`)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "size": list(self.size)}
@@ -55,6 +56,9 @@ class Preprocessing:
             mean = image.mean(dim=dims, keepdim=True)
             std = image.std(dim=dims, keepdim=True).clamp(min=1e-6)
             return (image - mean) / std
+        if norm == "dataset":
+            raise MedsegError("data.normalize is 'dataset' but no statistics were computed; they are computed by "
+                              "`medseg train` and stored in the run, use the run's model")
         if norm == "imagenet":
             mean, std = (IMAGENET_MEAN, IMAGENET_STD) if image.shape[-3] == 3 else ([IMAGENET_GRAY[0]], [IMAGENET_GRAY[1]])
         else:
@@ -95,6 +99,29 @@ class RandomRot90(v2.Transform):
         return self._call_kernel(v2.functional.rotate, inpt, angle=params["angle"])
 
 
+class RandomChannelShift(v2.Transform):
+    """Keras' `channel_shift_range` (FocusNet's "small random channel shifts", paper Sec. 3.2): add a
+    uniform offset in [-shift, shift] to the image (Keras: one offset for all channels; `per_channel`: one
+    each) and clip to the image's own min..max, as Keras does. Masks pass through unchanged."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, shift: float = 0.05, per_channel: bool = False, p: float = 1.0):
+        super().__init__()
+        self.shift, self.per_channel, self.p = float(shift), bool(per_channel), float(p)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        channels = next(x.shape[-3] for x in flat_inputs if isinstance(x, tv_tensors.Image))
+        offsets = (torch.rand(channels if self.per_channel else 1) * 2 - 1) * self.shift
+        return {"offsets": offsets, "apply": bool(torch.rand(()) < self.p)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not params["apply"]:
+            return inpt
+        shifted = inpt + params["offsets"].to(inpt.dtype).view(-1, 1, 1)
+        return tv_tensors.wrap(shifted.clamp(float(inpt.min()), float(inpt.max())), like=inpt)
+
+
 AUGMENTATIONS = {
     "hflip": lambda p=0.5: v2.RandomHorizontalFlip(p),
     "vflip": lambda p=0.5: v2.RandomVerticalFlip(p),
@@ -103,6 +130,7 @@ AUGMENTATIONS = {
     "affine": _affine,
     "zoom": _zoom,
     "color_jitter": _color_jitter,
+    "channel_shift": RandomChannelShift,
 }
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.engine.run import write_text_atomic
+from medseg.errors import MedsegError
 
 
 class EpochMetrics(L.Callback):
@@ -21,7 +22,9 @@ class EpochMetrics(L.Callback):
 
     The row is written before the checkpoint callbacks run, so a run killed afterwards resumes from a
     checkpoint whose epoch is already in the file; on resume, rows past the checkpoint are dropped.
-    Train loss is the mean of this rank's step losses over the epoch.
+    Train loss, and each term of a composite loss the training step reports under "terms", is the mean of
+    this rank's step values over the epoch (Lightning's own epoch means of train metrics are only ready
+    after validation, one epoch late for this row).
     """
 
     def __init__(self, path: Path, echo: bool = True, echo_progress: bool = False):
@@ -29,6 +32,8 @@ class EpochMetrics(L.Callback):
         self.echo = echo
         self.echo_progress = echo_progress  # without a progress bar (logs, pipes): a line per tenth of an epoch
         self._losses: list[float] = []
+        self._terms: dict[str, list[float]] = {}
+        self._lrs: dict[str, float] = {}
         self._started = time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -40,7 +45,11 @@ class EpochMetrics(L.Callback):
                 self._write(kept, list(rows[0].keys()))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the lr this epoch trains with: epoch schedulers step after the last batch, before validation
+        groups = trainer.optimizers[0].param_groups
+        self._lrs = {f"lr_{g.get('name', 'all')}" if len(groups) > 1 else "lr": g["lr"] for g in groups}
         self._losses = []
+        self._terms = {}
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -48,6 +57,8 @@ class EpochMetrics(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(float(loss.detach()))
+        for name, value in (outputs.get("terms", {}) if isinstance(outputs, dict) else {}).items():
+            self._terms.setdefault(name, []).append(float(value))
         total = trainer.num_training_batches
         if self.echo_progress and trainer.is_global_zero and isinstance(total, int) and total >= 20:
             done = batch_idx + 1
@@ -61,11 +72,12 @@ class EpochMetrics(L.Callback):
         metrics = trainer.callback_metrics
         row: dict[str, Any] = {"epoch": trainer.current_epoch,
                                "train_loss": sum(self._losses) / len(self._losses) if self._losses else math.nan}
+        for name, values in self._terms.items():  # the terms of a composite loss: train_dice, train_kernel_l2, ...
+            row[f"train_{name}"] = sum(values) / len(values)
         for key in sorted(metrics):
             if key.startswith("val/"):
                 row[key.replace("/", "_")] = float(metrics[key])
-        for group in trainer.optimizers[0].param_groups:
-            row[f"lr_{group.get('name', 'all')}" if len(trainer.optimizers[0].param_groups) > 1 else "lr"] = group["lr"]
+        row.update(self._lrs)
         row["seconds"] = time.perf_counter() - self._started
         rows = self._read() if self.path.is_file() else []
         rows = [r for r in rows if int(r["epoch"]) != row["epoch"]] + [row]
@@ -86,3 +98,47 @@ class EpochMetrics(L.Callback):
         writer.writeheader()
         writer.writerows(rows)
         write_text_atomic(self.path, buffer.getvalue())
+
+
+class FreezeGroups(L.Callback):
+    """`train.freeze`: the named parameter groups take no gradient and their BatchNorm layers keep their
+    running statistics (eval mode) while current_epoch < epochs; from then on they train. Works for any
+    network with `param_groups()`; the lr change that usually goes with unfreezing is the schedule's job
+    (e.g. `schedule: {name: step, step_size: 30, gamma: 0.1}`)."""
+
+    def __init__(self, groups: list[str], epochs: int):
+        self.groups, self.epochs = groups, epochs
+
+    def _members(self, model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
+        named = model.param_groups() if hasattr(model, "param_groups") else {}
+        unknown = [g for g in self.groups if g not in named]
+        if unknown:
+            raise MedsegError(f"train.freeze names groups {unknown} that {type(model).__name__} does not have; "
+                              f"its groups: {sorted(named) or 'none'}")
+        params = [p for g in self.groups for p in named[g]]
+        ids = {id(p) for p in params}
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and m.weight is not None and id(m.weight) in ids]
+        return params, norms
+
+    def frozen(self, epoch: int) -> bool:
+        return epoch < self.epochs
+
+    def apply(self, model: torch.nn.Module, epoch: int) -> None:
+        params, norms = self._members(model)
+        frozen = self.frozen(epoch)
+        for p in params:
+            p.requires_grad_(not frozen)
+        for m in norms:  # Lightning restores each module's own mode after validation, so set it both ways
+            m.train(not frozen and model.training)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply(pl_module.model, trainer.current_epoch)
+        if trainer.is_global_zero and trainer.current_epoch in (0, self.epochs):
+            state = "frozen" if self.frozen(trainer.current_epoch) else "trainable from now on"
+            tqdm.write(f"epoch {trainer.current_epoch + 1}: {', '.join(self.groups)} {state}")
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.frozen(trainer.current_epoch):  # Lightning may put the module back in train mode
+            for m in self._members(pl_module.model)[1]:
+                m.eval()

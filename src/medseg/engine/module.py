@@ -2,7 +2,8 @@
 
 Training: the network's output (a tensor, or a list for deep supervision) goes through the recipe's
 loss; extra terms a network reports through `extra_losses()` (e.g. a regulariser) are added with the
-weights of `train.extra_loss_weights`. Validation: the eval-mode output is scored per image at
+weights of `train.extra_loss_weights`, and `optim.kernel_l2` adds a Keras-style L2 of the conv kernels
+(FocusNet). Validation: the eval-mode output is scored per image at
 threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty rule, so `val/dice` is the
 mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of that one output, so for a
 deeply supervised network it is on another scale than `train/loss` (the weighted sum over all heads).
@@ -16,7 +17,7 @@ import lightning as L
 import torch
 
 from medseg.config import Recipe
-from medseg.engine.optim import build_optimizer, build_scheduler
+from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
 from medseg.metrics import confusion_counts, predict_labels, summary_metrics
@@ -58,11 +59,13 @@ class SegmentationModule(L.LightningModule):
         for name, value in self._extra_losses().items():
             loss = loss + self.recipe.train.extra_loss_weights[name] * value
             parts[name] = value
+        if self.recipe.optim.kernel_l2:
+            parts["kernel_l2"] = conv_kernel_l2(self.model)
+            loss = loss + self.recipe.optim.kernel_l2 * parts["kernel_l2"]
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
-        if len(parts) > 1:
-            for name, value in parts.items():
-                self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        if len(parts) > 1:  # the terms go to metrics.csv through EpochMetrics
+            return {"loss": loss, "terms": {name: value.detach() for name, value in parts.items()}}
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

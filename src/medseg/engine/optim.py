@@ -52,6 +52,23 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_kernel_l2(model: nn.Module) -> torch.Tensor:
+    """sum(factor * w^2) over conv kernels: Keras' `kernel_regularizer=l2(...)` term, which the loss carries
+    (unlike decoupled weight decay, it passes through Adam's moment estimates). A network that names its
+    regularised kernels (`regularised_kernels() -> [(weight, factor)]`, FocusNet) gets those; any other
+    network every conv kernel with factor 1."""
+    if hasattr(model, "regularised_kernels"):
+        kernels = model.regularised_kernels()
+    else:
+        kernels = [(m.weight, 1.0) for m in model.modules() if isinstance(m, CONVOLUTIONS)]
+    if not kernels:
+        raise MedsegError(f"optim.kernel_l2 is set but {type(model).__name__} has no convolutions")
+    return torch.stack([factor * w.float().pow(2).sum() for w, factor in kernels]).sum()
+
+
 def warmup_linear_factor(unit: int, total: int, peak: float) -> float:
     """lr factor at 0-based `unit` of `total`: rises linearly to 1 at `peak` (1-based), then falls linearly."""
     position = unit + 1
@@ -87,7 +104,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
             raise MedsegError("schedule plateau reacts to epoch metrics; set schedule.interval: epoch")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=schedule.mode, factor=schedule.factor, patience=schedule.patience,
-            threshold=schedule.threshold)
+            threshold=schedule.threshold, threshold_mode=schedule.threshold_mode)
         return {"scheduler": scheduler, "interval": "epoch", "monitor": schedule.monitor, "strict": True}
     return {"scheduler": scheduler, "interval": schedule.interval}
 

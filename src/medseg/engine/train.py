@@ -22,16 +22,16 @@ import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from torch.utils.data import DataLoader
 
-from medseg.config import Recipe
+from medseg.config import NormalizeStats, Recipe
 from medseg.data.amplify import AmplifiedCase, Thresholds
 from medseg.data.amplify import manifest as amplify_manifest
 from medseg.data.amplify import plan as plan_amplification
 from medseg.data.check import check_data
-from medseg.data.dataset import MultiScaleCollate, SegmentationDataset
+from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
 from medseg.data.formats import Layout, discover
 from medseg.data.splits import cases_for, make_splits
 from medseg.data.transforms import Preprocessing
-from medseg.engine.callbacks import EpochMetrics
+from medseg.engine.callbacks import EpochMetrics, FreezeGroups
 from medseg.engine.module import SegmentationModule
 from medseg.engine.run import Run, git_commit, latest_run_dir, new_run_dir, now, slug, versions, write_text_atomic
 from medseg.errors import MedsegError
@@ -97,6 +97,8 @@ def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequenc
                                  save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
     show_bar = sys.stderr.isatty() if progress is None else progress
     all_callbacks: list[L.Callback] = [EpochMetrics(run.metrics_file, echo_progress=not show_bar), *callbacks, checkpoint]
+    if train.freeze:
+        all_callbacks.append(FreezeGroups(train.freeze.groups, train.freeze.epochs))
     if train.early_stopping:
         all_callbacks.append(EarlyStopping(train.monitor, patience=train.early_stopping.patience,
                                            min_delta=train.early_stopping.min_delta, mode=train.monitor_mode))
@@ -108,7 +110,8 @@ def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequenc
         max_epochs=train.epochs,
         accelerator="auto",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        # frozen groups take no gradient for a while: DDP must allow parameters without one
+        strategy=("ddp_find_unused_parameters_true" if train.freeze else "ddp") if devices > 1 else "auto",
         precision=precision_of(recipe),
         callbacks=all_callbacks,
         logger=False,
@@ -166,6 +169,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     layout = discover(data)
     splits, source = (run.splits(), "run splits.json") if resume else make_splits(layout, **recipe.data.split.model_dump())
     check_before_training(layout, recipe)
+    if recipe.data.normalize == "dataset":
+        recipe = with_dataset_statistics(recipe, layout, splits["train"])
     L.seed_everything(recipe.train.seed, workers=True, verbose=False)
     module = SegmentationModule(recipe.to_dict())
     if recipe.model.weights and not resume:
@@ -189,6 +194,20 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
               f"on {trainer.strategy.root_device.type}; best {recipe.train.monitor} "
               f"{float(best) if best is not None else float('nan'):.4f}", flush=True)
     return run
+
+
+def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[str]) -> Recipe:
+    """Replace `data.normalize: dataset` by the training split's {mean, std}, so the run's config.yaml and
+    model carry the numbers and evaluate / predict z-score new images exactly as training did."""
+    mean, std = intensity_statistics(cases_for(layout, train_stems), preprocessing_of(recipe.model_copy(
+        update={"data": recipe.data.model_copy(update={"normalize": "none"})})))
+    if std <= 0:
+        raise MedsegError(f"{layout.root}: the training images are all one intensity (std 0); "
+                          "data.normalize: dataset cannot z-score them, choose another normalisation")
+    if _rank() == 0:
+        print(f"normalisation: training split mean {mean:.4f}, std {std:.4f} (stored in the run)", flush=True)
+    stats = NormalizeStats(mean=[mean], std=[std])
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"normalize": stats})})
 
 
 def amplified_views(run: Run, layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> list[AmplifiedCase]:

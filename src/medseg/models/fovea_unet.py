@@ -1,0 +1,213 @@
+"""Fovea-UNet (seed 000, "Fovea-UNet: detection and segmentation of lymph node metastases in colorectal
+cancers with deep learning"), as SPECS.md Sec. 5 designs it; the paper has no reference code.
+
+- Encoder, H-GhostNet ("Overall network architecture", "H-Ghost backbone"): timm `ghostnet_100` truncated to
+  the stem and `blocks[0..6]`, giving F1..F4 at 1/2, 1/4, 1/8, 1/8 (16, 24, 40, 112 channels); the stride 2
+  of `blocks[5][0]` (its depthwise conv and shortcut) is set to 1, since timm builds GhostNet for stride 32
+  only. ImageNet weights only from a local file (`encoder_weights`).
+- Fovea Pooling ("Fovea pooling", Eq. 3-8) replaces each of the four skip identities: an importance-aware
+  module (PSANet collect / distribute attention, Eq. 3-5) yields Z in [0, 1] per pixel, and
+  `medseg.models.ops.fovea_pool` pools each pixel over a window of side 2r - 1, r = floor(exp(varsigma
+  (1 - Z))), up to R = floor(s W) with boundaries s = 1/8, 1/16, 1/8, 1/8 (Fig. 4).
+- Decoder: the paper says only that encoder features are concatenated with the decoder output while
+  upsampling; SPECS 5.4's U-Net-style choice: D4 = block(cat[FP4(F4), FP3(F3)]) at 1/8, then bilinear x2
+  and concatenation with FP2(F2), FP1(F1), a last block at full size, 1x1 head; blocks are two bias-free
+  conv3x3-BN-ReLU; widths (512, 256, 128, 64) by default (`decoder_widths`).
+- nHSIC ("Loss function", Eq. 10-13) on the primary-conv (intrinsic) outputs of the 22 Ghost modules:
+  `extra_losses()["nhsic"]`, weighted by the recipe (0.75).
+
+Choices where the paper is silent (SPECS 5.3-5.5, all ours): attention at a working resolution of at most
+32 x 32 (bilinear, align_corners=True) with Z upsampled back; Z = sigmoid(1x1 conv of [z_collect,
+z_distribute]); soft radius by default; Lp pooling (p = 2) by default.
+
+Size: 6,436,193 parameters with the default decoder (3 in, 1 out; pinned in tests/test_fovea_unet.py):
+backbone 585,548, four importance modules 390,868 (SPECS' 390,768 for the PSA branches plus the four 1x1
+convs that give Z), decoder and head 5,459,777. The paper reports "23.23 MB";
+6.44M float32 parameters are 25.7 MB, so the paper's decoder was probably narrower; its widths are unknown.
+"""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medseg.models.blocks import ConvBNReLU, DoubleConv, check_input_size
+from medseg.models.ops import AGGREGATIONS, FoveaPooling, fovea_max_radius, nhsic_penalty
+from medseg.models.registry import register_model
+from medseg.weights import read_state_dict
+
+BOUNDARIES = (1 / 8, 1 / 16, 1 / 8, 1 / 8)  # paper Fig. 4: per-stage pooling boundaries s
+ENCODER_CHANNELS = (16, 24, 40, 112)
+
+
+def psa_gather_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """(HW, HW) long: entry [p, q] is the channel of PSANet's over-complete map at position p = (k, l) that
+    holds the weight between p and q = (s, t): (H - 1 - k + s)(2W - 1) + (W - 1 - l + t) (paper Eq. 4-5)."""
+    k, l = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    k, l = k.reshape(-1, 1), l.reshape(-1, 1)
+    s, t = k.reshape(1, -1), l.reshape(1, -1)
+    return (height - 1 - k + s) * (2 * width - 1) + (width - 1 - l + t)
+
+
+class PSABranch(nn.Module):
+    """One PSANet branch: reduce to C/4, over-complete map of (2h - 1)(2w - 1) channels, PSA mask, softmax
+    over the sources, aggregation of the reduced features (`collect` or `distribute`)."""
+
+    def __init__(self, channels: int, reduced: int, size: int, mode: str):
+        super().__init__()
+        self.mode, self.size = mode, size
+        self.reduce = ConvBNReLU(channels, reduced, 1)
+        self.mask_head = nn.Sequential(ConvBNReLU(reduced, reduced, 1), nn.Conv2d(reduced, (2 * size - 1) ** 2, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=True)
+        batch, channels, height, width = x.shape
+        over_complete = self.mask_head(x).flatten(2).transpose(1, 2)  # (B, HW positions, (2P-1)^2)
+        index = psa_gather_index(height, width, x.device).expand(batch, -1, -1)
+        weights = over_complete.gather(2, index)  # [b, p, q] = weight between position p and q, read at p
+        # (B, sources, targets): collect reads the weight at the target, distribute at the source
+        attention = weights.transpose(1, 2) if self.mode == "collect" else weights
+        attention = attention.softmax(dim=1)
+        return torch.bmm(x.flatten(2), attention).view(batch, channels, height, width)
+
+
+class ImportanceModule(nn.Module):
+    """Z = sigmoid(1x1 conv([collect, distribute])) at a working size of at most `size`, upsampled to the stage."""
+
+    def __init__(self, channels: int, size: int = 32):
+        super().__init__()
+        reduced = max(1, channels // 4)
+        self.collect = PSABranch(channels, reduced, size, "collect")
+        self.distribute = PSABranch(channels, reduced, size, "distribute")
+        self.score = nn.Conv2d(2 * reduced, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.score(torch.cat([self.collect(x), self.distribute(x)], dim=1))
+        return torch.sigmoid(F.interpolate(z, size=x.shape[-2:], mode="bilinear", align_corners=True))
+
+
+class FoveaSkip(nn.Module):
+    """A skip connection through Fovea Pooling: importance map, then variable-radius pooling."""
+
+    def __init__(self, channels: int, boundary: float, size: int, aggregation: str, hard: bool):
+        super().__init__()
+        self.importance = ImportanceModule(channels, size)
+        self.pool = FoveaPooling(boundary, aggregation, hard)
+        self.last_importance: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # identity ablation, or a map so small that R = floor(s W) = 1: every window is the pixel itself
+        if self.pool.aggregation == "identity" or fovea_max_radius(self.pool.boundary, x.shape[-1]) == 1:
+            return x
+        importance = self.importance(x)
+        self.last_importance = importance.detach()
+        return self.pool(x, importance)
+
+
+class HGhostNet(nn.Module):
+    """timm ghostnet_100 truncated to the stem and blocks[0..6], outputs at 1/2, 1/4, 1/8, 1/8."""
+
+    def __init__(self, in_channels: int = 3, encoder_weights: str | None = None):
+        super().__init__()
+        net = timm.create_model("ghostnet_100", pretrained=False, in_chans=in_channels)
+        if encoder_weights:
+            state = read_state_dict(encoder_weights)
+            missing, _ = net.load_state_dict(state, strict=False)
+            if any(name.startswith(("conv_stem", "blocks.0.")) for name in missing):
+                raise ValueError(f"{encoder_weights} is not a timm ghostnet_100 state dict (missing {missing[:3]})")
+        self.stem = nn.Sequential(net.conv_stem, net.bn1, net.act1)
+        blocks = net.blocks
+        self.stages = nn.ModuleList([blocks[0], nn.Sequential(blocks[1], blocks[2]),
+                                     nn.Sequential(blocks[3], blocks[4]), nn.Sequential(blocks[5], blocks[6])])
+        first = blocks[5][0]  # keep F4 at 1/8
+        first.conv_dw.stride = (1, 1)
+        first.shortcut[0].stride = (1, 1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features, x = [], self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def ghost_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if type(m).__name__ == "GhostModule"]
+
+
+class IntrinsicRecorder:
+    """Forward hooks on the primary convs of Ghost modules that keep their outputs while recording is on."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.outputs: list[torch.Tensor] = []
+        self.enabled = False
+        for module in modules:
+            module.primary_conv.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if self.enabled:
+            self.outputs.append(output)
+
+
+@register_model("fovea_unet")
+class FoveaUNet(nn.Module):
+    """Fovea-UNet: H-GhostNet encoder, Fovea Pooling on every skip (PSANet importance, variable radius),
+    U-Net-style decoder; nHSIC on the Ghost modules' intrinsic features as an extra loss."""
+
+    paper = "Fovea-UNet, LNM segmentation in colorectal cancer (seed 000)"
+    size_multiple = 8
+    default_size = 512
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
+                 pooling: str = "lp", hard: bool = False, attention_size: int = 32,
+                 decoder_widths: tuple[int, ...] = (512, 256, 128, 64), nhsic: bool = True,
+                 nhsic_channels: int = 64, encoder_weights: str | None = None):
+        super().__init__()
+        if pooling not in AGGREGATIONS:
+            raise ValueError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
+        if len(boundaries) != 4 or len(decoder_widths) != 4:
+            raise ValueError("boundaries and decoder_widths take four values (F1..F4, D4..D1)")
+        self.encoder = HGhostNet(in_channels, encoder_weights)
+        self.skips = nn.ModuleList(FoveaSkip(c, s, attention_size, pooling, hard)
+                                   for c, s in zip(ENCODER_CHANNELS, boundaries))
+        c1, c2, c3, c4 = ENCODER_CHANNELS
+        d4, d3, d2, d1 = decoder_widths
+        self.decoder = nn.ModuleList([DoubleConv(c4 + c3, d4), DoubleConv(d4 + c2, d3), DoubleConv(d3 + c1, d2),
+                                      DoubleConv(d2, d1)])
+        self.head = nn.Conv2d(d1, num_classes, 1)
+        self.nhsic, self.nhsic_channels = nhsic, nhsic_channels
+        self.recorder = IntrinsicRecorder(self.encoder.ghost_modules())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_size(x, self.size_multiple)
+        self.recorder.outputs = []
+        self.recorder.enabled = self.training and self.nhsic
+        f1, f2, f3, f4 = (skip(f) for skip, f in zip(self.skips, self.encoder(x)))
+        self.recorder.enabled = False
+        y = self.decoder[0](torch.cat([f4, f3], dim=1))
+        y = self.decoder[1](torch.cat([_up(y, f2), f2], dim=1))
+        y = self.decoder[2](torch.cat([_up(y, f1), f1], dim=1))
+        y = self.decoder[3](_up(y, x))
+        return self.head(y)
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """nHSIC of the last training forward: the mean over the Ghost modules' intrinsic features (SPECS 5.5).
+        Nothing when nHSIC is off or the encoder is frozen (it could not change the features)."""
+        if not self.nhsic:
+            return {}
+        outputs, self.recorder.outputs = self.recorder.outputs, []
+        if not outputs or not any(p.requires_grad for p in self.encoder.parameters()):
+            return {"nhsic": torch.zeros((), device=self.head.weight.device)}
+        return {"nhsic": torch.stack([nhsic_penalty(o, self.nhsic_channels) for o in outputs]).mean()}
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        encoder = list(self.encoder.parameters())
+        return {"encoder": encoder, "decoder": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}
+
+
+def _up(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(y, size=like.shape[-2:], mode="bilinear", align_corners=False)

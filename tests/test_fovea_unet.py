@@ -1,0 +1,147 @@
+"""Fovea-UNet (seed 000, SPECS 5): sizes, encoder strides, the PSA mask, gradients into the importance maps,
+nHSIC, and the general freeze / unfreeze trainer feature on a short real training."""
+
+import csv
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.config import load_recipe
+from medseg.engine.train import train
+from medseg.models import create_model
+from medseg.models.fovea_unet import psa_gather_index
+from medseg.models.ops import nhsic_penalty
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_pinned():
+    model = create_model("fovea_unet", 3, 1)
+    assert count(model.encoder) == 585_548  # truncated ghostnet_100 (SPECS 5.2)
+    assert count(model.skips) == 390_768 + (8 + 12 + 20 + 56 + 4)  # PSA (SPECS 5.3) + the four Z convs
+    assert count(model) == 6_436_193  # SPECS 5.4: about 6.44M with decoder widths (512, 256, 128, 64)
+    assert count(create_model("fovea_unet", 3, 1, decoder_widths=[256, 128, 64, 32])) < 3_500_000
+
+
+def test_encoder_outputs_at_half_quarter_eighth_eighth():
+    model = create_model("fovea_unet", 3, 1).eval()
+    with torch.no_grad():
+        features = model.encoder(torch.randn(1, 3, 64, 64))
+        assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 8, 8)]
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    assert len(model.encoder.ghost_modules()) == 22
+
+
+def test_psa_index_reads_the_relative_offset():
+    height, width = 3, 4
+    index = psa_gather_index(height, width)
+    for p in range(height * width):
+        for q in range(height * width):
+            k, l, s, t = p // width, p % width, q // width, q % width
+            dy, dx = divmod(int(index[p, q]), 2 * width - 1)
+            assert (dy - (height - 1), dx - (width - 1)) == (s - k, t - l)  # channel = offset of q seen from p
+
+
+def test_psa_attention_is_a_distribution_over_sources():
+    torch.manual_seed(0)
+    model = create_model("fovea_unet", 3, 1, attention_size=8).eval()
+    branch = model.skips[2].importance.collect
+    branch.reduce = torch.nn.Identity()  # aggregate a constant map: a softmax-weighted mean leaves it 1
+    with torch.no_grad():
+        out = branch(torch.ones(2, 10, 8, 8))
+    assert torch.allclose(out, torch.ones_like(out), atol=1e-5)
+
+
+def test_segmentation_loss_reaches_every_importance_map():
+    torch.manual_seed(0)
+    model = create_model("fovea_unet", 3, 1, nhsic=False)
+    logits = model(torch.randn(2, 3, 128, 128))  # every stage wide enough for R > 1 (F2: floor(32 / 16) = 2)
+    F.binary_cross_entropy_with_logits(logits, (torch.rand_like(logits) > 0.5).float()).backward()
+    for skip in model.skips:
+        assert skip.importance.score.weight.grad.abs().sum() > 0
+        assert skip.importance.collect.mask_head[1].weight.grad.abs().sum() > 0
+    hard = create_model("fovea_unet", 3, 1, hard=True, nhsic=False)
+    F.binary_cross_entropy_with_logits(hard(torch.randn(2, 3, 128, 128)), torch.ones(2, 1, 128, 128)).backward()
+    assert all(s.importance.score.weight.grad is None for s in hard.skips)  # floor(): the ablation Z cannot learn
+
+
+def test_identity_pooling_is_the_plain_skip():
+    model = create_model("fovea_unet", 3, 1, pooling="identity").eval()
+    x = torch.randn(1, 16, 32, 32)
+    assert torch.equal(model.skips[0](x), x)
+    small = create_model("fovea_unet", 3, 1).eval().skips[1]  # s = 1/16 on a 15-wide map: R = 1
+    y = torch.randn(1, 24, 15, 15)
+    assert torch.equal(small(y), y) and small.last_importance is None  # no attention computed for nothing
+    with pytest.raises(ValueError, match="pooling"):
+        create_model("fovea_unet", 3, 1, pooling="max")
+
+
+def test_nhsic_small_for_independent_and_large_for_duplicated_channels():
+    torch.manual_seed(0)
+    independent = torch.randn(4, 16, 32, 32)
+    duplicated = independent[:, :1].repeat(1, 16, 1, 1)
+    low, high = nhsic_penalty(independent), nhsic_penalty(duplicated)
+    assert low < 1.0 and high > 4.0 and high > 8 * low
+    capped = nhsic_penalty(torch.randn(2, 100, 16, 16), max_channels=8)
+    assert torch.isfinite(capped)
+
+
+def test_nhsic_is_an_extra_loss_of_training_forwards_only():
+    torch.manual_seed(0)
+    model = create_model("fovea_unet", 3, 1)
+    model(torch.randn(2, 3, 64, 64))
+    loss = model.extra_losses()["nhsic"]
+    assert loss > 0 and loss.requires_grad
+    loss.backward()
+    assert model.encoder.stem[0].weight.grad.abs().sum() > 0  # nHSIC trains the encoder
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert model.extra_losses()["nhsic"] == 0
+    assert create_model("fovea_unet", 3, 1, nhsic=False).extra_losses() == {}
+
+
+class Snapshots(L.Callback):
+    """Encoder weights and BatchNorm statistics at the start and after every training epoch."""
+
+    def __init__(self):
+        self.states = []
+
+    def _take(self, module):
+        self.states.append({k: v.detach().clone() for k, v in module.model.encoder.state_dict().items()})
+
+    def on_train_start(self, trainer, pl_module):
+        self._take(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._take(pl_module)
+
+
+def test_frozen_backbone_does_not_change_then_trains(kvasir_subset, tmp_path):
+    snapshots = Snapshots()
+    recipe = load_recipe("fovea_unet", ["data.size=64", "train.epochs=3", "train.batch_size=4", "data.num_workers=0",
+                                        "train.freeze.epochs=1", "schedule.step_size=1", "optim.lr=1.0e-3",
+                                        "model.decoder_widths=[64,32,16,16]"])
+    run = train(recipe, kvasir_subset, out=tmp_path, progress=False, callbacks=[snapshots])
+    start, after_frozen, after_trainable = snapshots.states[0], snapshots.states[1], snapshots.states[2]
+    assert all(torch.equal(start[k], after_frozen[k]) for k in start)  # weights and BN statistics untouched
+    assert any(not torch.equal(after_frozen[k], after_trainable[k]) for k in start if k.endswith("weight"))
+    assert any(not torch.equal(after_frozen[k], after_trainable[k]) for k in start if k.endswith("running_mean"))
+    with run.metrics_file.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[-1]["train_focal"]) < float(rows[0]["train_focal"])
+    assert float(rows[0]["train_nhsic"]) == 0 and float(rows[1]["train_nhsic"]) > 0  # no nHSIC while frozen
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 1e-4, 1e-5])  # each epoch's own lr
+
+
+def test_freeze_names_unknown_groups_clearly(kvasir_subset, tmp_path):
+    from medseg.errors import MedsegError
+
+    recipe = load_recipe("unet", ["model.base_channels=4", "data.size=64", "train.epochs=1", "data.num_workers=0",
+                                  "train.freeze={groups: [backbone], epochs: 1}"])
+    with pytest.raises(MedsegError, match=r"groups \['backbone'\].*its groups: \['decoder', 'encoder'\]"):
+        train(recipe, kvasir_subset, out=tmp_path, progress=False)
