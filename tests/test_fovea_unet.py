@@ -4,11 +4,14 @@ nHSIC, and the general freeze / unfreeze trainer feature on a short real trainin
 import csv
 
 import lightning as L
+import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
 from medseg.config import load_recipe
+from medseg.errors import MedsegError
 from medseg.engine.train import train
 from medseg.models import create_model
 from medseg.models.fovea_unet import psa_gather_index
@@ -69,6 +72,15 @@ def test_segmentation_loss_reaches_every_importance_map():
     assert all(s.importance.score.weight.grad is None for s in hard.skips)  # floor(): the ablation Z cannot learn
 
 
+@pytest.mark.parametrize("pooling", ["avg", "mixed", "lp"])
+def test_every_pooling_mode_builds_and_runs(pooling):
+    model = create_model("fovea_unet", 3, 1, pooling=pooling, hard=pooling == "avg", nhsic=False,
+                         boundaries=[0.25, 0.125, 0.25, 0.25])
+    logits = model(torch.randn(1, 3, 64, 64))
+    assert logits.shape == (1, 1, 64, 64) and torch.isfinite(logits).all()
+    assert [skip.last_importance is not None for skip in model.skips] == [True] * 4  # R > 1 everywhere
+
+
 def test_identity_pooling_is_the_plain_skip():
     model = create_model("fovea_unet", 3, 1, pooling="identity").eval()
     x = torch.randn(1, 16, 32, 32)
@@ -76,8 +88,20 @@ def test_identity_pooling_is_the_plain_skip():
     small = create_model("fovea_unet", 3, 1).eval().skips[1]  # s = 1/16 on a 15-wide map: R = 1
     y = torch.randn(1, 24, 15, 15)
     assert torch.equal(small(y), y) and small.last_importance is None  # no attention computed for nothing
-    with pytest.raises(ValueError, match="pooling"):
+    with pytest.raises(MedsegError, match="pooling"):
         create_model("fovea_unet", 3, 1, pooling="max")
+
+
+@pytest.mark.parametrize("encoder", ["vgg16", "resnet50", "mobilenet_v2"])
+def test_backbone_swaps_keep_the_stage_layout(encoder):
+    model = create_model("fovea_unet", 3, 1, encoder=encoder, nhsic=False).eval()
+    with torch.no_grad():
+        features = model.encoder(torch.randn(1, 3, 64, 64))
+        assert [f.shape[-1] for f in features] == [32, 16, 8, 8]  # 1/2, 1/4, 1/8, 1/8 as H-GhostNet
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert model.extra_losses() == {}
+    with pytest.raises(MedsegError, match="nhsic: false"):
+        create_model("fovea_unet", 3, 1, encoder=encoder)
 
 
 def test_nhsic_small_for_independent_and_large_for_duplicated_channels():
@@ -137,11 +161,33 @@ def test_frozen_backbone_does_not_change_then_trains(kvasir_subset, tmp_path):
     assert float(rows[0]["train_nhsic"]) == 0 and float(rows[1]["train_nhsic"]) > 0  # no nHSIC while frozen
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 1e-4, 1e-5])  # each epoch's own lr
 
+    from medseg.engine.analyze import cka  # Fig. 5 on the trained run
+
+    picture, mean = cka(run.path, kvasir_subset, "encoder.stages.1.0.0.ghost1.primary_conv", images=4, device="cpu")
+    matrix = np.load(picture.with_suffix(".npy"))
+    live = ~np.isnan(np.diag(matrix))  # channels constant over the images (dead after ReLU) have no CKA
+    assert picture.is_file() and matrix.shape == (24, 24) and live.sum() > 12 and np.allclose(np.diag(matrix)[live], 1)
+    assert -1 <= mean <= 1 and Image.open(picture).size == (24 * 10, 24 * 10)
+    with pytest.raises(MedsegError, match="try one of encoder.stages.0.0.ghost1.primary_conv"):
+        cka(run.path, kvasir_subset, "decoder.nope", images=4, device="cpu")
+
 
 def test_freeze_names_unknown_groups_clearly(kvasir_subset, tmp_path):
-    from medseg.errors import MedsegError
-
     recipe = load_recipe("unet", ["model.base_channels=4", "data.size=64", "train.epochs=1", "data.num_workers=0",
                                   "train.freeze={groups: [backbone], epochs: 1}"])
     with pytest.raises(MedsegError, match=r"groups \['backbone'\].*its groups: \['decoder', 'encoder'\]"):
         train(recipe, kvasir_subset, out=tmp_path, progress=False)
+
+
+def test_linear_cka_matrix():
+    from medseg.engine.analyze import linear_cka_matrix
+
+    torch.manual_seed(0)
+    features = torch.randn(64, 3, 2, 2)  # 64 images, 4 positions: linear CKA separates unrelated channels
+    features[:, 1] = 3.0 * features[:, 0]  # a scaled copy: CKA 1 (isotropic-scale invariant)
+    matrix = linear_cka_matrix(features)
+    assert torch.allclose(matrix.diagonal(), torch.ones(3, dtype=matrix.dtype))
+    assert float(matrix[0, 1]) == pytest.approx(1.0) and matrix[0, 2] < 0.5 and torch.allclose(matrix, matrix.T)
+    features[:, 2] = 0.0  # a dead channel: undefined, not 0 or 1
+    matrix = linear_cka_matrix(features)
+    assert torch.isnan(matrix[2]).all() and torch.isnan(matrix[:, 2]).all() and float(matrix[0, 1]) == pytest.approx(1.0)

@@ -252,6 +252,31 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
         raise MedsegError(f"{option} takes comma-separated integers, e.g. 1,2,3,4; got {text!r}") from None
 
 
+analyze_app = typer.Typer(no_args_is_help=True, help="Look inside a trained network.")
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("cka")
+def cka_command(
+    run: Path = typer.Argument(..., help="run folder or model folder"),
+    data: Path = typer.Option(..., help="data folder whose images are fed through the network"),
+    layer: Optional[str] = typer.Option(None, help="module name, e.g. encoder.stages.1.0.ghost1.primary_conv "
+                                        "(default: the first Ghost module's intrinsic features)"),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN/analysis/cka-LAYER.png)"),
+    images: int = typer.Option(32, min=2, help="how many images (the first, by name)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Linear CKA between the channels of one layer as a heat map PNG (Fovea-UNet Fig. 5), plus the
+    matrix as .npy and the mean off-diagonal similarity.
+
+    Example: medseg analyze cka runs/fovea_unet-kvasir_seg --data ../shared/data/kvasir_seg --layer encoder.stages.0.0.ghost1.primary_conv
+    """
+    from medseg.engine.analyze import cka
+
+    path, mean = cka(run, data, layer, out, images, device)
+    console.print(f"mean off-diagonal CKA {mean:.4f}; heat map {path}")
+
+
 @app.command("amplify")
 def amplify_command(
     data: Path = typer.Argument(..., help="data folder (folder format); with splits.json only its train stems are amplified"),

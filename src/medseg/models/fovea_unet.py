@@ -14,7 +14,10 @@ cancers with deep learning"), as SPECS.md Sec. 5 designs it; the paper has no re
   and concatenation with FP2(F2), FP1(F1), a last block at full size, 1x1 head; blocks are two bias-free
   conv3x3-BN-ReLU; widths (512, 256, 128, 64) by default (`decoder_widths`).
 - nHSIC ("Loss function", Eq. 10-13) on the primary-conv (intrinsic) outputs of the 22 Ghost modules:
-  `extra_losses()["nhsic"]`, weighted by the recipe (0.75).
+  `extra_losses()["nhsic"]`, weighted by the recipe (0.75). H-GhostNet = `encoder: ghostnet` with nHSIC;
+  plain GhostNet = `nhsic: false`.
+- Ablations by option: `pooling` (Table 4), `boundaries` (Fig. 4), `encoder: vgg16 | resnet50 |
+  mobilenet_v2` with `nhsic: false` (Table 5; smp encoders, F4 kept at 1/8).
 
 Choices where the paper is silent (SPECS 5.3-5.5, all ours): attention at a working resolution of at most
 32 x 32 (bilinear, align_corners=True) with Z upsampled back; Z = sigmoid(1x1 conv of [z_collect,
@@ -28,13 +31,12 @@ convs that give Z), decoder and head 5,459,777. The paper reports "23.23 MB";
 
 from __future__ import annotations
 
-import math
-
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.errors import MedsegError
 from medseg.models.blocks import ConvBNReLU, DoubleConv, check_input_size
 from medseg.models.ops import AGGREGATIONS, FoveaPooling, fovea_max_radius, nhsic_penalty
 from medseg.models.registry import register_model
@@ -119,7 +121,7 @@ class HGhostNet(nn.Module):
             state = read_state_dict(encoder_weights)
             missing, _ = net.load_state_dict(state, strict=False)
             if any(name.startswith(("conv_stem", "blocks.0.")) for name in missing):
-                raise ValueError(f"{encoder_weights} is not a timm ghostnet_100 state dict (missing {missing[:3]})")
+                raise MedsegError(f"{encoder_weights} is not a timm ghostnet_100 state dict (missing {missing[:3]})")
         self.stem = nn.Sequential(net.conv_stem, net.bn1, net.act1)
         blocks = net.blocks
         self.stages = nn.ModuleList([blocks[0], nn.Sequential(blocks[1], blocks[2]),
@@ -137,6 +139,36 @@ class HGhostNet(nn.Module):
 
     def ghost_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if type(m).__name__ == "GhostModule"]
+
+
+SWAPPED_ENCODERS = ("vgg16", "resnet50", "mobilenet_v2")  # paper Table 5's other backbones
+
+
+class SwappedEncoder(nn.Module):
+    """Table 5's backbone swap: an smp encoder (random init or a local state dict) giving four features at
+    1/2, 1/4, 1/8, 1/8: ResNet-50 and MobileNetV2 dilate their 1/16 stage (output stride 8); VGG-16 cannot
+    (max pooling), so its 1/16 feature is resized bilinearly to 1/8 (ours)."""
+
+    def __init__(self, name: str, in_channels: int = 3, encoder_weights: str | None = None):
+        super().__init__()
+        from segmentation_models_pytorch.encoders import get_encoder
+
+        self.body = get_encoder(name, in_channels=in_channels, depth=4, weights=None,
+                                output_stride=32 if name == "vgg16" else 8)
+        if encoder_weights:
+            missing, _ = self.body.load_state_dict(read_state_dict(encoder_weights), strict=False)
+            if missing:
+                raise MedsegError(f"{encoder_weights} does not fit the smp {name} encoder (missing {missing[:3]})")
+        self.channels = tuple(self.body.out_channels[1:5])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        f1, f2, f3, f4 = self.body(x)[1:5]
+        if f4.shape[-2:] != f3.shape[-2:]:
+            f4 = F.interpolate(f4, size=f3.shape[-2:], mode="bilinear", align_corners=False)
+        return [f1, f2, f3, f4]
+
+    def ghost_modules(self) -> list[nn.Module]:
+        return []
 
 
 class IntrinsicRecorder:
@@ -165,16 +197,24 @@ class FoveaUNet(nn.Module):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
                  pooling: str = "lp", hard: bool = False, attention_size: int = 32,
                  decoder_widths: tuple[int, ...] = (512, 256, 128, 64), nhsic: bool = True,
-                 nhsic_channels: int = 64, encoder_weights: str | None = None):
+                 nhsic_channels: int = 64, encoder: str = "ghostnet", encoder_weights: str | None = None):
         super().__init__()
         if pooling not in AGGREGATIONS:
-            raise ValueError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
+            raise MedsegError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
         if len(boundaries) != 4 or len(decoder_widths) != 4:
-            raise ValueError("boundaries and decoder_widths take four values (F1..F4, D4..D1)")
-        self.encoder = HGhostNet(in_channels, encoder_weights)
-        self.skips = nn.ModuleList(FoveaSkip(c, s, attention_size, pooling, hard)
-                                   for c, s in zip(ENCODER_CHANNELS, boundaries))
-        c1, c2, c3, c4 = ENCODER_CHANNELS
+            raise MedsegError("boundaries and decoder_widths take four values (F1..F4, D4..D1)")
+        if encoder == "ghostnet":
+            self.encoder: nn.Module = HGhostNet(in_channels, encoder_weights)
+            channels = ENCODER_CHANNELS
+        elif encoder in SWAPPED_ENCODERS:
+            if nhsic:
+                raise MedsegError(f"nHSIC acts on Ghost modules; encoder {encoder!r} needs nhsic: false (paper Table 5)")
+            self.encoder = SwappedEncoder(encoder, in_channels, encoder_weights)
+            channels = self.encoder.channels
+        else:
+            raise MedsegError(f"encoder must be ghostnet or one of {SWAPPED_ENCODERS}, got {encoder!r}")
+        self.skips = nn.ModuleList(FoveaSkip(c, s, attention_size, pooling, hard) for c, s in zip(channels, boundaries))
+        c1, c2, c3, c4 = channels
         d4, d3, d2, d1 = decoder_widths
         self.decoder = nn.ModuleList([DoubleConv(c4 + c3, d4), DoubleConv(d4 + c2, d3), DoubleConv(d3 + c1, d2),
                                       DoubleConv(d2, d1)])
