@@ -10,7 +10,7 @@ from torchvision import tv_tensors
 
 from medseg.config import load_recipe
 from medseg.data.transforms import RandomChannelShift
-from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2
+from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2, l2_kernels
 from medseg.models import create_model
 from medseg.models.focusnet import FocusGate, KerasUpConv, PreActBlock, SqueezeExcitation
 
@@ -134,10 +134,10 @@ def test_kernel_l2_is_added_to_the_training_loss():
     # every conv kernel but the 7 up-convs and the head; the attention stem counts 5x (Keras l2(5e-4))
     kernels = sum(w.pow(2).sum() for w in convs) - sum(w.pow(2).sum() for w in ups) - model.head.weight.pow(2).sum()
     kernels = kernels + 4 * model.attention.stem[0].weight.pow(2).sum()
-    assert torch.allclose(conv_kernel_l2(model), kernels)
+    assert torch.allclose(conv_kernel_l2(l2_kernels(model)), kernels)
     assert torch.allclose(total, base + 0.5 * kernels, rtol=1e-5)
     unet = create_model("unet", 3, 1, base_channels=4)  # a network without a list: every conv kernel
-    assert torch.allclose(conv_kernel_l2(unet), sum(m.weight.pow(2).sum() for m in unet.modules()
+    assert torch.allclose(conv_kernel_l2(l2_kernels(unet)), sum(m.weight.pow(2).sum() for m in unet.modules()
                                                     if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))))
 
 

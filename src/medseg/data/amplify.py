@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from medseg.data.formats import Case, Layout, discover
 from medseg.data.io import mask_to_labels, read_mask, read_raw_image, write_image_atomic
 from medseg.data.transforms import resize_mask
 from medseg.errors import MedsegError
+from medseg.files import atomic_folder
 
 MIN_LESION_PIXELS = 5  # "5 < lesion pixels < N2"
 CENTRE_HALF_EXTENT = (150, 160)
@@ -159,9 +159,7 @@ def amplify_folder(data: str | Path, out: str | Path, n1: int | None = None, n2:
     stems = sorted(splits["train"]) if splits else sorted(c.stem for c in layout.cases)
     given = Thresholds(n1, n2, None, None, "given on the command line") if n2 is not None else None
     thresholds, views, lesions = plan(layout, stems, given, seed=seed, border=border)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for case in layout.cases:
@@ -174,9 +172,6 @@ def amplify_folder(data: str | Path, out: str | Path, n1: int | None = None, n2:
             (tmp / "splits.json").write_text(json.dumps(splits, indent=1) + "\n")
         record = {"source": str(layout.root.resolve()), **manifest(thresholds, views, lesions, seed, border)}
         (tmp / "amplify.json").write_text(json.dumps(record, indent=1) + "\n")
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 

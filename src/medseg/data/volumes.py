@@ -18,8 +18,6 @@ Pairs: VOLUMES/images/<stem>.nii[.gz] with VOLUMES/labels/<stem>.nii[.gz] (or ma
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -27,6 +25,7 @@ import numpy as np
 
 from medseg.data.io import write_image_atomic
 from medseg.errors import MedsegError
+from medseg.files import atomic_folder
 
 NIFTI = (".nii", ".nii.gz")
 
@@ -99,10 +98,8 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
     if out.exists():
         raise MedsegError(f"{out} exists; slices writes a new folder, so give another --out or remove it")
     pairs = find_pairs(volumes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     written, skipped = 0, 0
-    try:
+    with atomic_folder(out) as tmp:
         for stem, image_path, label_path in pairs:
             image, labels = _read(image_path), _read(label_path)
             if image.shape != labels.shape:
@@ -121,8 +118,5 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
                 written += 1
         if not written:
             raise MedsegError(f"no slice was written from {volumes}" + (" (no slice has foreground)" if only_lesion else ""))
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
             "window": list(window) if window else "per-volume min-max", "out": str(out)}

@@ -108,8 +108,13 @@ class FreezeGroups(L.Callback):
 
     def __init__(self, groups: list[str], epochs: int):
         self.groups, self.epochs = groups, epochs
+        self.params: list[torch.nn.Parameter] = []
+        self.norms: list[torch.nn.Module] = []
 
-    def _members(self, model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.params, self.norms = self.members(pl_module.model)  # once, not per epoch or batch
+
+    def members(self, model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
         named = model.param_groups() if hasattr(model, "param_groups") else {}
         unknown = [g for g in self.groups if g not in named]
         if unknown:
@@ -125,11 +130,10 @@ class FreezeGroups(L.Callback):
         return epoch < self.epochs
 
     def apply(self, model: torch.nn.Module, epoch: int) -> None:
-        params, norms = self._members(model)
         frozen = self.frozen(epoch)
-        for p in params:
+        for p in self.params:
             p.requires_grad_(not frozen)
-        for m in norms:  # Lightning restores each module's own mode after validation, so set it both ways
+        for m in self.norms:  # Lightning restores each module's own mode after validation, so set it both ways
             m.train(not frozen and model.training)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -137,8 +141,3 @@ class FreezeGroups(L.Callback):
         if trainer.is_global_zero and trainer.current_epoch in (0, self.epochs):
             state = "frozen" if self.frozen(trainer.current_epoch) else "trainable from now on"
             tqdm.write(f"epoch {trainer.current_epoch + 1}: {', '.join(self.groups)} {state}")
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.frozen(trainer.current_epoch):  # Lightning may put the module back in train mode
-            for m in self._members(pl_module.model)[1]:
-                m.eval()

@@ -12,8 +12,6 @@ import csv
 import io
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from medseg.engine.inference import Predictor, overlay, resize_probabilities
 from medseg.engine.run import Run, now, slug
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
+from medseg.files import atomic_folder
 from medseg.metrics import get_protocol, predict_labels
 
 SPLITS = ("auto", "all", "train", "val", "test")
@@ -87,9 +86,7 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
     final = run.eval_dir(name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
+    with atomic_folder(final, replace=True) as tmp:
         _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
         chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         by_stem = {c.stem: c for c in cases}
@@ -109,11 +106,6 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
         }
         (tmp / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "report.md").write_text(_report(info, stems, per_case, chosen, protocol_def.rank_metric))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

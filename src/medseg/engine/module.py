@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from medseg.config import Recipe
-from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2
+from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2, l2_kernels
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
 from medseg.metrics import confusion_counts, predict_labels, summary_metrics
@@ -40,6 +40,7 @@ class SegmentationModule(L.LightningModule):
         self.model = create_model(cfg.name, cfg.in_channels, cfg.num_classes, **cfg.options())
         self.criterion = build_loss([t.model_dump() for t in self.recipe.loss], self.recipe.train.deep_supervision_weights)
         self.num_classes = cfg.num_classes
+        self.l2_kernels = l2_kernels(self.model) if self.recipe.optim.kernel_l2 else []  # listed once, not per step
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.model(images)
@@ -60,7 +61,7 @@ class SegmentationModule(L.LightningModule):
             loss = loss + self.recipe.train.extra_loss_weights[name] * value
             parts[name] = value
         if self.recipe.optim.kernel_l2:
-            parts["kernel_l2"] = conv_kernel_l2(self.model)
+            parts["kernel_l2"] = conv_kernel_l2(self.l2_kernels)
             loss = loss + self.recipe.optim.kernel_l2 * parts["kernel_l2"]
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)

@@ -55,17 +55,21 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimiz
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def conv_kernel_l2(model: nn.Module) -> torch.Tensor:
-    """sum(factor * w^2) over conv kernels: Keras' `kernel_regularizer=l2(...)` term, which the loss carries
-    (unlike decoupled weight decay, it passes through Adam's moment estimates). A network that names its
-    regularised kernels (`regularised_kernels() -> [(weight, factor)]`, FocusNet) gets those; any other
-    network every conv kernel with factor 1."""
+def l2_kernels(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
+    """The conv kernels `optim.kernel_l2` acts on, with their factors: those a network names
+    (`regularised_kernels() -> [(weight, factor)]`, FocusNet), else every conv kernel with factor 1."""
     if hasattr(model, "regularised_kernels"):
         kernels = model.regularised_kernels()
     else:
         kernels = [(m.weight, 1.0) for m in model.modules() if isinstance(m, CONVOLUTIONS)]
     if not kernels:
         raise MedsegError(f"optim.kernel_l2 is set but {type(model).__name__} has no convolutions")
+    return kernels
+
+
+def conv_kernel_l2(kernels: list[tuple[nn.Parameter, float]]) -> torch.Tensor:
+    """sum(factor * w^2): Keras' `kernel_regularizer=l2(...)` term, which the loss carries (unlike decoupled
+    weight decay, it passes through Adam's moment estimates)."""
     return torch.stack([factor * w.float().pow(2).sum() for w, factor in kernels]).sum()
 
 

@@ -199,8 +199,8 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
 def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[str]) -> Recipe:
     """Replace `data.normalize: dataset` by the training split's {mean, std}, so the run's config.yaml and
     model carry the numbers and evaluate / predict z-score new images exactly as training did."""
-    mean, std = intensity_statistics(cases_for(layout, train_stems), preprocessing_of(recipe.model_copy(
-        update={"data": recipe.data.model_copy(update={"normalize": "none"})})))
+    raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none")
+    mean, std = intensity_statistics(cases_for(layout, train_stems), raw)
     if std <= 0:
         raise MedsegError(f"{layout.root}: the training images are all one intensity (std 0); "
                           "data.normalize: dataset cannot z-score them, choose another normalisation")

@@ -12,6 +12,15 @@ def check_input_size(x: torch.Tensor, multiple: int) -> None:
         raise ValueError(f"input height and width must be multiples of {multiple}, got {tuple(x.shape[-2:])}")
 
 
+def encode_levels(levels: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """U-Net encoder: each level's block on the pooled output of the previous one; every output is a skip."""
+    skips = []
+    for i, block in enumerate(levels):
+        x = block(x if i == 0 else pool(x))
+        skips.append(x)
+    return skips
+
+
 class ConvBNReLU(nn.Sequential):
     """conv(k) -> BatchNorm -> ReLU. The conv has no bias by default: BN's shift makes it redundant."""
 

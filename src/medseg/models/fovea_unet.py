@@ -64,14 +64,14 @@ class PSABranch(nn.Module):
         self.mode, self.size = mode, size
         self.reduce = ConvBNReLU(channels, reduced, 1)
         self.mask_head = nn.Sequential(ConvBNReLU(reduced, reduced, 1), nn.Conv2d(reduced, (2 * size - 1) ** 2, 1, bias=False))
+        self.register_buffer("index", psa_gather_index(size, size), persistent=False)  # fixed: built once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.reduce(x)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=True)
         batch, channels, height, width = x.shape
         over_complete = self.mask_head(x).flatten(2).transpose(1, 2)  # (B, HW positions, (2P-1)^2)
-        index = psa_gather_index(height, width, x.device).expand(batch, -1, -1)
-        weights = over_complete.gather(2, index)  # [b, p, q] = weight between position p and q, read at p
+        weights = over_complete.gather(2, self.index.expand(batch, -1, -1))  # [b, p, q] = weight between position p and q, read at p
         # (B, sources, targets): collect reads the weight at the target, distribute at the source
         attention = weights.transpose(1, 2) if self.mode == "collect" else weights
         attention = attention.softmax(dim=1)

@@ -9,9 +9,6 @@ trained with, so predict and evaluate need nothing but this folder.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from safetensors.torch import save_model as _save_weights
 from torch import nn
 
 from medseg.errors import MedsegError
+from medseg.files import atomic_folder
 from medseg.models.registry import create_model
 from medseg.weights import read_state_dict
 
@@ -36,20 +34,13 @@ def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | Non
     if config is None:
         raise ValueError("save_model needs a network built by medseg.create_model (it carries medseg_config)")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=True) as tmp:
         _save_weights(model, str(tmp / WEIGHTS_NAME))
         # Local pretrained-weight paths only initialise a network: the trained weights are in the
         # safetensors file, so a rebuild must not need (or reload) those files.
         kwargs = {k: v for k, v in config["kwargs"].items() if k not in INITIALISATION_OPTIONS}
         payload = {"format": FORMAT_VERSION, **config, "kwargs": kwargs, **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

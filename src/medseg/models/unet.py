@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import DoubleConv, check_input_size
+from medseg.models.blocks import DoubleConv, check_input_size, encode_levels
 from medseg.models.registry import register_model
 
 
@@ -42,10 +42,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.size_multiple)
-        skips = []
-        for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
+        skips = encode_levels(self.encoder, self.pool, x)
         x = skips.pop()
         for up, block in zip(self.upsample, self.decoder):
             x = block(torch.cat([skips.pop(), up(x)], dim=1))

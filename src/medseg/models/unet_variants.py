@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv, check_input_size
+from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv, check_input_size, encode_levels
 from medseg.models.registry import register_model
 
 WIDTHS = (64, 128, 256, 512, 1024)
@@ -77,10 +77,7 @@ class UNetVariant(AttentionMaps, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_size(x, self.size_multiple)
-        skips = []
-        for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else self.pool(x))
-            skips.append(x)
+        skips = encode_levels(self.encoder, self.pool, x)
         x = skips.pop()
         for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
             x = up(x)
