@@ -77,7 +77,7 @@ def benchmark_network(model: torch.nn.Module, label: str, size: tuple[int, int],
     """Cost and speed of one network (eval mode, no gradients) at `size`."""
     dev = pick_device(device)
     model = model.eval().to(dev)
-    in_channels = model.medseg_config["in_channels"]
+    in_channels = model.spec.in_channels
     params = sum(p.numel() for p in model.parameters())
     one = torch.randn(1, in_channels, *size, device=dev)
     flops = count_flops(model, one)

@@ -115,7 +115,7 @@ class FreezeGroups(L.Callback):
         self.params, self.norms = self.members(pl_module.model)  # once, not per epoch or batch
 
     def members(self, model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
-        named = model.param_groups() if hasattr(model, "param_groups") else {}
+        named = model.param_groups()
         unknown = [g for g in self.groups if g not in named]
         if unknown:
             raise MedsegError(f"train.freeze names groups {unknown} that {type(model).__name__} does not have; "

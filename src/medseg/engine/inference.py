@@ -13,6 +13,7 @@ from medseg.data.transforms import Preprocessing
 from medseg.engine.module import activate
 from medseg.errors import MedsegError
 from medseg.models import load_model
+from medseg.models.base import Gated, Prunable, SegmentationNetwork
 from medseg.models.saving import read_model_config
 
 
@@ -30,9 +31,9 @@ class Predictor:
     def __init__(self, path: str | Path, device: str = "auto", level: int | None = None):
         self.config = read_model_config(path)
         self.device = pick_device(device)
-        self.model: nn.Module = prune_to(load_model(path), level).to(self.device)
+        self.model: SegmentationNetwork = prune_to(load_model(path), level).to(self.device)
         self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
-        self.size_multiple = int(self.config.get("size_multiple", 1))
+        self.size_multiple = self.model.card.size_multiple
         self.num_classes = int(self.config["num_classes"])
         self.mask_threshold = self.config.get("mask_threshold")
         self.amp = self.device.type == "cuda"
@@ -40,7 +41,7 @@ class Predictor:
 
     def record_attention(self) -> None:
         """Keep the first-layer attention coefficients of every forward (networks with attention gates)."""
-        if not hasattr(self.model, "attention_maps") or not self.model.first_layer_gates():
+        if not isinstance(self.model, Gated) or not self.model.first_layer_gates():
             raise MedsegError(f"network {self.config['name']!r} has no attention gates to save; drop --save-attention")
         self.model.record_attention(True)
 
@@ -51,18 +52,18 @@ class Predictor:
         padded, (height, width) = pad_to_multiple(images, self.size_multiple)
         with torch.autocast(self.device.type, enabled=self.amp):
             logits = self.model(padded)
-        if hasattr(self.model, "attention_maps"):
+        if isinstance(self.model, Gated):
             self.last_attention = {name: a[..., :height, :width].float().cpu() for name, a in self.model.attention_maps().items()}
         return activate(logits.float())[..., :height, :width]
 
 
-def prune_to(model: nn.Module, level: int | None) -> nn.Module:
+def prune_to(model: SegmentationNetwork, level: int | None) -> SegmentationNetwork:
     """Prune a deeply supervised network to `level` (ANU-Net L_N); None leaves it as it is."""
     if level is None:
         return model
-    if not hasattr(model, "prune"):
-        raise MedsegError(f"network {model.medseg_config['name']!r} has no pruning levels; drop --level")
-    return model.prune(level)
+    if not isinstance(model, Prunable):
+        raise MedsegError(f"network {model.spec.name!r} has no pruning levels; drop --level")
+    return model.prune(level).eval()
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

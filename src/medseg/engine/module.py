@@ -22,6 +22,7 @@ from medseg.errors import MedsegError
 from medseg.losses import build_loss
 from medseg.metrics import confusion_counts, predict_labels, summary_metrics
 from medseg.models import create_model
+from medseg.models.base import ExtraLosses
 
 VAL_METRICS = ("dice", "iou", "mdice", "miou", "sensitivity", "precision")
 
@@ -46,7 +47,7 @@ class SegmentationModule(L.LightningModule):
         return self.model(images)
 
     def _extra_losses(self) -> dict[str, torch.Tensor]:
-        extras = self.model.extra_losses() if hasattr(self.model, "extra_losses") else {}
+        extras = self.model.extra_losses() if isinstance(self.model, ExtraLosses) else {}
         weights = self.recipe.train.extra_loss_weights
         unweighted = sorted(set(extras) - set(weights))
         if unweighted:

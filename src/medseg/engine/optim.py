@@ -18,14 +18,13 @@ from torch import nn
 
 from medseg.config import OptimConfig, ScheduleConfig
 from medseg.errors import MedsegError
+from medseg.models.base import KernelRegularised, SegmentationNetwork
 
 
-def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: SegmentationNetwork, optim: OptimConfig) -> list[dict[str, Any]]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not optim.group_lr:
         return [{"params": trainable, "lr": optim.lr, "name": "all"}]
-    if not hasattr(model, "param_groups"):
-        raise MedsegError(f"optim.group_lr names groups {sorted(optim.group_lr)} but this network defines no parameter groups")
     named = model.param_groups()
     unknown = sorted(set(optim.group_lr) - set(named))
     if unknown:
@@ -42,7 +41,7 @@ def parameter_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, Any
     return groups
 
 
-def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: SegmentationNetwork, optim: OptimConfig) -> torch.optim.Optimizer:
     groups = parameter_groups(model, optim)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov,
@@ -58,7 +57,7 @@ CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTran
 def l2_kernels(model: nn.Module) -> list[tuple[nn.Parameter, float]]:
     """The conv kernels `optim.kernel_l2` acts on, with their factors: those a network names
     (`regularised_kernels() -> [(weight, factor)]`, FocusNet), else every conv kernel with factor 1."""
-    if hasattr(model, "regularised_kernels"):
+    if isinstance(model, KernelRegularised):
         kernels = model.regularised_kernels()
     else:
         kernels = [(m.weight, 1.0) for m in model.modules() if isinstance(m, CONVOLUTIONS)]

@@ -71,22 +71,3 @@ class AttentionGate(nn.Module):
         if self.keep_coefficients:
             self.last_coefficients = alpha.detach()
         return skip * alpha
-
-
-class AttentionMaps:
-    """Mixin for networks with attention gates: `record_attention(True)` makes the gates remember their
-    coefficients; `attention_maps()` returns those of the gates the network names as its first layer."""
-
-    def first_layer_gates(self) -> dict[str, AttentionGate]:
-        raise TypeError(f"{type(self).__name__} must say which gates form its first layer")
-
-    def record_attention(self, enabled: bool = True) -> None:
-        for module in self.modules():
-            if isinstance(module, AttentionGate):
-                module.keep_coefficients = enabled
-                module.last_coefficients = None
-
-    def attention_maps(self) -> dict[str, torch.Tensor]:
-        """{name: (B, 1, H, W) coefficients in [0, 1]} from the last forward pass."""
-        return {name: gate.last_coefficients for name, gate in self.first_layer_gates().items()
-                if gate.last_coefficients is not None}

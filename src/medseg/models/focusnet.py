@@ -39,7 +39,7 @@ import math
 import torch
 from torch import nn
 
-from medseg.models.blocks import check_input_size
+from medseg.models.base import KernelRegularised, NetworkCard, SegmentationNetwork
 from medseg.models.registry import register_model
 
 WIDTHS = (64, 128, 256, 512)  # branch B levels; branch A uses the first three
@@ -164,14 +164,19 @@ class GatedLevel(nn.Module):
         return self.down(x)
 
 
-@register_model("focusnet")
-class FocusNet(nn.Module):
+CARD = NetworkCard(
+    paper="Kaul, Manandhar & Pears, FocusNet: An attention-based Fully Convolutional Network for Medical Image "
+          "Segmentation, ISBI 2019",
+    size_multiple=16, default_size=256)
+
+
+@register_model("focusnet", CARD)
+class FocusNet(KernelRegularised, SegmentationNetwork):
     """FocusNet: an attention encoder-decoder whose decoder outputs gate the SE blocks of a pre-activation
     SE-ResNet encoder-decoder (strided-conv downsampling, 32-512 filters)."""
 
-    paper = "Kaul et al., FocusNet, ISBI 2019 (seed 004)"
-    size_multiple = 16
-    default_size = 256
+    groups = {"attention": ("attention",)}
+    rest_group = "segmentation"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, stem_width: int = 32, dropout: float = 0.2,
                  dropout_everywhere: bool = False):
@@ -192,7 +197,6 @@ class FocusNet(nn.Module):
         self.apply(_keras_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         attention = self.attention(x)  # (a7, a6, a5): 64, 128, 256 channels
         r = self.stem(x)
         skips = [r]
@@ -213,12 +217,6 @@ class FocusNet(nn.Module):
             if isinstance(block.shortcut, nn.Conv2d):
                 kernels.append((block.shortcut.weight, 1.0))
         return kernels
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "attention": list(self.attention.parameters()),
-            "segmentation": [p for name, p in self.named_parameters() if not name.startswith("attention.")],
-        }
 
 
 # Keras divides the scale by the std of a unit normal truncated at +-2, so the drawn values keep std sqrt(2/n).

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.blocks import ConvBNReLU, DoubleConv, check_input_size
+from medseg.models.base import EncoderCard, ExtraLosses, NetworkCard, SegmentationNetwork
+from medseg.models.blocks import ConvBNReLU, DoubleConv
 from medseg.models.ops import AGGREGATIONS, FoveaPooling, fovea_max_radius, nhsic_penalty
 from medseg.models.registry import register_model
 from medseg.weights import read_state_dict
@@ -185,14 +186,20 @@ class IntrinsicRecorder:
             self.outputs.append(output)
 
 
-@register_model("fovea_unet")
-class FoveaUNet(nn.Module):
+H_GHOSTNET = EncoderCard(family="timm", name="ghostnet_100", module="encoder", first_conv="stem.0.weight",
+                         rename=(("conv_stem.", "stem.0."), ("bn1.", "stem.1."), ("blocks.0.", "stages.0."),
+                                 ("blocks.1.", "stages.1.0."), ("blocks.2.", "stages.1.1."), ("blocks.3.", "stages.2.0."),
+                                 ("blocks.4.", "stages.2.1."), ("blocks.5.", "stages.3.0."), ("blocks.6.", "stages.3.1.")))
+FOVEA_UNET = NetworkCard(
+    paper="Liu et al., Fovea-UNet: detection and segmentation of lymph node metastases in colorectal cancer with deep "
+          "learning, BioMedical Engineering OnLine 2023",
+    size_multiple=8, default_size=512, encoder=H_GHOSTNET)
+
+
+@register_model("fovea_unet", FOVEA_UNET)
+class FoveaUNet(ExtraLosses, SegmentationNetwork):
     """Fovea-UNet: H-GhostNet encoder, Fovea Pooling on every skip (PSANet importance, variable radius),
     U-Net-style decoder; nHSIC on the Ghost modules' intrinsic features as an extra loss."""
-
-    paper = "Fovea-UNet, LNM segmentation in colorectal cancer (seed 000)"
-    size_multiple = 8
-    default_size = 512
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
                  pooling: str = "lp", hard: bool = False, attention_size: int = 32,
@@ -223,7 +230,6 @@ class FoveaUNet(nn.Module):
         self.recorder = IntrinsicRecorder(self.encoder.ghost_modules())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         self.recorder.outputs = []
         self.recorder.enabled = self.training and self.nhsic
         f1, f2, f3, f4 = (skip(f) for skip, f in zip(self.skips, self.encoder(x)))
@@ -243,10 +249,6 @@ class FoveaUNet(nn.Module):
         if not outputs or not any(p.requires_grad for p in self.encoder.parameters()):
             return {"nhsic": torch.zeros((), device=self.head.weight.device)}
         return {"nhsic": torch.stack([nhsic_penalty(o, self.nhsic_channels) for o in outputs]).mean()}
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = list(self.encoder.parameters())
-        return {"encoder": encoder, "decoder": [p for n, p in self.named_parameters() if not n.startswith("encoder.")]}
 
 
 def _up(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

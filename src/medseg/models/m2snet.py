@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.blocks import ConvBNReLU, check_input_size
+from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
+from medseg.models.blocks import ConvBNReLU
 from medseg.models.registry import register_model
 from medseg.models.saving import load_weights_file
 
@@ -75,10 +76,7 @@ PYRAMID = {
 }
 
 
-class SubtractionNetwork(nn.Module):
-    size_multiple = 32
-    default_size = 352
-
+class SubtractionNetwork(SegmentationNetwork):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True,
                  encoder_weights: str | None = None):
         super().__init__()
@@ -103,7 +101,6 @@ class SubtractionNetwork(nn.Module):
                               f"missing, e.g. {report['missing'][:3]}; give timm {ENCODER} weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         stem, *stages = self.encoder(x)
         f = {"x1": self.stem_pool(stem), **{f"d{k}": self.reduce[f"d{k}"](stages[k - 2]) for k in (2, 3, 4, 5)}}
         regional = list(self.regional)
@@ -121,19 +118,22 @@ class SubtractionNetwork(nn.Module):
         out = self.head(_up(out, ce1) + ce1)
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = list(self.encoder.parameters())
-        ids = {id(p) for p in encoder}
-        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
-
 
 def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
-@register_model("m2snet", multi_scale=True)
-@register_model("msnet", multi_scale=False)
+RES2NET50 = EncoderCard(family="timm", name=ENCODER, module="encoder", first_conv="conv1.0.weight")
+M2SNET = NetworkCard(
+    paper="Zhao et al., M2SNet: Multi-scale in Multi-scale Subtraction Network for Medical Image Segmentation, "
+          "arXiv:2303.10894, 2023",
+    size_multiple=32, default_size=352, encoder=RES2NET50)
+MSNET = NetworkCard(
+    paper="Zhao et al., Automatic Polyp Segmentation via Multi-scale Subtraction Network, MICCAI 2021",
+    size_multiple=32, default_size=352, encoder=RES2NET50)
+
+
+@register_model("m2snet", M2SNET, multi_scale=True)
+@register_model("msnet", MSNET, multi_scale=False)
 class M2SNet(SubtractionNetwork):
     """Res2Net-50 encoder + multi-scale subtraction pyramid; `msnet` uses single-scale |A - B| units."""
-
-    paper = "Zhao et al., M2SNet, arXiv 2303.10894 (MSNet: MICCAI 2021)"

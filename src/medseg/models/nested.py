@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.blocks import AttentionGate, AttentionMaps, DoubleConv, check_input_size
+from medseg.models.base import Gated, NetworkCard, Prunable, SegmentationNetwork
+from medseg.models.blocks import AttentionGate, DoubleConv
 from medseg.models.registry import register_model
 
 FILTERS = (32, 64, 128, 256, 512)
@@ -41,9 +42,9 @@ def _nodes(level: int) -> list[tuple[int, int]]:
     return [(i, j) for j in range(level + 1) for i in range(level + 1 - j)]
 
 
-class NestedUNet(AttentionMaps, nn.Module):
-    size_multiple = 16
-    default_size = 256
+class NestedUNet(Prunable, Gated, SegmentationNetwork):
+    groups = {"encoder": tuple(f"blocks.x{i}0" for i in range(DEPTH + 1))}  # the backbone column X_{i,0}
+    levels = tuple(range(1, DEPTH + 1))
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = True,
                  deep_supervision: bool = True, level: int = DEPTH, pruned: bool = False):
@@ -75,7 +76,6 @@ class NestedUNet(AttentionMaps, nn.Module):
 
     def forward_heads(self, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
         """Logits of every head up to `level`, computing only the nodes with i + j <= level."""
-        check_input_size(x, self.size_multiple)
         if not 1 <= level <= self.level:
             raise ValueError(f"level must be 1..{self.level} for this network, got {level}")
         nodes: dict[tuple[int, int], torch.Tensor] = {}
@@ -99,38 +99,30 @@ class NestedUNet(AttentionMaps, nn.Module):
             return [heads[j] for j in sorted(heads, reverse=True)]
         return heads[level]
 
-    def prune(self, level: int) -> "NestedUNet":
-        """Keep ANU-Net L_level: delete every node, gate, up-conv and head that head `level` does not use."""
+    def pruned_options(self, level: int) -> dict[str, int | bool]:
+        """ANU-Net L_level keeps the nodes with i + j <= level, their gates and up-convs, and head `level`."""
         if f"y{level}" not in self.heads:
             raise MedsegError(f"cannot prune to level {level}: the network has heads {sorted(self.heads)} "
                               "(pruning needs deep supervision, and a pruned network cannot grow back)")
-        keep = {f"x{i}{j}" for i, j in _nodes(level)}
-        for table in (self.blocks, self.up):
-            for name in [n for n in table if n not in keep]:
-                del table[name]
-        for name in [n for n in self.gates if n.split("_")[0] not in keep]:
-            del self.gates[name]
-        for name in [n for n in self.heads if n != f"y{level}"]:
-            del self.heads[name]
-        self.level, self.pruned = level, True
-        if hasattr(self, "medseg_config"):
-            self.medseg_config["kwargs"].update(level=level, pruned=True)
-        return self
+        return {"level": level, "pruned": True}
 
     def first_layer_gates(self) -> dict[str, AttentionGate]:
         """The gates on the skips into the output node X_{0,level} (ANU-Net Fig. 12)."""
         return {f"x0{self.level}_from_x0{k}": self.gates[f"x0{self.level}_{k}"]
                 for k in range(self.level) if f"x0{self.level}_{k}" in self.gates}
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = [p for name, block in self.blocks.items() if name.endswith("0") for p in block.parameters()]
-        ids = {id(p) for p in encoder}
-        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+ANUNET = NetworkCard(
+    paper="Li et al., ANU-Net: Attention-based nested U-Net to exploit full resolution features for medical image "
+          "segmentation, Computers & Graphics 2020",
+    size_multiple=16, default_size=256, head="heads")
+UNETPP = NetworkCard(
+    paper="Zhou et al., UNet++: A Nested U-Net Architecture for Medical Image Segmentation, DLMIA 2018 "
+          "(in ANU-Net's configuration)",
+    size_multiple=16, default_size=256, head="heads")
 
 
-@register_model("anunet", attention=True)
-@register_model("unetpp", attention=False)
+@register_model("anunet", ANUNET, attention=True)
+@register_model("unetpp", UNETPP, attention=False)
 class ANUNet(NestedUNet):
     """Nested U-Net (filters 32-512, deep supervision, prunable); `anunet` adds an attention gate per skip."""
-
-    paper = "Li et al., ANU-Net, Computers & Graphics 2020 (UNet++: Zhou et al., DLMIA 2018)"

@@ -1,9 +1,10 @@
-"""The one model registry: `@register_model(name)` on a network class, `create_model(name, ...)` to build.
+"""The one model registry: `@register_model(name, card, **fixed)` on a network class, `create_model(name, ...)`
+to build one.
 
-Modelled on timm's decorator registry. A network class carries its own metadata as class attributes
-(`paper`, `size_multiple`, `default_size`; first docstring line = description), so the table of
-`medseg models` and the predict/benchmark code read one source. One class may be registered under
-several names with different fixed options (e.g. a plain and an attention variant).
+Modelled on timm's decorator registry with its per-variant `pretrained_cfg`: each registered name carries a
+`NetworkCard` (paper, size multiple, default size, head, pretrained encoder slot) that `medseg models`,
+predict, benchmark and weight loading read; the class's first docstring line is its description. One class
+may be registered under several names with different fixed options (e.g. a plain and an attention variant).
 """
 
 from __future__ import annotations
@@ -12,53 +13,49 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
 from medseg.errors import MedsegError
+from medseg.models.base import NetworkCard, NetworkSpec, SegmentationNetwork
+
+ENCODER_WEIGHTS = "encoder_weights"  # the option that initialises a network's encoder from a local file
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    cls: type[nn.Module]
+    cls: type[SegmentationNetwork]
+    card: NetworkCard
     fixed: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def paper(self) -> str:
-        return self.cls.paper
-
-    @property
-    def size_multiple(self) -> int:
-        return self.cls.size_multiple
-
-    @property
-    def default_size(self) -> int:
-        return self.cls.default_size
-
-    @property
-    def paper_num_classes(self) -> int:
-        """Output channels of the paper's configuration (1 = sigmoid binary head, 2 = two-class softmax)."""
-        return getattr(self.cls, "paper_num_classes", 1)
+    paper = property(lambda self: self.card.paper)
+    size_multiple = property(lambda self: self.card.size_multiple)
+    default_size = property(lambda self: self.card.default_size)
+    paper_num_classes = property(lambda self: self.card.paper_num_classes)
 
     @property
     def description(self) -> str:
         return (inspect.getdoc(self.cls) or "").splitlines()[0]
 
+    def options(self) -> list[str]:
+        """The options a user may set (constructor arguments besides the fixed ones)."""
+        accepted = inspect.signature(self.cls.__init__).parameters
+        return sorted(k for k in accepted if k not in ("self", "in_channels", "num_classes", *self.fixed))
+
 
 _REGISTRY: dict[str, ModelInfo] = {}
-_REQUIRED = ("paper", "size_multiple", "default_size")
 
 
-def register_model(name: str, **fixed: Any):
-    """Class decorator: register `cls(in_channels, num_classes, **kwargs)` under `name` with `fixed` options."""
+def register_model(name: str, card: NetworkCard, **fixed: Any):
+    """Class decorator: register `cls(in_channels, num_classes, **options)` under `name` with its card and
+    `fixed` options."""
 
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        missing = [attr for attr in _REQUIRED if not hasattr(cls, attr)]
-        if missing:
-            raise TypeError(f"{cls.__name__} must define class attributes {missing} to be registered")
+    def wrap(cls: type[SegmentationNetwork]) -> type[SegmentationNetwork]:
+        if not issubclass(cls, SegmentationNetwork):
+            raise TypeError(f"{cls.__name__} must subclass medseg.models.base.SegmentationNetwork to be registered")
+        if not isinstance(card, NetworkCard):
+            raise TypeError(f"register_model({name!r}) needs a NetworkCard")
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
-        _REGISTRY[name] = ModelInfo(name, cls, dict(fixed))
+        _REGISTRY[name] = ModelInfo(name, cls, card, dict(fixed))
         return cls
 
     return wrap
@@ -74,20 +71,19 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
-def create_model(name: str, in_channels: int = 3, num_classes: int = 1, **kwargs: Any) -> nn.Module:
-    """Build a registered network with random initialisation; nothing is downloaded."""
+def create_model(name: str, in_channels: int = 3, num_classes: int = 1, **options: Any) -> SegmentationNetwork:
+    """Build a registered network with random initialisation (nothing is downloaded); `encoder_weights=PATH`
+    then loads a local encoder file into its encoder slot (see `medseg.models.pretrained`)."""
     info = model_info(name)
     if in_channels < 1 or num_classes < 1:
         raise MedsegError(f"model {name!r}: in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
-    clash = sorted(set(kwargs) & set(info.fixed))
+    clash = sorted(set(options) & set(info.fixed))
     if clash:
         raise MedsegError(f"model {name!r} fixes {clash}; choose another registered name instead of overriding them")
-    accepted = inspect.signature(info.cls.__init__).parameters
-    unknown = sorted(k for k in kwargs if k not in accepted)
+    allowed = info.options()
+    unknown = sorted(k for k in options if k not in allowed)
     if unknown:
-        options = sorted(k for k in accepted if k not in ("self", "in_channels", "num_classes", *info.fixed))
-        raise MedsegError(f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(options) or 'none'}")
-    model = info.cls(in_channels=in_channels, num_classes=num_classes, **info.fixed, **kwargs)
-    # What load_model needs to rebuild this exact network.
-    model.medseg_config = {"name": name, "in_channels": in_channels, "num_classes": num_classes, "kwargs": dict(kwargs)}
+        raise MedsegError(f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(allowed) or 'none'}")
+    model = info.cls(in_channels=in_channels, num_classes=num_classes, **info.fixed, **options)
+    model.bind(NetworkSpec(name, in_channels, num_classes, dict(options)), info.card)
     return model

@@ -19,6 +19,7 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder
+from medseg.models.base import SegmentationNetwork
 from medseg.models.registry import create_model
 from medseg.weights import read_state_dict
 
@@ -28,11 +29,9 @@ FORMAT_VERSION = 1
 INITIALISATION_OPTIONS = ("encoder_weights",)
 
 
-def save_model(model: nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+def save_model(model: SegmentationNetwork, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write `folder/config.json` and `folder/model.safetensors` atomically (a temporary folder, then a rename)."""
-    config = getattr(model, "medseg_config", None)
-    if config is None:
-        raise ValueError("save_model needs a network built by medseg.create_model (it carries medseg_config)")
+    config = model.spec.to_dict()
     folder = Path(folder)
     with atomic_folder(folder, replace=True) as tmp:
         _save_weights(model, str(tmp / WEIGHTS_NAME))
@@ -59,7 +58,7 @@ def model_folder(path: str | Path) -> Path:
                       "train a run first (`medseg train`)")
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationNetwork:
     """Rebuild a saved network (a model folder or a run folder) in eval mode."""
     folder = model_folder(path)
     config = read_model_config(folder)

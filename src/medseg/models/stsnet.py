@@ -31,7 +31,7 @@ from timm.layers import create_attn
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.blocks import check_input_size
+from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
 from medseg.models.registry import register_model
 from medseg.weights import read_state_dict
 
@@ -94,10 +94,8 @@ def stage_modules(encoder: nn.Module, name: str) -> list[nn.Module]:
     return [encoder.features[0].act, *(encoder.features[i - 1] for i in stages)]
 
 
-class SMPSegmentation(nn.Module):
-    size_multiple = 32
-    default_size = 512
-    paper_num_classes = 2  # STS-Net code: two-class softmax head
+class SMPSegmentation(SegmentationNetwork):
+    groups = {"encoder": ("network.encoder", "attention")}
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, decoder: str = "deeplabv3",
                  encoder: str = "resnext50_32x4d", attention: str = "esca", adaptive_k: bool = False,
@@ -130,29 +128,36 @@ class SMPSegmentation(nn.Module):
         self.network.encoder.load_state_dict(matched)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         if self.decoder == "pan" and min(x.shape[-2:]) < PAN_MIN_SIZE:
             raise ValueError(f"the PAN decoder needs inputs of at least {PAN_MIN_SIZE} px (its pyramid pools the 1/32 map "
                              f"three more times), got {tuple(x.shape[-2:])}")
         return self.network(x)
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = [*self.network.encoder.parameters(), *self.attention.parameters()]
-        ids = {id(p) for p in encoder}
-        return {"encoder": encoder, "decoder": [p for p in self.parameters() if id(p) not in ids]}
+
+RESNEXT50 = EncoderCard(family="smp", name="resnext50_32x4d", module="network.encoder", first_conv="conv1.weight")
+STSNET = NetworkCard(paper="Zhao et al., A novel framework for segmentation of small targets in medical images (STS-Net), "
+                           "Scientific Reports 2025",
+                     size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
+DEEPLABV3 = NetworkCard(
+    paper="Chen et al., Rethinking Atrous Convolution for Semantic Image Segmentation (DeepLabV3), arXiv:1706.05587, "
+          "2017, via segmentation_models_pytorch",
+    size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
+DEEPLABV3PLUS = NetworkCard(
+    paper="Chen et al., Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation "
+          "(DeepLabV3+), ECCV 2018, via segmentation_models_pytorch",
+    size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
+PAN = NetworkCard(
+    paper="Li et al., Pyramid Attention Network for Semantic Segmentation, BMVC 2018, via segmentation_models_pytorch",
+    size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
 
 
-@register_model("stsnet")
+@register_model("stsnet", STSNET)
 class STSNet(SMPSegmentation):
     """STS-Net: DeepLabV3 (OS 8) on ResNeXt50-32x4d with ESCA after every encoder stage; ablation keys."""
 
-    paper = "STS-Net, Sci. Rep. 2025 (seed 003)"
 
-
-@register_model("deeplabv3", decoder="deeplabv3", attention="none")
-@register_model("deeplabv3plus", decoder="deeplabv3plus", attention="none")
-@register_model("pan", decoder="pan", attention="none")
+@register_model("deeplabv3", DEEPLABV3, decoder="deeplabv3", attention="none")
+@register_model("deeplabv3plus", DEEPLABV3PLUS, decoder="deeplabv3plus", attention="none")
+@register_model("pan", PAN, decoder="pan", attention="none")
 class SMPBaseline(SMPSegmentation):
     """DeepLabV3 / DeepLabV3+ / PAN baselines (segmentation_models_pytorch), ResNeXt50-32x4d by default."""
-
-    paper = "Chen et al. 2017 / 2018 (DeepLabV3 / V3+), Li et al. 2018 (PAN), via segmentation_models_pytorch"

@@ -18,17 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import DoubleConv, check_input_size, encode_levels
+from medseg.models.base import NetworkCard, SegmentationNetwork
+from medseg.models.blocks import DoubleConv, encode_levels
 from medseg.models.registry import register_model
 
+CARD = NetworkCard(
+    paper="Ronneberger, Fischer & Brox, U-Net: Convolutional Networks for Biomedical Image Segmentation, MICCAI 2015",
+    size_multiple=16, default_size=256)
 
-@register_model("unet")
-class UNet(nn.Module):
+
+@register_model("unet", CARD)
+class UNet(SegmentationNetwork):
     """U-Net, the classic encoder-decoder with skip connections (64-1024 channels, transposed-conv up)."""
-
-    paper = "Ronneberger et al., U-Net, MICCAI 2015"
-    size_multiple = 16
-    default_size = 256
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, base_channels: int = 64):
         super().__init__()
@@ -41,15 +42,8 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         skips = encode_levels(self.encoder, self.pool, x)
         x = skips.pop()
         for up, block in zip(self.upsample, self.decoder):
             x = block(torch.cat([skips.pop(), up(x)], dim=1))
         return self.head(x)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {
-            "encoder": list(self.encoder.parameters()),
-            "decoder": [*self.upsample.parameters(), *self.decoder.parameters(), *self.head.parameters()],
-        }

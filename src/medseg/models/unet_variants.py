@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.models.blocks import AttentionGate, AttentionMaps, ConvBNReLU, DoubleConv, UpConv, check_input_size, encode_levels
+from medseg.models.base import Gated, NetworkCard, SegmentationNetwork
+from medseg.models.blocks import AttentionGate, ConvBNReLU, DoubleConv, UpConv, encode_levels
 from medseg.models.registry import register_model
 
 WIDTHS = (64, 128, 256, 512, 1024)
@@ -54,11 +55,8 @@ class RecurrentResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class UNetVariant(AttentionMaps, nn.Module):
+class UNetVariant(Gated, SegmentationNetwork):
     """U-Net skeleton with a choice of level block (double conv or recurrent residual) and optional gates."""
-
-    size_multiple = 16
-    default_size = 256
 
     def __init__(self, in_channels: int, num_classes: int, recurrent: bool, attention: bool, steps: int = 2):
         super().__init__()
@@ -76,7 +74,6 @@ class UNetVariant(AttentionMaps, nn.Module):
         self.head = nn.Conv2d(WIDTHS[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_size(x, self.size_multiple)
         skips = encode_levels(self.encoder, self.pool, x)
         x = skips.pop()
         for i, (up, block) in enumerate(zip(self.upsample, self.decoder)):
@@ -90,29 +87,28 @@ class UNetVariant(AttentionMaps, nn.Module):
     def first_layer_gates(self) -> dict[str, AttentionGate]:
         return {"gate_level0": self.gates[-1]} if self.gates is not None else {}
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        decoder = [*self.upsample.parameters(), *self.decoder.parameters(), *self.head.parameters()]
-        if self.gates is not None:
-            decoder += list(self.gates.parameters())
-        return {"encoder": list(self.encoder.parameters()), "decoder": decoder}
+
+ATTENTION_UNET = NetworkCard(
+    paper="Oktay et al., Attention U-Net: Learning Where to Look for the Pancreas, MIDL 2018",
+    size_multiple=16, default_size=256)
+R2UNET = NetworkCard(
+    paper="Alom et al., Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for Medical Image "
+          "Segmentation, arXiv:1802.06955, 2018",
+    size_multiple=16, default_size=256)
 
 
-@register_model("attention_unet")
+@register_model("attention_unet", ATTENTION_UNET)
 class AttentionUNet(UNetVariant):
     """Attention U-Net: U-Net with additive attention gates on every skip (F_int = F / 2)."""
-
-    paper = "Oktay et al., Attention U-Net, MIDL 2018"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1):
         super().__init__(in_channels, num_classes, recurrent=False, attention=True)
 
 
-@register_model("r2unet", attention=False)
-@register_model("r2attunet", attention=True)
+@register_model("r2unet", R2UNET, attention=False)
+@register_model("r2attunet", R2UNET, attention=True)
 class R2UNet(UNetVariant):
     """R2U-Net: recurrent residual conv blocks (t = 2) in a U-Net; `r2attunet` adds attention gates."""
-
-    paper = "Alom et al., R2U-Net, arXiv:1802.06955, 2018"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = False, steps: int = 2):
         super().__init__(in_channels, num_classes, recurrent=True, attention=attention, steps=steps)

@@ -1,0 +1,195 @@
+"""The network contract: what every medseg network provides, and the optional capabilities the engine
+checks with `isinstance` (never `hasattr`).
+
+Every network
+- subclasses `SegmentationNetwork` and is built by `medseg.create_model(name, in_channels, num_classes,
+  **options)`, which binds its `spec` (how to rebuild it) and its `card` (the registry's metadata);
+- returns logits `(B, num_classes, H, W)` at the input size from `forward(x)`; a deeply supervised network
+  returns a list (main output first) in training mode, and always one tensor in eval mode;
+- has its input size checked against `card.size_multiple` before `forward` (no network checks by hand);
+- names its parameter groups with the class attribute `groups` (module-name prefixes per group; the rest
+  is `rest_group`), which the recipe's `optim.group_lr` and `train.freeze` refer to.
+
+Per-variant metadata is data, a `NetworkCard` in the registry (as timm's `pretrained_cfg`): the paper (title,
+venue), the input-size multiple, the default size, the paper's output channels, the classification head's
+name, and the pretrained encoder slot (`EncoderCard`: module path, weight family, first conv, the
+normalisation its weights expect).
+
+Capabilities, each a mixin class the engine tests with `isinstance`:
+- `Prunable` (ANU-Net L1..L4): `prune(level)` returns a new network built pruned by the registry;
+- `Gated`: attention gates whose first-layer coefficients can be recorded and saved;
+- `ExtraLosses`: loss terms computed by the network itself (Fovea-UNet's nHSIC);
+- `KernelRegularised`: the conv kernels a Keras-style L2 acts on, with their factors (FocusNet).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medseg.errors import MedsegError
+from medseg.models.blocks import AttentionGate, check_input_size
+
+
+@dataclass(frozen=True)
+class EncoderCard:
+    """Where a network's pretrained encoder sits and which weight files fit it.
+
+    `family` and `name` say whose layout the file has (e.g. timm res2net50d, smp resnext50_32x4d);
+    `module` is the encoder's path inside the network; `first_conv` the key (in the encoder's own state
+    dict) of the first convolution's kernel, adapted when `in_channels` differs from the file's;
+    `rename` maps key prefixes of the file to the encoder's (for truncated or regrouped encoders);
+    `normalize` is the input normalisation the pretrained weights expect."""
+
+    family: str
+    name: str
+    module: str
+    first_conv: str
+    rename: tuple[tuple[str, str], ...] = ()
+    normalize: str = "imagenet"
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.name}"
+
+
+@dataclass(frozen=True)
+class NetworkCard:
+    """A registered network's metadata: what `medseg models`, predict, benchmark and weight loading read."""
+
+    paper: str  # authors, title, venue, year
+    size_multiple: int  # H and W must be multiples of this (predict pads to it)
+    default_size: int  # the paper's input size
+    paper_num_classes: int = 1  # 1 = sigmoid binary head, 2 = two-class softmax (the paper's configuration)
+    head: str = "head"  # module-name prefix of the output layer(s): may be re-initialised when fine-tuning
+    encoder: EncoderCard | None = None  # the pretrained encoder slot, if the network has one
+
+    def with_encoder(self, encoder: EncoderCard | None) -> "NetworkCard":
+        return replace(self, encoder=encoder)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything `create_model` needs to rebuild a network: what a model folder's config.json stores."""
+
+    name: str
+    in_channels: int
+    num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "in_channels": self.in_channels, "num_classes": self.num_classes,
+                "kwargs": dict(self.options)}
+
+
+class SegmentationNetwork(nn.Module):
+    """Base class of every registered network (see the module docstring for the contract)."""
+
+    groups: ClassVar[dict[str, tuple[str, ...]]] = {"encoder": ("encoder",)}  # group -> module-name prefixes
+    rest_group: ClassVar[str] = "decoder"  # the group of every parameter no prefix claims
+
+    _spec: NetworkSpec | None = None
+    _card: NetworkCard | None = None
+
+    def bind(self, spec: NetworkSpec, card: NetworkCard) -> None:
+        """Called once by `create_model`: record how the network was built and check input sizes from now on."""
+        if self._spec is not None:
+            raise RuntimeError(f"{type(self).__name__} is already bound to {self._spec.name!r}")
+        self._spec, self._card = spec, card
+        self.register_forward_pre_hook(_check_input, with_kwargs=True)
+
+    @property
+    def spec(self) -> NetworkSpec:
+        if self._spec is None:
+            raise RuntimeError(f"{type(self).__name__} was not built by medseg.create_model; build it there")
+        return self._spec
+
+    @property
+    def card(self) -> NetworkCard:
+        if self._card is None:
+            raise RuntimeError(f"{type(self).__name__} was not built by medseg.create_model; build it there")
+        return self._card
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """{group: parameters}: each parameter in the first group whose prefix names it, else in `rest_group`."""
+        named: dict[str, list[nn.Parameter]] = {group: [] for group in (*self.groups, self.rest_group)}
+        for name, parameter in self.named_parameters():
+            group = next((g for g, prefixes in self.groups.items()
+                          if any(name == p or name.startswith(p + ".") for p in prefixes)), self.rest_group)
+            named[group].append(parameter)
+        return named
+
+
+def _check_input(module: SegmentationNetwork, args: tuple, kwargs: dict) -> None:
+    images = args[0] if args else kwargs.get("x")
+    if isinstance(images, torch.Tensor):
+        check_input_size(images, module.card.size_multiple)
+
+
+class Prunable(ABC):
+    """A deeply supervised network that can be cut to a shallower output (ANU-Net L_N, Sec. 3.5).
+
+    `prune(level)` returns a NEW network, built by the registry with `pruned_options(level)` and given the
+    weights it keeps, so its spec and its saved config.json are right by construction."""
+
+    levels: ClassVar[tuple[int, ...]] = ()
+
+    @abstractmethod
+    def pruned_options(self, level: int) -> dict[str, Any]:
+        """The options that build this network pruned to `level` (refuse a level it cannot reach)."""
+
+    def prune(self, level: int) -> SegmentationNetwork:
+        from medseg.models.registry import create_model
+
+        network: SegmentationNetwork = self  # type: ignore[assignment]
+        spec = network.spec
+        options = {k: v for k, v in spec.options.items() if k != "encoder_weights"}
+        pruned = create_model(spec.name, spec.in_channels, spec.num_classes, **{**options, **self.pruned_options(level)})
+        kept = network.state_dict()
+        missing = [k for k in pruned.state_dict() if k not in kept]
+        if missing:
+            raise MedsegError(f"cannot prune {spec.name!r} to level {level}: the network lacks {missing[:3]}")
+        pruned.load_state_dict({k: kept[k] for k in pruned.state_dict()})
+        return pruned.train(network.training)
+
+
+class Gated(ABC):
+    """A network with attention gates: `record_attention(True)` makes the gates remember their coefficients;
+    `attention_maps()` returns those of the gates the network names as its first layer."""
+
+    @abstractmethod
+    def first_layer_gates(self) -> dict[str, AttentionGate]:
+        """{name: gate} of the gates on the skips into the output level (empty when built without gates)."""
+
+    def record_attention(self, enabled: bool = True) -> None:
+        for module in self.modules():  # type: ignore[attr-defined]
+            if isinstance(module, AttentionGate):
+                module.keep_coefficients = enabled
+                module.last_coefficients = None
+
+    def attention_maps(self) -> dict[str, torch.Tensor]:
+        """{name: (B, 1, H, W) coefficients in [0, 1]} from the last forward pass."""
+        return {name: gate.last_coefficients for name, gate in self.first_layer_gates().items()
+                if gate.last_coefficients is not None}
+
+
+class ExtraLosses(ABC):
+    """A network that computes loss terms of its own in the training forward (e.g. a feature regulariser);
+    the recipe's `train.extra_loss_weights` weighs each by name."""
+
+    @abstractmethod
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """{name: scalar} from the last training forward; the engine adds each with the recipe's weight."""
+
+
+class KernelRegularised(ABC):
+    """A network that names the conv kernels a Keras-style L2 (`optim.kernel_l2`) acts on, with factors;
+    without this capability the L2 covers every conv kernel with factor 1."""
+
+    @abstractmethod
+    def regularised_kernels(self) -> list[tuple[nn.Parameter, float]]:
+        """[(kernel, factor)]: the L2 term is optim.kernel_l2 * sum(factor * kernel^2)."""
