@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test lint unit clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/medseg demo
 
-test: $(STAMP)
+# The full suite (what CI runs): lint first, then every test.
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+# Quicker while iterating: everything but the end-to-end workflow tests.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q --ignore-glob='tests/test_*_workflow.py'
 
 clean:
 	rm -rf $(VENV) medseg-demo .pytest_cache

@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medseg.data.transforms import NORMALIZATIONS, build_augmentation
 from medseg.errors import MedsegError
+from medseg.losses.registry import check_loss_options
+from medseg.metrics.protocols import PROTOCOLS
+
+# Names a recipe may use, derived from the registries that give them meaning: a typo fails when the recipe
+# loads, before any data is read, not at the end of a 100-epoch run.
+ProtocolName = Literal[tuple(sorted(PROTOCOLS))]  # type: ignore[valid-type]
+NormalizeName = Literal[NORMALIZATIONS]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -33,6 +41,22 @@ class ModelConfig(BaseModel):
     def options(self) -> dict[str, Any]:
         """The network's own options (every key besides the common ones)."""
         return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _registered(self) -> "ModelConfig":
+        """The network exists and takes every option given (checked against the registry, nothing is built)."""
+        from medseg.models import model_info
+
+        try:
+            info = model_info(self.name)
+        except MedsegError as exc:
+            raise ValueError(str(exc)) from None
+        allowed = info.options()
+        unknown = sorted(k for k in self.options() if k not in allowed)
+        if unknown:
+            raise ValueError(f"model {self.name!r} has no option {', '.join(unknown)}; "
+                             f"its options are: {', '.join(allowed) or 'none'}")
+        return self
 
 
 class NormalizeStats(Strict):
@@ -60,7 +84,7 @@ class DataConfig(Strict):
     multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
     # "dataset": z-score with one mean / std of the training split, computed at the start of training and
     # stored in the run's config.yaml and model as {mean: [m], std: [s]} (FocusNet)
-    normalize: Union[Literal["imagenet", "per_image", "dataset", "none"], NormalizeStats] = "imagenet"
+    normalize: Union[NormalizeName, NormalizeStats] = "imagenet"
     augment: list[Union[str, dict[str, Any]]] = Field(default_factory=list)
     mask_threshold: int | None = None  # binary masks: foreground = raw value > threshold (JPEG-noisy masks)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -71,12 +95,28 @@ class DataConfig(Strict):
     def hw(self) -> tuple[int, int]:
         return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
 
+    @model_validator(mode="after")
+    def _known_augmentations(self) -> "DataConfig":
+        try:
+            build_augmentation(self.augment, self.hw)
+        except MedsegError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
 
 class LossTerm(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
     weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _registered(self) -> "LossTerm":
+        try:
+            check_loss_options(self.name, dict(self.model_extra or {}))
+        except MedsegError as exc:
+            raise ValueError(str(exc)) from None
+        return self
 
 
 class OptimConfig(Strict):
@@ -135,7 +175,7 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    protocol: str = "paper"
+    protocol: ProtocolName = "paper"  # a metric protocol of medseg.metrics.protocols
     checkpoint: Literal["best", "last"] = "best"  # which weights the run exports to model/
 
 
@@ -222,9 +262,14 @@ def validate_recipe(name: str, raw: dict[str, Any]) -> Recipe:
         return Recipe.model_validate({**raw, "name": raw.get("name", name)})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # the union members pydantic names in a location (literal[...], NormalizeStats) are not recipe keys
+        where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper())))
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise MedsegError(f"recipe {name}: {where}: {first['msg']}, got {first.get('input')!r}{more}") from None
+        if first["type"] == "value_error":  # our own checks: the message says it all
+            what = first["msg"].removeprefix("Value error, ")
+        else:
+            what = f"{first['msg']}, got {first.get('input')!r}"
+        raise MedsegError(f"recipe {name}: {where}: {what}{more}") from None
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -26,6 +26,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_GRAY = (sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3)
 
 
+NORMALIZATIONS = ("imagenet", "per_image", "dataset", "none")  # named normalisations; or {mean, std}
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What turns a [0, 1] image (C, H, W) into network input: size (H, W), channels, normalisation."""

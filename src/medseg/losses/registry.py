@@ -34,16 +34,21 @@ def list_losses() -> list[str]:
     return sorted(_LOSSES)
 
 
-def create_loss(name: str, **kwargs: Any) -> nn.Module:
+def check_loss_options(name: str, options: list[str] | dict[str, Any]) -> type[nn.Module]:
+    """The registered class of loss `name`, after checking that it takes every option named (nothing is built)."""
     if name not in _LOSSES:
         raise MedsegError(f"unknown loss {name!r}; registered losses: {', '.join(list_losses())}")
     cls = _LOSSES[name]
     accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(k for k in kwargs if k not in accepted)
+    unknown = sorted(k for k in options if k not in accepted)
     if unknown:
-        options = sorted(k for k in accepted if k != "self")
-        raise MedsegError(f"loss {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(options) or 'none'}")
-    return cls(**kwargs)
+        known = sorted(k for k in accepted if k != "self")
+        raise MedsegError(f"loss {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(known) or 'none'}")
+    return cls
+
+
+def create_loss(name: str, **kwargs: Any) -> nn.Module:
+    return check_loss_options(name, kwargs)(**kwargs)
 
 
 class CompositeLoss(nn.Module):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
@@ -25,8 +26,8 @@ class Protocol:
     name: str
     description: str
     threshold: float = 0.5
-    aggregation: str = "per-image"  # or "pooled"
-    empty: str = "one"  # value of a metric whose denominator is zero: "nan", "one", "zero"
+    aggregation: Literal["per-image", "pooled"] = "per-image"
+    empty: Literal["nan", "one", "zero"] = "one"  # value of a metric whose denominator is zero
     metrics: tuple[str, ...] = FOREGROUND_METRICS + MEAN_METRICS
 
     @property
