@@ -42,3 +42,30 @@ def test_yaml_file_and_run_config_round_trip(tmp_path):
     path.write_text(yaml.safe_dump(stored))
     assert load_recipe(path) == recipe.model_copy(update={"name": "unet"})
     assert recipe_from_dict(stored, ["train.epochs=5"]).train.epochs == 5
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.protocol=pranett", "eval.protocol: Input should be 'm2snet', 'nnunet', 'paper', 'pooled' or 'pranet'"),
+    ("data.normalize=imagenett", "data.normalize: Input should be 'imagenet', 'per_image', 'dataset' or 'none'"),
+    ("model.depth=5", "model: model 'unet' has no option depth; its options are: base_channels"),
+    ("model.name=unett", "model: unknown model 'unett'"),
+    ("loss.0.name=bcee", "loss.0: unknown loss 'bcee'"),
+    ("loss.1.smoth=1", "loss.1: loss 'dice' has no option smoth"),
+    ("data.augment=[hflipp]", "data: unknown augmentation 'hflipp'"),
+    ("train.precision=bf16", "train.precision"),
+])
+def test_names_are_checked_against_the_registries_when_the_recipe_loads(override, message):
+    with pytest.raises(MedsegError, match=message.replace("(", r"\(")):
+        load_recipe("unet", [override])
+
+
+def test_a_misspelt_protocol_stops_train_before_any_data_is_read(tmp_path):
+    from conftest import run_cli
+
+    missing = tmp_path / "no-such-data"  # were the data read first, the error would name this folder
+    result = run_cli("train", "--recipe", "unet", "--data", str(missing), "--set", "eval.protocol=pranett",
+                     "--out", str(tmp_path / "runs"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "eval.protocol" in lines[0] and "pranett" in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
