@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from medseg.data.amplify import amplify_folder, compute_thresholds
 from medseg.errors import MedsegError
-
-from conftest import run_cli
 
 
 def test_thresholds_reproduce_the_papers_sccm_values():

@@ -3,13 +3,13 @@ and the per-level benchmark with Dice and IoU from one run."""
 
 import csv
 import json
+
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from medseg.config import load_recipe
 from medseg.engine.train import train
-
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_cli
 from medseg.engine.benchmark import benchmark_model, count_flops
 from medseg.models import create_model
-
-from conftest import TINY, run_cli
 
 KVASIR_621x530 = "cju0s690hkp960855tjuaqvv0"
 
@@ -69,9 +68,11 @@ def test_evaluate_writes_per_case_summary_report_and_overlays(tiny_run, phantom)
     assert summary["protocol"]["name"] == "paper" and summary["protocol"]["threshold"] == 0.5
     assert summary["split"] == "test" and summary["cases"] == len(json.loads(tiny_run.splits_file.read_text())["test"])
     assert summary["synthetic"] is True
-    assert {"dice", "iou", "sensitivity", "specificity", "precision", "accuracy", "mdice", "miou"} <= set(summary["metrics"])
+    expected = {"dice", "iou", "sensitivity", "specificity", "precision", "accuracy", "mdice", "miou"}
+    assert expected <= set(summary["metrics"])
     rows = (folder / "per_case.csv").read_text().splitlines()
-    assert rows[0].startswith("stem,height,width,mask_pixels,predicted_pixels,dice") and len(rows) == summary["cases"] + 1
+    assert rows[0].startswith("stem,height,width,mask_pixels,predicted_pixels,dice")
+    assert len(rows) == summary["cases"] + 1
     report = (folder / "report.md").read_text()
     assert "SYNTHETIC" in report and "| dice |" in report and "overlays/" in report
     assert len(list((folder / "overlays").glob("*.png"))) == 4
@@ -152,6 +153,11 @@ def test_models_and_help():
     for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models", "amplify", "slices"):
         help_text = runner.invoke(app, [command, "--help"], terminal_width=200)
         assert help_text.exit_code == 0 and "Example" in help_text.stdout, command
+    benchmark_help = runner.invoke(app, ["benchmark", "--help"], terminal_width=200).stdout
+    assert "--models" in benchmark_help and "fovea-pool" in benchmark_help  # today's options and the subcommand
+    assert "--fovea-pool" not in benchmark_help  # the deprecated flag still works but is hidden
+    fovea_help = runner.invoke(app, ["benchmark", "fovea-pool", "--help"], terminal_width=200)
+    assert fovea_help.exit_code == 0 and "Example: medseg benchmark fovea-pool" in fovea_help.stdout
 
 
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):

@@ -7,17 +7,24 @@ from torch import nn
 
 import medseg
 from medseg.models import model_info, save_model
-from medseg.models.base import (ExtraLosses, Gated, KernelRegularised, NetworkCard, Prunable,
-                                SegmentationNetwork)
+from medseg.models.base import (
+    ExtraLosses,
+    Gated,
+    KernelRegularised,
+    NamedFeatureLayers,
+    NetworkCard,
+    Prunable,
+    SegmentationNetwork,
+)
 from medseg.models.registry import register_model
 
 # Small configurations so every family builds in a moment.
 SMALL = {"unet": {"base_channels": 4}, "fovea_unet": {"decoder_widths": (16, 8, 8, 8)}}
 CAPABILITIES = {
     "anunet": {Prunable, Gated}, "unetpp": {Prunable, Gated}, "attention_unet": {Gated}, "r2unet": {Gated},
-    "r2attunet": {Gated}, "fovea_unet": {ExtraLosses}, "focusnet": {KernelRegularised},
+    "r2attunet": {Gated}, "fovea_unet": {ExtraLosses, NamedFeatureLayers}, "focusnet": {KernelRegularised},
 }
-ALL = (Prunable, Gated, ExtraLosses, KernelRegularised)
+ALL = (Prunable, Gated, ExtraLosses, KernelRegularised, NamedFeatureLayers)
 LIGHT = ["unet", "anunet", "unetpp", "attention_unet", "r2unet", "r2attunet", "fovea_unet", "focusnet", "msnet"]
 
 
@@ -27,7 +34,7 @@ def test_every_network_is_bound_and_declares_its_capabilities(name):
     info = model_info(name)
     assert isinstance(model, SegmentationNetwork)
     assert model.spec.name == name and model.spec.options == SMALL.get(name, {})
-    assert model.card is info.card and info.card.paper and info.card.size_multiple > 1
+    assert model.card == info.card and info.card.paper and info.card.size_multiple > 1
     assert {c for c in ALL if isinstance(model, c)} == CAPABILITIES.get(name, set())
     groups = model.param_groups()
     ids = [id(p) for params in groups.values() for p in params]

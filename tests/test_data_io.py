@@ -191,6 +191,23 @@ def test_write_image_atomic_round_trips_and_leaves_no_temporary(tmp_path):
     assert not (tmp_path / "deep_rgb.png").exists()
 
 
+def test_write_image_atomic_failing_mid_write_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
+    write_image_atomic(tmp_path / "mask.png", np.zeros((4, 4), np.uint8))
+
+    def half_then_fail(self, stream, *args, **kwargs):
+        stream.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_image_atomic(tmp_path / "mask.png", np.ones((4, 4), np.uint8))
+    with pytest.raises(OSError, match="disk full"):
+        write_image_atomic(tmp_path / "new.png", np.ones((4, 4), np.uint8))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]  # no new.png, no temporary
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), np.zeros((4, 4), np.uint8))
+
+
 # ----------------------------------------------------------------------------- masks
 
 

@@ -10,14 +10,13 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import run_cli
 from medseg.config import load_recipe
 from medseg.data.dataset import intensity_statistics, load_image_tensor
 from medseg.data.formats import discover
 from medseg.data.splits import cases_for
 from medseg.engine.inference import Predictor
 from medseg.engine.train import preprocessing_of, train
-
-from conftest import run_cli
 
 SHORT = ["data.size=64", "train.epochs=3", "train.batch_size=4", "data.num_workers=0"]
 

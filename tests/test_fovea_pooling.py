@@ -1,12 +1,14 @@
-"""Fovea Pooling (Fovea-UNet, SPECS 5.3 b) against a brute-force per-pixel window loop, gradients."""
+"""Fovea Pooling (Fovea-UNet, BioMedical Engineering OnLine 2023, "Fovea pooling" Eq. 6-8) against a brute-force
+per-pixel window loop, gradients, and its benchmark command."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from medseg.models.ops import FoveaPooling, fovea_max_radius, fovea_pool, fovea_pool_loop, fovea_radius
+from medseg.models.fovea_pooling import FoveaPooling, fovea_max_radius, fovea_pool, fovea_pool_loop, fovea_radius
 
 
 def brute_force(x, importance, max_radius, aggregation, hard, p=2.0, eps=1e-6, mix=0.5):
@@ -30,7 +32,8 @@ def brute_force(x, importance, max_radius, aggregation, hard, p=2.0, eps=1e-6, m
         for y in range(h):
             for x_ in range(w):
                 low = int(np.floor(rho[n, y, x_]))
-                radii = [(low, 1.0)] if hard else [(low, 1 - (rho[n, y, x_] - low)), (min(low + 1, max_radius), rho[n, y, x_] - low)]
+                fraction = rho[n, y, x_] - low
+                radii = [(low, 1.0)] if hard else [(low, 1 - fraction), (min(low + 1, max_radius), fraction)]
                 for r, weight in radii:
                     yc, xc = y + pad, x_ + pad
                     window = padded[n, :, yc - r + 1:yc + r, xc - r + 1:xc + r]
@@ -74,7 +77,7 @@ def test_identity_and_radius_one():
 
 
 def test_radius_rule_and_boundaries():
-    assert fovea_max_radius(1 / 8, 256) == 32 and fovea_max_radius(1 / 16, 128) == 8  # SPECS 5.3, 512 input
+    assert fovea_max_radius(1 / 8, 256) == 32 and fovea_max_radius(1 / 16, 128) == 8  # Fig. 4 boundaries, 512 px
     assert fovea_max_radius(1 / 8, 4) == 1
     rho = fovea_radius(torch.tensor([0.0, 0.5, 1.0]), 32)
     assert torch.allclose(rho, torch.tensor([32.0, math.sqrt(32), 1.0]))
@@ -97,7 +100,10 @@ def test_soft_mode_gradcheck_in_float64():
     for aggregation in ("avg", "lp"):
         assert torch.autograd.gradcheck(lambda a, z: fovea_pool(a, z, 4, aggregation), (x, importance), atol=1e-6)
     mix = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, z, m: fovea_pool(a, z, 4, "mixed", mix=m), (x, importance, mix), atol=1e-6)
+    def mixed(a, z, m):
+        return fovea_pool(a, z, 4, "mixed", mix=m)
+
+    assert torch.autograd.gradcheck(mixed, (x, importance, mix), atol=1e-6)
 
 
 def test_importance_gets_gradient_in_soft_mode_only():
@@ -121,3 +127,23 @@ def test_module_learns_the_mixed_weight():
     assert out.shape == x.shape and module.theta.grad is not None and module.theta.grad != 0
     with pytest.raises(ValueError, match="aggregation"):
         FoveaPooling(1 / 8, "max")
+
+
+def test_benchmark_fovea_pool_command_and_its_deprecated_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["benchmark", "fovea-pool", "--size", "32", "--device", "cpu", "--repeats", "1",
+                                 "--json", str(tmp_path / "fp.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "fp.json").read_text())
+    assert report["network_input"] == "3x32x32" and report["map"] == "16x128x128" and report["max_radius"] == 16
+    assert report["max_abs_difference"] < 1e-5 and report["speedup"] > 1 and report["forward_ms"] > 0
+    assert 0 < report["importance_share"] < 1 and 0 < report["pooling_share"] < 1
+    assert "speedup:" in result.stdout
+
+    old = runner.invoke(app, ["benchmark", "--fovea-pool", "--size", "32", "--device", "cpu", "--repeats", "1"])
+    assert old.exit_code == 0, old.output
+    assert "deprecated; use `medseg benchmark fovea-pool`" in old.stderr and "network_input: 3x32x32" in old.stdout

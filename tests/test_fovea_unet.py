@@ -1,21 +1,22 @@
-"""Fovea-UNet (seed 000, SPECS 5): sizes, encoder strides, the PSA mask, gradients into the importance maps,
-nHSIC, and the general freeze / unfreeze trainer feature on a short real training."""
+"""Fovea-UNet (BioMedical Engineering OnLine 2023): sizes, encoder strides, the PSA mask, gradients into the
+importance maps, nHSIC, and the general freeze / unfreeze trainer feature on a short real training."""
 
 import csv
 
 import lightning as L
 import numpy as np
 import pytest
-from PIL import Image
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from medseg.config import load_recipe
-from medseg.errors import MedsegError
 from medseg.engine.train import train
+from medseg.errors import MedsegError
 from medseg.models import create_model
+from medseg.models.base import NamedFeatureLayers
 from medseg.models.fovea_unet import psa_gather_index
-from medseg.models.ops import nhsic_penalty
+from medseg.models.nhsic import nhsic_penalty
 
 
 def count(module: torch.nn.Module) -> int:
@@ -24,9 +25,9 @@ def count(module: torch.nn.Module) -> int:
 
 def test_parameter_counts_pinned():
     model = create_model("fovea_unet", 3, 1)
-    assert count(model.encoder) == 585_548  # truncated ghostnet_100 (SPECS 5.2)
-    assert count(model.skips) == 390_768 + (8 + 12 + 20 + 56 + 4)  # PSA (SPECS 5.3) + the four Z convs
-    assert count(model) == 6_436_193  # SPECS 5.4: about 6.44M with decoder widths (512, 256, 128, 64)
+    assert count(model.encoder) == 585_548  # truncated ghostnet_100 (ours, computed)
+    assert count(model.skips) == 390_768 + (8 + 12 + 20 + 56 + 4)  # PSA branches (ours, computed) + the four Z convs
+    assert count(model) == 6_436_193  # ours: decoder widths (512, 256, 128, 64)
     assert count(create_model("fovea_unet", 3, 1, decoder_widths=[256, 128, 64, 32])) < 3_500_000
 
 
@@ -37,6 +38,11 @@ def test_encoder_outputs_at_half_quarter_eighth_eighth():
         assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 8, 8)]
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
     assert len(model.encoder.ghost_modules()) == 22
+    assert isinstance(model, NamedFeatureLayers)
+    layers = model.analysis_layers()  # the intrinsic features of paper Fig. 5, in forward order
+    assert len(layers) == 22 and layers[:2] == ["encoder.stages.0.0.ghost1.primary_conv",
+                                                "encoder.stages.0.0.ghost2.primary_conv"]
+    assert all(isinstance(model.get_submodule(name)[0], torch.nn.Conv2d) for name in layers)
 
 
 def test_psa_index_reads_the_relative_offset():
@@ -44,9 +50,9 @@ def test_psa_index_reads_the_relative_offset():
     index = psa_gather_index(height, width)
     for p in range(height * width):
         for q in range(height * width):
-            k, l, s, t = p // width, p % width, q // width, q % width
+            k, col, s, t = p // width, p % width, q // width, q % width
             dy, dx = divmod(int(index[p, q]), 2 * width - 1)
-            assert (dy - (height - 1), dx - (width - 1)) == (s - k, t - l)  # channel = offset of q seen from p
+            assert (dy - (height - 1), dx - (width - 1)) == (s - k, t - col)  # channel = offset of q seen from p
 
 
 def test_psa_attention_is_a_distribution_over_sources():
@@ -99,7 +105,7 @@ def test_backbone_swaps_keep_the_stage_layout(encoder):
         features = model.encoder(torch.randn(1, 3, 64, 64))
         assert [f.shape[-1] for f in features] == [32, 16, 8, 8]  # 1/2, 1/4, 1/8, 1/8 as H-GhostNet
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
-    assert model.extra_losses() == {}
+    assert model.extra_losses() == {} and model.analysis_layers() == []  # no Ghost modules: `--layer` needed
     with pytest.raises(MedsegError, match="nhsic: false"):
         create_model("fovea_unet", 3, 1, encoder=encoder)
 
@@ -168,8 +174,12 @@ def test_frozen_backbone_does_not_change_then_trains(kvasir_subset, tmp_path):
     live = ~np.isnan(np.diag(matrix))  # channels constant over the images (dead after ReLU) have no CKA
     assert picture.is_file() and matrix.shape == (24, 24) and live.sum() > 12 and np.allclose(np.diag(matrix)[live], 1)
     assert -1 <= mean <= 1 and Image.open(picture).size == (24 * 10, 24 * 10)
-    with pytest.raises(MedsegError, match="try one of encoder.stages.0.0.ghost1.primary_conv"):
+    with pytest.raises(MedsegError, match="try one of the layers it names: encoder.stages.0.0.ghost1.primary_conv"):
         cka(run.path, kvasir_subset, "decoder.nope", images=4, device="cpu")
+    default, _ = cka(run.path, kvasir_subset, images=4, device="cpu")  # the first layer the network names
+    assert default.name == "cka-encoder.stages.0.0.ghost1.primary_conv.png"
+    assert np.load(default.with_suffix(".npy")).shape == (8, 8)  # ghost1 of a 16-channel bottleneck: 8 intrinsic
+    assert not [p for p in default.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_freeze_names_unknown_groups_clearly(kvasir_subset, tmp_path):
@@ -190,4 +200,5 @@ def test_linear_cka_matrix():
     assert float(matrix[0, 1]) == pytest.approx(1.0) and matrix[0, 2] < 0.5 and torch.allclose(matrix, matrix.T)
     features[:, 2] = 0.0  # a dead channel: undefined, not 0 or 1
     matrix = linear_cka_matrix(features)
-    assert torch.isnan(matrix[2]).all() and torch.isnan(matrix[:, 2]).all() and float(matrix[0, 1]) == pytest.approx(1.0)
+    assert torch.isnan(matrix[2]).all() and torch.isnan(matrix[:, 2]).all()
+    assert float(matrix[0, 1]) == pytest.approx(1.0)

@@ -67,8 +67,9 @@ def test_local_encoder_weights_load_and_stay_out_of_the_saved_config(tmp_path):
     assert torch.equal(model.encoder.conv1[0].weight, backbone.conv1[0].weight)
     config = (save_model(model, tmp_path / "saved") / "config.json").read_text()
     assert "encoder_weights" not in config
+    assert model.load_reports[0].loaded == len(backbone.state_dict()) and not model.load_reports[0].unused
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
-    with pytest.raises(MedsegError, match="no tensor .* matches"):
+    with pytest.raises(MedsegError, match="no tensor .* matches timm res2net50d .*is it the right file"):
         medseg.create_model("m2snet", 3, 1, encoder_weights=str(tmp_path / "wrong.pth"))
 
 
@@ -115,7 +116,7 @@ def test_lossnet_is_frozen_outside_every_state_dict_and_passes_gradient(tmp_path
 
 def test_lossnet_refuses_a_wrong_weights_file(tmp_path):
     torch.save({"0.weight": torch.zeros(2, 2)}, tmp_path / "bad.pth")
-    with pytest.raises(MedsegError, match="not a torchvision VGG-16 checkpoint"):
+    with pytest.raises(MedsegError, match="no tensor .* matches torchvision vgg16 .*is it the right file"):
         create_loss("lossnet", vgg_weights=str(tmp_path / "bad.pth"))
 
 

@@ -4,10 +4,9 @@ polyp protocol."""
 import csv
 import json
 
+from conftest import run_cli
 from medseg.config import load_recipe
 from medseg.engine.train import train
-
-from conftest import run_cli
 
 
 def test_short_multiscale_training_lowers_the_loss_and_pranet_reports_seven_metrics(kvasir_subset, tmp_path):

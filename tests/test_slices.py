@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from medseg.data.volumes import make_slices
 from medseg.errors import MedsegError
-
-from conftest import run_cli
 
 
 @pytest.fixture()

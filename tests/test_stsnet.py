@@ -71,7 +71,7 @@ def test_attention_variants_replace_esca_at_the_same_places(attention, extra):
 
 
 def test_decoder_family_and_errors():
-    counts = {"deeplabv3plus": 26_149_714, "unet": 31_993_122, "pan": 23_731_977, "fpn": 25_588_034}  # SPECS 6
+    counts = {"deeplabv3plus": 26_149_714, "unet": 31_993_122, "pan": 23_731_977, "fpn": 25_588_034}  # smp, 2 classes
     for decoder, expected in counts.items():
         model = medseg.create_model("stsnet", 3, 2, decoder=decoder, attention="none")
         assert n_params(model) == expected, decoder

@@ -6,10 +6,9 @@ import json
 
 from PIL import Image
 
+from conftest import run_cli
 from medseg.config import load_recipe
 from medseg.engine.train import train
-
-from conftest import run_cli
 
 
 def test_short_training_with_amplification_and_the_five_metrics(kvasir_subset, tmp_path):

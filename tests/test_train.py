@@ -7,17 +7,17 @@ import torch
 import yaml
 
 import medseg
+from conftest import TINY, run_cli
 from medseg.config import load_recipe
 from medseg.engine.run import Run
 from medseg.engine.train import train
-
-from conftest import TINY, run_cli
+from medseg.models.base import ExtraLosses
 
 
 def test_run_folder_is_complete_and_self_describing(tiny_run):
     run = tiny_run
-    for part in ("config.yaml", "splits.json", "metrics.csv", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
-                 "model/config.json", "model/model.safetensors"):
+    for part in ("config.yaml", "splits.json", "metrics.csv", "curves.png", "checkpoints/best.ckpt",
+                 "checkpoints/last.ckpt", "model/config.json", "model/model.safetensors"):
         assert (run.path / part).is_file(), part
     config = yaml.safe_load(run.config_file.read_text())
     assert config["model"]["base_channels"] == 4 and config["train"]["epochs"] == 2
@@ -27,7 +27,10 @@ def test_run_folder_is_complete_and_self_describing(tiny_run):
     with run.metrics_file.open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
-    assert {"train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds"} <= set(rows[0])
+    assert list(rows[0]) == ["epoch", "train_loss", "train_bce", "train_dice", "val_dice", "val_iou", "val_loss",
+                             "val_mdice", "val_miou", "val_precision", "val_sensitivity", "lr", "seconds"]
+    assert all(value != "" for row in rows for value in row.values())
+    assert not list(run.path.glob("lightning_logs")) and not list(run.path.glob("version_*"))
     model_config = json.loads((run.model_dir / "config.json").read_text())
     assert model_config["preprocessing"] == {"size": [64, 64], "in_channels": 3, "normalize": "imagenet"}
     model = medseg.load_model(run.path)
@@ -93,8 +96,8 @@ def test_two_gloo_processes_train_with_ddp_on_cpu(phantom, tmp_path):
         assert len(list(csv.DictReader(handle))) == 1  # one row, from rank zero only
 
 
-class ExtraLossModel(torch.nn.Module):
-    """A 1x1-conv network that reports an extra loss, to test the trainer's generic hook."""
+class ExtraLossModel(torch.nn.Module, ExtraLosses):
+    """A 1x1-conv network that reports an extra loss (the ExtraLosses capability), to test the trainer's hook."""
 
     def __init__(self):
         super().__init__()
@@ -114,12 +117,14 @@ def test_extra_losses_are_added_with_recipe_weights(phantom):
     module = SegmentationModule(load_recipe("unet", [*TINY, "train.extra_loss_weights={l2: 0.5}"]).to_dict())
     module.model = ExtraLossModel()
     batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8, dtype=torch.long)}
-    module.log = lambda *args, **kwargs: None
-    step = module.training_step(batch, 0)
-    total = step["loss"]
-    assert set(step["terms"]) == {"bce", "dice", "l2"}  # each term, for metrics.csv
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # log_dict logs through log
+    total = module.training_step(batch, 0)
+    assert set(logged) == {"train/loss", "train/bce", "train/dice", "train/l2"}  # each term, for metrics.csv
     base, _ = module.criterion(module.model.last, batch["mask"])
     assert torch.allclose(total, base + 0.5 * module.model.last.pow(2).mean())
+    assert torch.equal(logged["train/loss"], total)
+    assert torch.allclose(logged["train/l2"], module.model.last.pow(2).mean())
     module.recipe.train.extra_loss_weights = {}
     with pytest.raises(medseg.errors.MedsegError, match="extra losses \\['l2'\\]"):
         module.training_step(batch, 0)

@@ -82,7 +82,8 @@ def check_data_command(
         console.print(Text(line), soft_wrap=True)
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
     for p in report.problems:  # one line per problem, so the list can be grepped and diffed
-        console.print(Text.assemble((f"{p.level:7}", colours[p.level]), f" {p.kind:15} {p.file}: {p.message}"), soft_wrap=True)
+        line = Text.assemble((f"{p.level:7}", colours[p.level]), f" {p.kind:15} {p.file}: {p.message}")
+        console.print(line, soft_wrap=True)
     console.print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s), {len(report.infos)} info")
     if report.errors:
         raise typer.Exit(1)
@@ -121,7 +122,8 @@ def evaluate_command(
     overlays: int = typer.Option(8, help="overlay pictures in the report (worst and best cases); -1 for all"),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first (ANU-Net L1-L4)"),
+    level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first "
+                                        "(ANU-Net L1-L4)"),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
@@ -152,7 +154,8 @@ def predict_command(
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto"),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
-    save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as <stem>_attention_*.png"),
+    save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as "
+                                        "<stem>_attention_*.png"),
 ) -> None:
     """Predict masks for images of any size; masks are written at each input's size.
 
@@ -165,8 +168,13 @@ def predict_command(
     console.print(f"wrote {len(written)} mask(s) to [bold]{out}[/]")
 
 
-@app.command("benchmark")
+benchmark_app = typer.Typer()  # help: the callback's docstring
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@benchmark_app.callback(invoke_without_command=True)
 def benchmark_command(
+    ctx: typer.Context,
     models: str = typer.Option("unet", help="comma-separated model names (random init); options as name:key=value"),
     num_classes: int = typer.Option(1, min=1, help="output channels of the benchmarked networks"),
     size: Optional[int] = typer.Option(None, help="square input size (default 352; with --run, the run's size)"),
@@ -181,29 +189,25 @@ def benchmark_command(
     amp: bool = typer.Option(False, help="autocast (CUDA only)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
     markdown: bool = typer.Option(False, help="also print a markdown table (for docs/BENCHMARKS.md)"),
-    fovea_pool: bool = typer.Option(False, "--fovea-pool", help="time Fovea Pooling against the per-pixel loop "
-                                    "(16x128x128, R 16) and its share of fovea_unet's forward at --size (512)"),
+    fovea_pool: bool = typer.Option(False, "--fovea-pool", hidden=True,
+                                    help="deprecated: use `medseg benchmark fovea-pool`"),
 ) -> None:
     """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory;
     per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
+    `medseg benchmark fovea-pool` times Fovea-UNet's Fovea Pooling instead.
 
     Example: medseg benchmark --models unet --size 352
     Example: medseg benchmark --models stsnet,stsnet:decoder=unet:attention=none --size 512 --num-classes 2
-    Example: medseg benchmark --fovea-pool
+    Example: medseg benchmark fovea-pool
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec, write_json
     from medseg.models import model_info
 
     if fovea_pool:
-        from medseg.engine.benchmark import benchmark_fovea_pool
-
-        with console.status("benchmarking Fovea Pooling ..."):
-            result = benchmark_fovea_pool(network_size=size or 512, device=device, repeats=repeats)
-        for key, value in result.items():
-            if key != "machine":
-                console.print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-        if json_out:
-            write_json(result, json_out)
+        print("note: --fovea-pool is deprecated; use `medseg benchmark fovea-pool`", file=sys.stderr)
+        _benchmark_fovea_pool(size or 512, device, repeats, json_out)
         return
 
     level_list = _int_list(levels, "--levels")
@@ -214,26 +218,30 @@ def benchmark_command(
         for spec in names:
             model_info(parse_model_spec(spec)[0])  # unknown names fail before any timing
     table = Table(title=f"batch 1 and {batch}")
-    columns = ["model", "input", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}", "peak MB"]
+    columns = ["model", "input", "params", "GFLOPs", "GMACs", "ms b1", "img/s b1", f"ms b{batch}", f"img/s b{batch}",
+               "peak MB"]
     for column in columns + (["Dice", "IoU"] if data else []):
         table.add_column(column, justify="right")
 
     def add(r: dict) -> None:
         peak = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
-        cells = [r["model"], r["input"], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}", f"{r['latency_ms_b1']:.1f}",
-                 f"{r['throughput_b1']:.2f}", f"{r['latency_ms_bn']:.1f}", f"{r['throughput_bn']:.2f}", peak]
+        cells = [r["model"], r["input"], f"{r['params']:,}", f"{r['gflops']:.2f}", f"{r['gmacs']:.2f}",
+                 f"{r['latency_ms_b1']:.1f}", f"{r['throughput_b1']:.2f}", f"{r['latency_ms_bn']:.1f}",
+                 f"{r['throughput_bn']:.2f}", peak]
         table.add_row(*cells, *([f"{r['dice']:.4f}", f"{r['iou']:.4f}"] if "dice" in r else []))
 
     with console.status("benchmarking ..."):
         if run is not None:
             square = (size, size) if size else None
-            report = benchmark_run(run, level_list or [None], square, data, batch, device, warmup, repeats, amp, on_result=add)
+            report = benchmark_run(run, level_list or [None], square, data, batch, device, warmup, repeats, amp,
+                                   on_result=add)
         else:
-            report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels, num_classes,
-                               amp=amp, levels=level_list, on_result=add)
+            report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels,
+                               num_classes, amp=amp, levels=level_list, on_result=add)
     console.print(table)
     m = report["machine"]
-    console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), torch {m.get('torch')}, "
+    console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), "
+                  f"torch {m.get('torch')}, "
                   f"{report['date']}; GMACs = multiply-accumulates = GFLOPs / 2; peak memory: "
                   f"{report['results'][0]['peak_memory_kind']}")
     if json_out:
@@ -241,6 +249,36 @@ def benchmark_command(
         console.print(f"results: {json_out}")
     if markdown:
         print(markdown_table(report))
+
+
+@benchmark_app.command("fovea-pool")
+def fovea_pool_command(
+    size: int = typer.Option(512, min=8, help="square input size of the fovea_unet forward pass (a multiple of 8)"),
+    device: str = typer.Option("auto"),
+    repeats: int = typer.Option(3, min=1, help="timed runs of each measurement"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON"),
+) -> None:
+    """Fovea-UNet's Fovea Pooling (summed-area table) timed against the per-pixel loop of its definition on a
+    16x128x128 map with R 16, their largest difference, and the share of a fovea_unet forward pass at --size
+    spent in the importance modules and in the pooling.
+
+    Example: medseg benchmark fovea-pool --size 512 --repeats 3 --json fovea_pool.json
+    """
+    _benchmark_fovea_pool(size, device, repeats, json_out)
+
+
+def _benchmark_fovea_pool(size: int, device: str, repeats: int, json_out: Optional[Path]) -> None:
+    from medseg.engine.benchmark import write_json
+    from medseg.engine.fovea import benchmark_fovea_pool
+
+    with console.status("benchmarking Fovea Pooling ..."):
+        result = benchmark_fovea_pool(network_size=size, device=device, repeats=repeats)
+    for key, value in result.items():
+        if key != "machine":
+            console.print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    if json_out:
+        write_json(result, json_out)
+        console.print(f"results: {json_out}")
 
 
 def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
@@ -260,16 +298,19 @@ app.add_typer(analyze_app, name="analyze")
 def cka_command(
     run: Path = typer.Argument(..., help="run folder or model folder"),
     data: Path = typer.Option(..., help="data folder whose images are fed through the network"),
-    layer: Optional[str] = typer.Option(None, help="module name, e.g. encoder.stages.1.0.ghost1.primary_conv "
-                                        "(default: the first Ghost module's intrinsic features)"),
+    layer: Optional[str] = typer.Option(None, help="module name of a conv layer, e.g. encoder.stages.1.0.0.ghost1."
+                                        "primary_conv (default: the first layer the network names, e.g. Fovea-UNet's "
+                                        "first Ghost module's intrinsic features; required for other networks)"),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default RUN/analysis/cka-LAYER.png)"),
     images: int = typer.Option(32, min=2, help="how many images (the first, by name)"),
     device: str = typer.Option("auto"),
 ) -> None:
-    """Linear CKA between the channels of one layer as a heat map PNG (Fovea-UNet Fig. 5), plus the
-    matrix as .npy and the mean off-diagonal similarity.
+    """Linear CKA between the channels of one layer of any network as a heat map PNG (Fovea-UNet Fig. 5), plus
+    the matrix as .npy and the mean off-diagonal similarity. --layer defaults to the first layer the network
+    names (Fovea-UNet: its Ghost modules' intrinsic features); other networks need it.
 
-    Example: medseg analyze cka runs/fovea_unet-kvasir_seg --data ../shared/data/kvasir_seg --layer encoder.stages.0.0.ghost1.primary_conv
+    Example: medseg analyze cka runs/fovea_unet-kvasir_seg --data ../shared/data/kvasir_seg
+    Example: medseg analyze cka runs/unet-kvasir_seg --data ../shared/data/kvasir_seg --layer encoder.3.1.0
     """
     from medseg.engine.analyze import cka
 
@@ -279,10 +320,12 @@ def cka_command(
 
 @app.command("amplify")
 def amplify_command(
-    data: Path = typer.Argument(..., help="data folder (folder format); with splits.json only its train stems are amplified"),
+    data: Path = typer.Argument(..., help="data folder (folder format); with splits.json only its train stems "
+                                "are amplified"),
     out: Path = typer.Option(..., help="new folder: the originals plus the amplified views"),
     n1: Optional[int] = typer.Option(None, help="threshold N1 (reported only; default computed)"),
-    n2: Optional[int] = typer.Option(None, help="threshold N2: images with 5 < lesion pixels < N2 qualify (default computed)"),
+    n2: Optional[int] = typer.Option(None, help="threshold N2: images with 5 < lesion pixels < N2 qualify "
+                                     "(default computed)"),
     seed: int = typer.Option(0),
     border: int = typer.Option(50, help="border crop in pixels"),
 ) -> None:
@@ -305,10 +348,13 @@ def amplify_command(
 
 @app.command("slices")
 def slices_command(
-    volumes: Path = typer.Argument(..., help="folder of NIfTI pairs: images/ + labels/, or nnU-Net imagesTr/ + labelsTr/"),
+    volumes: Path = typer.Argument(..., help="folder of NIfTI pairs: images/ + labels/, or nnU-Net imagesTr/ + "
+                                   "labelsTr/"),
     out: Path = typer.Option(..., help="new data folder (images/ + masks/)"),
-    window: Optional[str] = typer.Option(None, help="intensity window LO,HI (e.g. -200,200 HU); default per-volume min-max"),
-    mode: str = typer.Option("stack", help="stack: slices (k-1, k, k+1) as 3 channels (paper); sum: their pixel sum (code)"),
+    window: Optional[str] = typer.Option(None, help="intensity window LO,HI (e.g. -200,200 HU); default "
+                                         "per-volume min-max"),
+    mode: str = typer.Option("stack", help="stack: slices (k-1, k, k+1) as 3 channels (paper); sum: their pixel "
+                             "sum (code)"),
     only_lesion: bool = typer.Option(False, help="keep only slices whose label has foreground"),
     keep_labels: bool = typer.Option(False, help="keep integer labels instead of 0/255 masks"),
 ) -> None:

@@ -1,4 +1,4 @@
-"""Recipes: YAML files validated by pydantic, with `--set a.b=c` overrides (DESIGN.md, "A recipe").
+"""Recipes: YAML files validated by pydantic, with `--set a.b=c` overrides (our format).
 
 A recipe names one paper setting completely: model, data (size, normalisation, augmentation, split),
 loss terms, optimiser, schedule, training length, evaluation protocol. Built-in recipes live in
@@ -172,6 +172,15 @@ class TrainConfig(Strict):
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
     gradient_clip: float | None = None
     freeze: FreezeConfig | None = None  # e.g. {groups: [encoder], epochs: 30}
+    # Where each epoch's numbers go. csv is always on (RUN/metrics.csv, which RUN/curves.png is drawn from) and
+    # is put first when missing; tensorboard writes RUN/tensorboard/, mlflow a local store in RUN/mlruns/ (no
+    # server). Both are optional extras: pip install 'medseg[tensorboard]' / 'medseg[mlflow]'.
+    loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])
+
+    @field_validator("loggers")
+    @classmethod
+    def _csv_always(cls, loggers: list[str]) -> list[str]:
+        return list(dict.fromkeys(["csv", *loggers]))
 
 
 class EvalConfig(Strict):

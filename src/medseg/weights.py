@@ -1,29 +1,156 @@
-"""Reading local weight files: the one place medseg turns a file on disk into tensors (no downloads, no pickle)."""
+"""Local weight files: the one place medseg turns a file on disk into tensors and loads them into a module.
+
+`read_state_dict` reads a .safetensors file or a torch state dict (`weights_only=True`: no pickle code runs),
+unwraps a checkpoint's `state_dict` entry and strips the `module.` prefix DistributedDataParallel adds.
+Nothing is ever downloaded.
+
+`load_weights` is the ONE loader for whole networks, pretrained encoders and LossNet's VGG-16, with one rule:
+
+- the file's keys are renamed by prefix pairs (file prefix -> target prefix), then matched by name;
+- EVERY tensor of the target must come from the file, with its shape. Two exceptions only: a
+  `num_batches_tracked` buffer may be absent (BatchNorm's step counter: the target keeps its own), and
+  tensors under a `reinit` prefix (a classification head fine-tuned to another number of classes) stay at
+  random init when absent or of another shape; both are reported;
+- the `first_conv` kernel is adapted when only its input-channel dimension differs (a 3-channel ImageNet
+  file for a 1-channel CT network), with timm's `adapt_input_conv`: 1 channel = the sum over the file's
+  channels, n channels = the file's channels repeated cyclically and scaled by file/n. That is also what
+  smp's `patch_first_conv` does to pretrained encoders, so the activations' scale is kept either way;
+- tensors of the file that the target does not have are reported as unused (a classifier, deeper stages);
+- anything else (a missing tensor, another shape) raises a one-line `MedsegError` that names the file,
+  the target and the first offending tensor with both shapes: a partial or wrong file is never silently
+  half-loaded, which a lenient `strict=False` load would do.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from medseg.errors import MedsegError
+
+OPTIONAL_BUFFERS = ("num_batches_tracked",)  # buffers a file may lack (the target keeps its own value)
+DDP_PREFIX = "module."
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local .safetensors file or a .pt/.pth state dict (read with weights_only: no pickle code)."""
     path = Path(path)
     if not path.is_file():
-        raise MedsegError(f"weights file {path} does not exist; give a local .safetensors or .pth file (nothing is downloaded)")
+        raise MedsegError(f"weights file {path} does not exist; give a local .safetensors or .pth file "
+                          "(nothing is downloaded)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
-        raise MedsegError(f"cannot read weights file {path}: {exc}") from None
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
+            raise MedsegError(f"cannot read weights file {path}: {exc}") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
+            raise MedsegError(f"cannot read weights file {path}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MedsegError(f"weights file {path} does not hold a state dict of tensors")
+    if all(key.startswith(DDP_PREFIX) for key in state):
+        state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
     return state
+
+
+@dataclass
+class LoadReport:
+    """What `load_weights` did: `loaded` tensors (adapted ones included), the optional buffers the file
+    lacked, the tensors left at random init under a `reinit` prefix, the file's unused tensors (file names)
+    and the adapted first conv ({name: "3->1 channels"})."""
+
+    file: str
+    what: str
+    loaded: int
+    missing_buffers: list[str] = field(default_factory=list)
+    reinitialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    adapted: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, for a run's config.yaml / JSON."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line, e.g. 'loaded 265 tensors from F into timm res2net50d (first conv adapted 3->1 channels;
+        2 unused)'."""
+        notes = [f"first conv adapted {detail}" for detail in self.adapted.values()]
+        if self.reinitialised:
+            notes.append(f"{len(self.reinitialised)} re-initialised: {', '.join(self.reinitialised)}")
+        if self.missing_buffers:
+            notes.append(f"{len(self.missing_buffers)} absent num_batches_tracked kept")
+        if self.unused:
+            notes.append(f"{len(self.unused)} unused")
+        detail = f" ({'; '.join(notes)})" if notes else ""
+        return f"loaded {self.loaded} tensors from {self.file} into {self.what}{detail}"
+
+
+def load_weights(target: nn.Module, path: str | Path, *, what: str, first_conv: str | None = None,
+                 rename: Iterable[tuple[str, str]] = (), reinit: Iterable[str] = ()) -> LoadReport:
+    """Load a local weights file into `target` by the module docstring's rule and return the report.
+
+    `what` names the target in messages (e.g. "timm res2net50d"); `first_conv` is the key (in the target's
+    state dict) of the kernel to adapt when the file has another number of input channels; `rename` holds
+    (file prefix, target prefix) pairs, the first matching one applies; `reinit` holds target prefixes whose
+    tensors may stay at random init. Raises `MedsegError` (one line) when the file does not fit."""
+    rename, reinit = tuple(rename), tuple(reinit)
+    state = read_state_dict(path)
+    source: dict[str, str] = {}  # target-side name -> file name
+    for key in state:
+        source.setdefault(_renamed(key, rename), key)
+    own = target.state_dict()
+    matched: dict[str, torch.Tensor] = {}
+    adapted: dict[str, str] = {}
+    missing_buffers, reinitialised, problems = [], [], []
+    for name, tensor in own.items():
+        found = state[source[name]] if name in source else None
+        if found is not None and found.shape == tensor.shape:
+            matched[name] = found
+        elif found is not None and name == first_conv and _adaptable(found, tensor):
+            from timm.models import adapt_input_conv
+
+            matched[name] = adapt_input_conv(tensor.shape[1], found, base_chans=found.shape[1])
+            adapted[name] = f"{found.shape[1]}->{tensor.shape[1]} channels"
+        elif any(name == prefix or name.startswith(prefix + ".") for prefix in reinit):
+            reinitialised.append(name)
+        elif found is None and name.rsplit(".", 1)[-1] in OPTIONAL_BUFFERS:
+            missing_buffers.append(name)
+        else:
+            problems.append((name, found, tensor))
+    if problems:
+        name, found, tensor = problems[0]
+        has = "absent" if found is None else f"of shape {tuple(found.shape)}"
+        first = f"first {name!r}: {has} in the file, {what} needs {tuple(tensor.shape)}"
+        if not matched:
+            raise MedsegError(f"no tensor in {path} matches {what} by name and shape ({first}); is it the right file?")
+        raise MedsegError(f"{path} does not fit {what}: {len(problems)} of {len(own)} tensors missing or of another "
+                          f"shape, {first}")
+    if not matched:
+        raise MedsegError(f"no tensor in {path} matches {what} by name and shape; is it the right file?")
+    target.load_state_dict(matched, strict=False)
+    used = {source[name] for name in matched}
+    return LoadReport(file=str(path), what=what, loaded=len(matched), missing_buffers=missing_buffers,
+                      reinitialised=reinitialised, unused=[key for key in state if key not in used], adapted=adapted)
+
+
+def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
+    for old, new in rename:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _adaptable(found: torch.Tensor, wanted: torch.Tensor) -> bool:
+    """A conv kernel that differs from the target's in its input-channel dimension only."""
+    return found.ndim == wanted.ndim == 4 and found.shape[0] == wanted.shape[0] and found.shape[2:] == wanted.shape[2:]

@@ -1,5 +1,6 @@
-"""STS-Net's amplification blocks (seed 003, Methods Eq. 1-2, Table 7 "Method 4"; SPECS.md Sec. 2.5):
-more, and larger, views of the training images whose lesions are small. Offline, training images only.
+"""STS-Net's amplification blocks (Scientific Reports 2025, Methods Eq. 1-2, Table 7 "Method 4"; the authors'
+code, zlxokok/STSNet 2_5D/): more, and larger, views of the training images whose lesions are small. Offline,
+training images only.
 
 Thresholds, from the training masks: A = number of images with a lesion, S = their total lesion pixels,
 N1 = ceil(sqrt(S / A))^2 and N2 = ceil(sqrt(N1 / 2))^2 (SCCM-2022 gives 2025 and 1024, as Table 7).
@@ -10,7 +11,7 @@ An image qualifies when 5 < lesion pixels < N2. Each qualifying image gets five 
   OpenCV contour's minimum-area rectangle, an arbitrary choice among lesions); half-extents are drawn
   from 150..160 px and clamped to the image, the crop resized back to the image size.
 Images are resized bilinearly, masks with nearest neighbour; the mask written is the original (not the
-dilated) one, unlike the code (SPECS 2.5 recommends this). Random draws are seeded per image. For images
+dilated) one, unlike the code (ours). Random draws are seeded per image. For images
 too small for a 50-px border (the paper's images are 480-512 px), the border is clamped to a quarter of
 the shorter side (ours).
 """
@@ -27,8 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from medseg.data.formats import Case, Layout, discover
 from medseg.data.io import mask_to_labels, read_mask, read_raw_image, write_image_atomic

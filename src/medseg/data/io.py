@@ -7,8 +7,6 @@ back as the raw stored integers; `mask_to_labels` decides how to read them and r
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import tifffile
 from PIL import Image
 
 from medseg.errors import MedsegError
+from medseg.files import atomic_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 TIFF_EXTENSIONS = (".tif", ".tiff")
@@ -359,7 +358,7 @@ def mask_to_labels(
 
 
 def write_image_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Write a PNG (uint8 or uint16 gray, uint8 RGB) via a temporary file, so readers never see half a file.
+    """Write a PNG (uint8 or uint16 gray, uint8 RGB) through `files.atomic_file`: readers never see half a file.
 
     16-bit RGB is refused: Pillow has no 48-bit mode, and silently writing 8 bits would lose data.
     """
@@ -372,14 +371,6 @@ def write_image_atomic(path: str | Path, array: np.ndarray) -> None:
         raise ValueError(f"write_image_atomic writes gray or 8-bit RGB, got shape {array.shape} {array.dtype}")
     if array.ndim not in (2, 3):
         raise ValueError(f"write_image_atomic expects (H, W) or (H, W, 3), got shape {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(array))
-    # A unique hidden name in the same folder: os.replace is atomic only within one filesystem.
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            image.save(stream, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary, temporary.open("xb") as stream:
+        image.save(stream, format="PNG")

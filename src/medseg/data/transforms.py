@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from medseg.errors import MedsegError
 

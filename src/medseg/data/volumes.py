@@ -1,4 +1,4 @@
-"""2.5D slices from 3D volumes (STS-Net, seed 003, Methods and Fig. 2; SPECS.md Sec. 2.1).
+"""2.5D slices from 3D volumes (STS-Net, Scientific Reports 2025, Methods and Fig. 2; the authors' code).
 
 `medseg slices VOLUMES --out DATA` reads NIfTI image / label volume pairs with nibabel and writes
 medseg's folder format, one PNG pair per axial slice k (the volume's last axis; written as

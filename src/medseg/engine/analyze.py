@@ -1,4 +1,8 @@
-"""`medseg analyze cka`: how alike the channels of one layer are (Fovea-UNet, seed 000, Fig. 5).
+"""`medseg analyze cka`: how alike the channels of one layer of a trained network are, for any network and any
+layer with (B, C, H, W) outputs. The analysis is Fovea-UNet's Fig. 5 (Liu et al., "Fovea-UNet: detection and
+segmentation of lymph node metastases in colorectal cancer with deep learning", BioMedical Engineering OnLine
+2023, "Effectiveness of HSIC regularization"); a network that names its analysed layers (`NamedFeatureLayers`,
+e.g. Fovea-UNet's Ghost-module intrinsic features) gives the default layer, any other needs `--layer`.
 
 Each channel i of the layer is a matrix X_i (images x spatial positions), collected over the data's images
 at the run's preprocessing. Linear CKA (Kornblith et al. 2019), the paper's similarity: with K_i = X_i X_i^T
@@ -21,11 +25,28 @@ from medseg.data.formats import discover
 from medseg.data.io import write_image_atomic
 from medseg.engine.inference import Predictor, heat_map
 from medseg.errors import MedsegError
+from medseg.files import atomic_file
+from medseg.models.base import NamedFeatureLayers
 
 
-def intrinsic_layers(model: nn.Module) -> list[str]:
-    """Names of the Ghost modules' primary convs (the intrinsic features), the layers Fig. 5 shows."""
-    return [f"{name}.primary_conv" for name, m in model.named_modules() if type(m).__name__ == "GhostModule"]
+def conv_layers(model: nn.Module) -> list[str]:
+    """Names of the network's conv layers, in registration order."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+
+
+def choose_layer(model: nn.Module, network: str, layer: str | None) -> str:
+    """`layer`, checked to be a module of the network; without it, the first layer the network names."""
+    named = model.analysis_layers() if isinstance(model, NamedFeatureLayers) else []
+    if layer is None and named:
+        return named[0]
+    if layer and layer in dict(model.named_modules()):
+        return layer
+    convs = conv_layers(model)
+    listing = (f"one of the layers it names: {', '.join(named[:6])}" if named
+               else f"one of its {len(convs)} conv layers, e.g. {', '.join(convs[:3] + convs[3:][-3:])}")
+    if layer is None:
+        raise MedsegError(f"network {network!r} names no default layer to analyse; give --layer, {listing}")
+    raise MedsegError(f"layer {layer!r} is not in the network {network!r}; try {listing}")
 
 
 def linear_cka_matrix(features: torch.Tensor) -> torch.Tensor:
@@ -48,28 +69,33 @@ def cka(run: str | Path, data: str | Path, layer: str | None = None, out: str | 
         images: int = 32, device: str = "auto", cell: int = 8) -> tuple[Path, float]:
     predictor = Predictor(run, device)
     model = predictor.model.eval()
-    modules = dict(model.named_modules())
-    layer = layer or next(iter(intrinsic_layers(model)), None)
-    if layer not in modules:
-        suggestions = intrinsic_layers(model)[:6] or [n for n in modules if n][:6]
-        raise MedsegError(f"layer {layer!r} is not in the network {predictor.config['name']!r}; "
-                          f"try one of {', '.join(suggestions)} (module names of the network)")
+    layer = choose_layer(model, predictor.config["name"], layer)
     cases = discover(Path(data)).cases[:images]
     if len(cases) < 2:
         raise MedsegError(f"{data}: CKA needs at least 2 images; found {len(cases)}")
     dataset = InferenceDataset(cases, predictor.preprocessing, with_masks=False)
     captured: list[torch.Tensor] = []
-    handle = modules[layer].register_forward_hook(lambda m, i, o: captured.append(o.detach().float().cpu()))
+    calls: list[object] = []  # the layer's outputs in one forward pass (a shared module runs more than once)
+
+    def keep(module: nn.Module, inputs: tuple, output: object) -> None:
+        calls.append(output)
+
+    handle = model.get_submodule(layer).register_forward_hook(keep)
     try:
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate_inference)
         with torch.no_grad():
             for batch in loader:
+                calls.clear()
                 predictor.probabilities(batch["image"])
+                output = calls[0] if calls else None
+                if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                    shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else type(output).__name__
+                    raise MedsegError(f"layer {layer!r} gives {shape} outputs, not (C, H, W) maps; choose a "
+                                      "convolutional layer")
+                captured.append(output.detach().float().cpu())
     finally:
         handle.remove()
     features = torch.cat(captured)
-    if features.dim() != 4:
-        raise MedsegError(f"layer {layer!r} gives {tuple(features.shape[1:])} outputs; choose a convolutional layer")
     matrix = linear_cka_matrix(features)
     off_diagonal = matrix[~torch.eye(len(matrix), dtype=torch.bool)]
     mean = float(off_diagonal.nanmean()) if off_diagonal.numel() else 1.0
@@ -77,8 +103,6 @@ def cka(run: str | Path, data: str | Path, layer: str | None = None, out: str | 
     cell = max(cell, 256 // len(matrix))  # at least about 256 px wide
     picture = heat_map(matrix.float()).repeat(cell, axis=0).repeat(cell, axis=1)
     write_image_atomic(target, picture)
-    numbers = target.with_suffix(".npy")
-    temporary = numbers.with_name(f".{numbers.name}.tmp.npy")
-    np.save(temporary, matrix.numpy())
-    temporary.replace(numbers)
+    with atomic_file(target.with_suffix(".npy")) as temporary, temporary.open("wb") as stream:
+        np.save(stream, matrix.numpy())
     return target, mean

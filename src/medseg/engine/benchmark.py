@@ -25,8 +25,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medseg.engine.evaluate import evaluate
 from medseg.engine.inference import pick_device, prune_to
-from medseg.engine.run import versions, write_text_atomic
+from medseg.engine.run import versions
 from medseg.errors import MedsegError
+from medseg.files import write_text_atomic
 from medseg.models import create_model, load_model
 from medseg.models.saving import read_model_config
 
@@ -37,7 +38,7 @@ def count_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
@@ -92,8 +93,8 @@ def benchmark_network(model: torch.nn.Module, label: str, size: tuple[int, int],
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     rss_reset = dev.type == "cpu" and _reset_peak_rss()
-    latency_1 = _timed(run(one), dev, warmup, repeats)
-    latency_n = _timed(run(many), dev, warmup, repeats)
+    latency_1 = timed(run(one), dev, warmup, repeats)
+    latency_n = timed(run(many), dev, warmup, repeats)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**20
         peak_kind = "cuda max allocated"
@@ -147,7 +148,8 @@ def machine() -> dict[str, Any]:
 
 def benchmark(models: list[str], size: tuple[int, int], batch: int = 8, device: str = "auto", warmup: int = 3,
               repeats: int = 10, in_channels: int = 3, num_classes: int = 1, amp: bool = False,
-              levels: list[int] | None = None, on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              levels: list[int] | None = None,
+              on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Benchmark registered networks (each pruning level of each, with `levels`)."""
     results = []
     for name in models:
@@ -172,7 +174,8 @@ def benchmark_run(run: str | Path, levels: list[int | None], size: tuple[int, in
         label = config["name"] if level is None else f"{config['name']} L{level}"
         result = benchmark_network(prune_to(load_model(run), level), label, size, batch, device, warmup, repeats, amp)
         if data is not None:
-            summary = json.loads((evaluate(run, data, device=device, overlays=0, level=level) / "summary.json").read_text())
+            folder = evaluate(run, data, device=device, overlays=0, level=level)
+            summary = json.loads((folder / "summary.json").read_text())
             result.update(protocol=summary["protocol"]["name"], cases=summary["cases"],
                           dice=summary["metrics"]["dice"]["value"], iou=summary["metrics"]["iou"]["value"])
         results.append(result)
@@ -207,65 +210,3 @@ def markdown_table(report: dict[str, Any]) -> str:
             line += f" {r['dice']:.4f} | {r['iou']:.4f} |"
         lines.append(line)
     return "\n".join(lines)
-
-
-def benchmark_fovea_pool(channels: int = 16, size: int = 128, max_radius: int = 16, network_size: int = 512,
-                         device: str = "auto", warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
-    """Fovea-UNet's expensive parts (issue 7): Fovea Pooling (summed-area table + gathers, soft and hard)
-    against the per-pixel loop of Eq. 6-7 on a channels x size x size map, and the share of `fovea_unet`'s
-    forward time at network_size px spent in the importance modules and in the pooling."""
-    from medseg.models.fovea_unet import FoveaSkip
-    from medseg.models.ops import fovea_pool, fovea_pool_loop
-
-    dev = pick_device(device)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, channels, size, size, generator=generator).to(dev)
-    importance = torch.rand(1, 1, size, size, generator=generator).to(dev)
-    with torch.no_grad():
-        fast_hard = _timed(lambda: fovea_pool(x, importance, max_radius, "avg", hard=True), dev, warmup, repeats)
-        fast_soft = _timed(lambda: fovea_pool(x, importance, max_radius, "lp"), dev, warmup, repeats)
-        start = time.perf_counter()
-        reference = fovea_pool_loop(x.cpu(), importance.cpu(), max_radius, "avg", hard=True)
-        loop = time.perf_counter() - start
-        error = float((fovea_pool(x, importance, max_radius, "avg", hard=True).cpu().double() - reference.double()).abs().max())
-
-    model = create_model("fovea_unet", 3, 1).to(dev).eval()
-    spent = {"importance": 0.0, "pooling": 0.0}
-    starts: dict[int, float] = {}
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def before(module: torch.nn.Module, args: Any) -> None:
-        sync()
-        starts[id(module)] = time.perf_counter()
-
-    def after(kind: str) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            sync()
-            spent[kind] += time.perf_counter() - starts[id(module)]
-        return hook
-
-    for skip in (m for m in model.modules() if isinstance(m, FoveaSkip)):
-        for kind, part in (("importance", skip.importance), ("pooling", skip.pool)):
-            part.register_forward_pre_hook(before)
-            part.register_forward_hook(after(kind))
-    image = torch.randn(1, 3, network_size, network_size, generator=generator).to(dev)
-    with torch.no_grad():
-        model(image)  # warm-up
-        spent.update(importance=0.0, pooling=0.0)
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            model(image)
-        sync()
-        total = (time.perf_counter() - start) / repeats
-    return {
-        "device": str(dev), "machine": machine(), "date": date.today().isoformat(),
-        "map": f"{channels}x{size}x{size}", "max_radius": max_radius,
-        "fovea_pool_hard_avg_ms": fast_hard * 1e3, "fovea_pool_soft_lp_ms": fast_soft * 1e3,
-        "loop_hard_avg_s": loop, "speedup": loop / fast_hard, "max_abs_difference": error,
-        "network_input": f"3x{network_size}x{network_size}", "forward_ms": total * 1e3,
-        "importance_share": spent["importance"] / repeats / total, "pooling_share": spent["pooling"] / repeats / total,
-    }

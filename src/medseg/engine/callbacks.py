@@ -1,143 +1,307 @@
-"""Training callbacks: `metrics.csv` (one row per epoch) and a one-line epoch summary on the console."""
+"""Training loggers and callbacks, on Lightning's stock pieces.
+
+- `EpochCSVLogger`: Lightning's CSVLogger writing RUN/metrics.csv, one row per epoch, columns named by
+  `epoch_columns`: epoch, train_loss, train_<term> (each term of a composite loss), val_loss, val_dice,
+  val_iou, ..., lr (or lr_<group> for an optimiser with named groups), seconds.
+- `build_loggers`: that logger plus the recipe's optional TensorBoard (RUN/tensorboard/) and MLflow (a local
+  store in RUN/mlruns/) loggers.
+- `EpochSummary`: the console's one-line epoch summary and, without a progress bar, progress lines; it logs
+  each epoch's wall time as `seconds`.
+- `FreezeGroups`: `train.freeze` on Lightning's BaseFinetuning.
+
+Console lines come from rank zero only (`say`).
+"""
 
 from __future__ import annotations
 
 import csv
+import importlib
 import io
+import logging
 import math
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
-from medseg.engine.run import write_text_atomic
 from medseg.errors import MedsegError
+from medseg.files import write_text_atomic
 
 
-class EpochMetrics(L.Callback):
-    """After each validation: append a row to metrics.csv and print a summary line (rank zero only).
+@rank_zero_only
+def say(message: str) -> None:
+    """One console line, from rank zero only, written around a progress bar when one is showing."""
+    tqdm.write(message)
+    sys.stdout.flush()
 
-    The row is written before the checkpoint callbacks run, so a run killed afterwards resumes from a
-    checkpoint whose epoch is already in the file; on resume, rows past the checkpoint are dropped.
-    Train loss, and each term of a composite loss the training step reports under "terms", is the mean of
-    this rank's step values over the epoch (Lightning's own epoch means of train metrics are only ready
-    after validation, one epoch late for this row).
+
+def column_of(key: str) -> str | None:
+    """The metrics.csv column of one of Lightning's metric names: train/loss_epoch -> train_loss, val/dice ->
+    val_dice, seconds -> seconds; a per-step value (train/loss_step) has none. Learning rates: `epoch_columns`."""
+    if key.endswith("_step"):
+        return None
+    return key.removesuffix("_epoch").replace("/", "_")
+
+
+def epoch_columns(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Lightning's metric names and values -> metrics.csv columns. LearningRateMonitor's `lr-Adam/all` is `lr`
+    when the optimiser has one group, `lr-Adam/encoder` is `lr_encoder` when it has several."""
+    lrs = [key for key in metrics if key.startswith("lr-")]
+    columns: dict[str, float] = {}
+    for key, value in metrics.items():
+        if key.startswith("lr-"):
+            name: str | None = "lr" if len(lrs) == 1 else "lr_" + key.rsplit("/", 1)[-1]
+        else:
+            name = column_of(key)
+        if name is not None:
+            columns[name] = float(value)
+    return columns
+
+
+COLUMN_KINDS: tuple[Callable[[str], bool], ...] = (
+    lambda c: c == "epoch",
+    lambda c: c == "train_loss",
+    lambda c: c.startswith("train_"),
+    lambda c: c.startswith("val_"),
+    lambda c: c == "lr" or c.startswith("lr_"),
+    lambda c: c == "seconds",
+)
+
+
+def column_order(column: str) -> tuple[int, str]:
+    """epoch, train_loss, the other train_ columns, val_, lr, seconds, anything else; by name within each."""
+    return next((rank for rank, kind in enumerate(COLUMN_KINDS) if kind(column)), len(COLUMN_KINDS)), column
+
+
+class EpochCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, writing `path` (RUN/metrics.csv) with one row per epoch in `epoch_columns`
+    names, instead of a row per logging call under lightning_logs/version_N/.
+
+    The file is rewritten whole (atomically) whenever the values of an epoch change, so it holds every
+    value logged so far. `start_at(epoch)` drops the rows from `epoch` on: a resumed fit re-trains them
+    (`ResumeMetricsTable` calls it once the checkpoint is restored). Values logged without an epoch
+    (LearningRateMonitor's lr at an epoch's start) belong to the epoch after the last one seen.
     """
 
-    def __init__(self, path: Path, echo: bool = True, echo_progress: bool = False):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.echo = echo
-        self.echo_progress = echo_progress  # without a progress bar (logs, pipes): a line per tenth of an epoch
-        self._losses: list[float] = []
-        self._terms: dict[str, list[float]] = {}
-        self._lrs: dict[str, float] = {}
-        self._started = time.perf_counter()
+        super().__init__(save_dir=self.path.parent, name="", version="")
+        self.rows: dict[int, dict[str, Any]] = {int(row["epoch"]): row for row in self._read()}
+        self._epoch = -1
+        self._changed = False
+
+    @property
+    def log_dir(self) -> str:
+        return str(self.path.parent)
+
+    @property
+    def experiment(self) -> "EpochCSVLogger":
+        """The table itself (Lightning's ExperimentWriter would delete an existing metrics.csv)."""
+        return self
+
+    @rank_zero_only
+    def start_at(self, epoch: int) -> None:
+        kept = {e: row for e, row in self.rows.items() if e < epoch}
+        self._changed = self._changed or len(kept) != len(self.rows)
+        self.rows, self._epoch = kept, epoch - 1
+        self.save()
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if "epoch" in metrics:
+            self._epoch = int(metrics["epoch"])
+        epoch = self._epoch if "epoch" in metrics else self._epoch + 1
+        columns = epoch_columns({k: v for k, v in metrics.items() if k != "epoch"})
+        if columns:
+            self.rows.setdefault(epoch, {"epoch": epoch}).update(columns)
+            self._changed = True
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Not written: the run's config.yaml is the recipe, and no hparams.yaml goes beside metrics.csv."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._changed:
+            return
+        rows = [self.rows[e] for e in sorted(self.rows)]
+        fields = sorted({key for row in rows for key in row}, key=column_order)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.path, buffer.getvalue())
+        self._changed = False
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+
+class ResumeMetricsTable(L.Callback):
+    """At the start of training (the checkpoint's epoch counter restored by then), drop the table's rows from
+    the first epoch this fit trains: a run killed after logging an epoch but before checkpointing it trains that
+    epoch again, and its row is written anew; the rows before are kept."""
+
+    def __init__(self, table: EpochCSVLogger):
+        self.table = table
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # current_epoch is restored from the checkpoint by now
-        if trainer.is_global_zero and self.path.is_file():
-            rows = self._read()
-            kept = [r for r in rows if int(r["epoch"]) < trainer.current_epoch]
-            if len(kept) != len(rows):
-                self._write(kept, list(rows[0].keys()))
+        self.table.start_at(trainer.current_epoch)
+
+
+def _require(package: str) -> None:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        raise MedsegError(f"train.loggers names {package}, which is not installed: "
+                          f"pip install 'medseg[{package}]'") from None
+
+
+def _tensorboard(folder: Path) -> Logger:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=folder, name="tensorboard", version="", default_hp_metric=False)
+
+
+def _mlflow(folder: Path) -> Logger:
+    """MLflow's tracking store as one SQLite file in RUN/mlruns/ (MLflow 3 keeps plain-folder stores in maintenance
+    mode): `mlflow ui --backend-store-uri sqlite:///RUN/mlruns/mlflow.db`. A resumed run continues its MLflow run."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for noisy in ("mlflow", "alembic", "lightning.pytorch.loggers.mlflow"):  # database set-up, "creating experiment"
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    store = folder / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{store.resolve() / 'mlflow.db'}"
+    return MLFlowLogger(experiment_name="medseg", run_name=folder.name, tracking_uri=uri,
+                        artifact_location=(store / "artifacts").resolve().as_uri(),
+                        run_id=_mlflow_run_id(uri))
+
+
+def _mlflow_run_id(uri: str) -> str | None:
+    """The latest MLflow run in this run folder's own store (a resume continues it), or None (a new one)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("medseg")
+    found = [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1,
+                                                             order_by=["attributes.start_time DESC"])
+    return found[0].info.run_id if found else None
+
+
+OPTIONAL_LOGGERS: dict[str, Callable[[Path], Logger]] = {"tensorboard": _tensorboard, "mlflow": _mlflow}
+
+
+def check_loggers(names: Sequence[str]) -> None:
+    """Each optional logger named has its package (imported only when named): a one-line MedsegError otherwise."""
+    for name in names:
+        if name in OPTIONAL_LOGGERS:
+            _require(name)
+
+
+def build_loggers(names: Sequence[str], folder: Path) -> list[Logger]:
+    """metrics.csv's logger first (always), then the optional ones named, writing into the run folder."""
+    check_loggers(names)
+    return [EpochCSVLogger(folder / "metrics.csv"), *(OPTIONAL_LOGGERS[name](folder) for name in names
+                                                      if name in OPTIONAL_LOGGERS)]
+
+
+class EpochSummary(L.Callback):
+    """The console's view of training, rank zero only: after each epoch one line with the values of the
+    metrics.csv columns; without a progress bar (logs, pipes) also a line per tenth of an epoch. It logs each
+    epoch's wall time (training and validation) as `seconds`."""
+
+    def __init__(self, progress_lines: bool = False):
+        self.progress_lines = progress_lines
+        self._losses: list[float] = []
+        self._started = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the lr this epoch trains with: epoch schedulers step after the last batch, before validation
-        groups = trainer.optimizers[0].param_groups
-        self._lrs = {f"lr_{g.get('name', 'all')}" if len(groups) > 1 else "lr": g["lr"] for g in groups}
         self._losses = []
-        self._terms = {}
         self._started = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        total = trainer.num_training_batches
+        if not self.progress_lines or not isinstance(total, int) or total < 20:
+            return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._losses.append(float(loss.detach()))
-        for name, value in (outputs.get("terms", {}) if isinstance(outputs, dict) else {}).items():
-            self._terms.setdefault(name, []).append(float(value))
-        total = trainer.num_training_batches
-        if self.echo_progress and trainer.is_global_zero and isinstance(total, int) and total >= 20:
-            done = batch_idx + 1
-            if done % math.ceil(total / 10) == 0 and done < total:
-                tqdm.write(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} batches, "
-                           f"loss {sum(self._losses) / len(self._losses):.4g}, {time.perf_counter() - self._started:.0f}s")
+        done = batch_idx + 1
+        if done % math.ceil(total / 10) == 0 and done < total and self._losses:
+            say(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: {done}/{total} batches, "
+                f"loss {sum(self._losses) / len(self._losses):.4g}, {time.perf_counter() - self._started:.0f}s")
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        metrics = trainer.callback_metrics
-        row: dict[str, Any] = {"epoch": trainer.current_epoch,
-                               "train_loss": sum(self._losses) / len(self._losses) if self._losses else math.nan}
-        for name, values in self._terms.items():  # the terms of a composite loss: train_dice, train_kernel_l2, ...
-            row[f"train_{name}"] = sum(values) / len(values)
-        for key in sorted(metrics):
-            if key.startswith("val/"):
-                row[key.replace("/", "_")] = float(metrics[key])
-        row.update(self._lrs)
-        row["seconds"] = time.perf_counter() - self._started
-        rows = self._read() if self.path.is_file() else []
-        rows = [r for r in rows if int(r["epoch"]) != row["epoch"]] + [row]
-        self._write(rows, list(row.keys()))
-        if self.echo:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds"))
-            tqdm.write(f"epoch {row['epoch'] + 1}/{trainer.max_epochs}  {shown}  ({row['seconds']:.1f}s)")
-
-    def _read(self) -> list[dict[str, str]]:
-        with self.path.open(newline="") as handle:
-            return list(csv.DictReader(handle))
-
-    def _write(self, rows: list[dict[str, Any]], fields: list[str]) -> None:
-        for r in rows:
-            fields += [k for k in r if k not in fields]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(self.path, buffer.getvalue())
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seconds = time.perf_counter() - self._started
+        pl_module.log("seconds", seconds, on_step=False, on_epoch=True, batch_size=1, sync_dist=True, reduce_fx="max")
+        columns = epoch_columns(trainer.callback_metrics)
+        shown = "  ".join(f"{name} {columns[name]:.4g}" for name in sorted(columns, key=column_order)
+                          if name not in ("epoch", "seconds"))
+        say(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}  ({seconds:.1f}s)")
 
 
-class FreezeGroups(L.Callback):
+def freeze_members(model: torch.nn.Module, groups: Sequence[str]) -> tuple[list[torch.nn.Parameter],
+                                                                           list[torch.nn.Module]]:
+    """The parameters of the named `param_groups()` and the BatchNorm layers they hold (an unknown name is a
+    MedsegError naming the network's groups)."""
+    named = model.param_groups()
+    unknown = [g for g in groups if g not in named]
+    if unknown:
+        raise MedsegError(f"train.freeze names groups {unknown} that {type(model).__name__} does not have; "
+                          f"its groups: {sorted(named) or 'none'}")
+    params = [p for g in groups for p in named[g]]
+    ids = {id(p) for p in params}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.weight is not None and id(m.weight) in ids]
+    return params, norms
+
+
+class FreezeGroups(BaseFinetuning):
     """`train.freeze`: the named parameter groups take no gradient and their BatchNorm layers keep their
     running statistics (eval mode) while current_epoch < epochs; from then on they train. Works for any
     network with `param_groups()`; the lr change that usually goes with unfreezing is the schedule's job
-    (e.g. `schedule: {name: step, step_size: 30, gamma: 0.1}`)."""
+    (e.g. `schedule: {name: step, step_size: 30, gamma: 0.1}`).
 
-    def __init__(self, groups: list[str], epochs: int):
-        self.groups, self.epochs = groups, epochs
+    The optimiser holds the frozen parameters all along, in their recipe group (`optim.group_lr`), so
+    unfreezing adds no parameter group and the schedule and a resume see one layout throughout."""
+
+    def __init__(self, groups: Sequence[str], epochs: int):
+        super().__init__()
+        self.groups, self.epochs = list(groups), epochs
         self.params: list[torch.nn.Parameter] = []
         self.norms: list[torch.nn.Module] = []
+        self._frozen: bool | None = None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.params, self.norms = self.members(pl_module.model)  # once, not per epoch or batch
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        """Called in `setup`, before the optimiser and DDP exist: find the groups' parameters and BatchNorm
+        layers, once (an unknown group stops here). They are frozen at the first epoch's start by
+        `finetune_function`, not now: the optimiser must hold them for when they train, and DDP reduces the
+        gradients of only those parameters that require one when it wraps the model."""
+        self.params, self.norms = freeze_members(pl_module.model, self.groups)
+        self._frozen = None
 
-    def members(self, model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Module]]:
-        named = model.param_groups()
-        unknown = [g for g in self.groups if g not in named]
-        if unknown:
-            raise MedsegError(f"train.freeze names groups {unknown} that {type(model).__name__} does not have; "
-                              f"its groups: {sorted(named) or 'none'}")
-        params = [p for g in self.groups for p in named[g]]
-        ids = {id(p) for p in params}
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                 and m.weight is not None and id(m.weight) in ids]
-        return params, norms
-
-    def frozen(self, epoch: int) -> bool:
-        return epoch < self.epochs
-
-    def apply(self, model: torch.nn.Module, epoch: int) -> None:
-        frozen = self.frozen(epoch)
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        frozen = epoch < self.epochs
         for p in self.params:
             p.requires_grad_(not frozen)
         for m in self.norms:  # Lightning restores each module's own mode after validation, so set it both ways
-            m.train(not frozen and model.training)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.apply(pl_module.model, trainer.current_epoch)
-        if trainer.is_global_zero and trainer.current_epoch in (0, self.epochs):
-            state = "frozen" if self.frozen(trainer.current_epoch) else "trainable from now on"
-            tqdm.write(f"epoch {trainer.current_epoch + 1}: {', '.join(self.groups)} {state}")
+            m.train(not frozen and pl_module.model.training)
+        if frozen != self._frozen:
+            say(f"epoch {epoch + 1}: {', '.join(self.groups)} {'frozen' if frozen else 'trainable from now on'}")
+        self._frozen = frozen

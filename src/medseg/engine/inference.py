@@ -4,10 +4,10 @@ multiple, activation, and resizing probabilities back to an image's original siz
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from medseg.data.transforms import Preprocessing
 from medseg.engine.module import activate

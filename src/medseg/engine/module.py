@@ -7,6 +7,10 @@ weights of `train.extra_loss_weights`, and `optim.kernel_l2` adds a Keras-style 
 threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty rule, so `val/dice` is the
 mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of that one output, so for a
 deeply supervised network it is on another scale than `train/loss` (the weighted sum over all heads).
+
+Logging: `train/loss` and, for a composite loss, each term (`train/dice`, `train/nhsic`, `train/kernel_l2`, ...)
+per step and as epoch means, `val/*` as epoch means, all with `self.log_dict` / `self.log` to the trainer's
+loggers (metrics.csv names them train_loss, train_dice, val_dice, ...).
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import lightning as L
 import torch
 
 from medseg.config import Recipe
+from medseg.engine.callbacks import freeze_members
 from medseg.engine.optim import build_optimizer, build_scheduler, conv_kernel_l2, l2_kernels
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
+from medseg.losses.m2snet import LossNet
 from medseg.metrics import confusion_counts, predict_labels, summary_metrics
 from medseg.models import create_model
 from medseg.models.base import ExtraLosses
+from medseg.weights import LoadReport
 
 VAL_METRICS = ("dice", "iou", "mdice", "miou", "sensitivity", "precision")
 
@@ -39,9 +46,15 @@ class SegmentationModule(L.LightningModule):
         self.recipe = Recipe.model_validate(recipe)
         cfg = self.recipe.model
         self.model = create_model(cfg.name, cfg.in_channels, cfg.num_classes, **cfg.options())
-        self.criterion = build_loss([t.model_dump() for t in self.recipe.loss], self.recipe.train.deep_supervision_weights)
+        self.criterion = build_loss([t.model_dump() for t in self.recipe.loss],
+                                    self.recipe.train.deep_supervision_weights)
         self.num_classes = cfg.num_classes
         self.l2_kernels = l2_kernels(self.model) if self.recipe.optim.kernel_l2 else []  # listed once, not per step
+
+    def weight_reports(self) -> list[LoadReport]:
+        """What each local weights file loaded: the network's (encoder, whole network) and the losses' (LossNet)."""
+        losses = [m.load_report for m in self.criterion.modules() if isinstance(m, LossNet) and m.load_report]
+        return [*self.model.load_reports, *losses]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.model(images)
@@ -64,10 +77,11 @@ class SegmentationModule(L.LightningModule):
         if self.recipe.optim.kernel_l2:
             parts["kernel_l2"] = conv_kernel_l2(self.l2_kernels)
             loss = loss + self.recipe.optim.kernel_l2 * parts["kernel_l2"]
-        size = batch["image"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
-        if len(parts) > 1:  # the terms go to metrics.csv through EpochMetrics
-            return {"loss": loss, "terms": {name: value.detach() for name, value in parts.items()}}
+        logged = {"train/loss": loss}
+        if len(parts) > 1:  # each term of a composite loss (a single term is the loss itself)
+            logged.update({f"train/{name}": value.detach() for name, value in parts.items()})
+        self.log_dict(logged, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0],
+                      sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -80,6 +94,15 @@ class SegmentationModule(L.LightningModule):
         for name in VAL_METRICS:
             self.log(f"val/{name}", scores[name].float().mean(), on_epoch=True, prog_bar=name == "dice",
                      batch_size=size, sync_dist=True)
+
+    def check_training_setup(self) -> None:
+        """Build the optimiser and schedule once (thrown away) and find `train.freeze`'s groups: a mistake in
+        those recipe sections (an unknown group, a warm-up past the last epoch) stops `train` before the run
+        folder exists instead of inside `fit`."""
+        optimizer = build_optimizer(self.model, self.recipe.optim)
+        build_scheduler(optimizer, self.recipe.schedule, self.recipe.train.epochs, 1)
+        if self.recipe.train.freeze:
+            freeze_members(self.model, self.recipe.train.freeze.groups)
 
     def configure_optimizers(self) -> Any:
         optimizer = build_optimizer(self.model, self.recipe.optim)

@@ -1,4 +1,4 @@
-"""The run folder (DESIGN.md, "A run folder"): written by `train`, read by everything else.
+"""The run folder, our layout: written by `train`, read by everything else.
 
     runs/<name>/config.yaml     the resolved recipe (a valid recipe itself) plus a `run:` section
     runs/<name>/splits.json     the exact stems of train / val / test
@@ -11,11 +11,9 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -44,7 +42,8 @@ class Run:
 
     def require(self) -> "Run":
         if not self.config_file.is_file():
-            raise MedsegError(f"{self.path} is not a medseg run folder (no config.yaml); give the folder `medseg train` wrote")
+            raise MedsegError(f"{self.path} is not a medseg run folder (no config.yaml); "
+                              "give the folder `medseg train` wrote")
         return self
 
     def config(self) -> dict[str, Any]:
@@ -60,19 +59,6 @@ class Run:
         if not self.splits_file.is_file():
             raise MedsegError(f"{self.splits_file} is missing; the run folder is incomplete")
         return json.loads(self.splits_file.read_text())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def slug(text: str) -> str:
@@ -113,7 +99,8 @@ def git_commit() -> str | None:
     """The commit of the medseg checkout in use (None when installed from a wheel)."""
     here = Path(__file__).resolve().parent
     try:
-        result = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        result = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if result.returncode != 0:

@@ -1,9 +1,21 @@
-"""`medseg train`: data check, splits, run folder, Lightning trainer, export of the model folder.
+"""`medseg train`: a recipe and a data folder in, a run folder out.
 
-The trainer factory turns a recipe into a `lightning.Trainer`: AMP on CUDA, DDP for `devices > 1`
-(gloo processes on CPU), `best.ckpt` by the recipe's monitor and `last.ckpt`, early stopping, a
-progress bar on terminals. `--resume` continues a run from `last.ckpt` with its optimiser, schedule
-and epoch counter.
+`train` is a sequence of stages, each a function below:
+
+    resolve_run        the run folder: a new one, a resumed one (its stored recipe plus overrides), or, in a
+                       DDP child process, rank 0's
+    prepare_data       the SegmentationDataModule: data check, splits, dataset statistics, amplification plan
+    build_module       the LightningModule, with the recipe's optimiser, schedule, freeze groups and loggers
+                       checked
+    load_initial_weights   a recipe's model.weights file (not on resume: the checkpoint has the weights)
+    write_run_files    config.yaml, splits.json, amplify.json (rank 0)
+    fit                the trainer from `build_trainer`, then Lightning's fit (from last.ckpt on resume)
+    export             model/ from the chosen checkpoint and curves.png from metrics.csv (rank 0)
+
+Everything that can be refused (bad data, an empty split, a recipe mistake, a missing logger package) is
+refused before the run folder exists. The trainer factory turns a recipe into a `lightning.Trainer`: AMP
+on CUDA, DDP for `devices > 1` (gloo processes on CPU), `best.ckpt` by the recipe's monitor and
+`last.ckpt`, early stopping, the recipe's loggers (metrics.csv always), a progress bar on terminals.
 """
 
 from __future__ import annotations
@@ -13,47 +25,163 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from torch.utils.data import DataLoader
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from medseg.config import NormalizeStats, Recipe
-from medseg.data.amplify import AmplifiedCase, Thresholds
-from medseg.data.amplify import manifest as amplify_manifest
-from medseg.data.amplify import plan as plan_amplification
-from medseg.data.check import check_data
-from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
-from medseg.data.formats import Layout, discover
-from medseg.data.splits import cases_for, make_splits
-from medseg.data.transforms import Preprocessing
-from medseg.engine.callbacks import EpochMetrics, FreezeGroups
+from medseg.config import Recipe
+from medseg.engine.callbacks import (
+    EpochCSVLogger,
+    EpochSummary,
+    FreezeGroups,
+    ResumeMetricsTable,
+    build_loggers,
+    check_loggers,
+    say,
+)
+from medseg.engine.curves import write_curves
+from medseg.engine.data import SegmentationDataModule, preprocessing_of
+from medseg.engine.data import default_workers as default_workers  # re-exported: evaluate and predict import it here
 from medseg.engine.module import SegmentationModule
-from medseg.engine.run import Run, git_commit, latest_run_dir, new_run_dir, now, slug, versions, write_text_atomic
+from medseg.engine.run import Run, git_commit, latest_run_dir, new_run_dir, now, slug, versions
 from medseg.errors import MedsegError
+from medseg.files import write_text_atomic
 from medseg.models import save_model
+from medseg.models.pretrained import load_network_weights
 from medseg.models.registry import model_info
-from medseg.models.saving import load_weights_file
 
 # Lightning's DDP launcher re-runs the command line in child processes; they must join rank 0's run
 # folder instead of naming a new one.
 RUN_DIR_ENV = "MEDSEG_RUN_DIR"
 
 
-def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str | None = None, devices: int = 1,
+          resume: bool = False, overrides: Sequence[str] = (), callbacks: Sequence[L.Callback] = (),
+          progress: bool | None = None) -> Run:
+    """Train `recipe` on the folder `data`; returns the run. With `resume`, the run's stored recipe is
+    used (with `overrides` applied on top, e.g. more epochs) and training continues from last.ckpt."""
+    quiet_lightning()
+    data, out = Path(data).resolve(), Path(out)
+    run, recipe, splits = resolve_run(recipe, data, out, name, resume, overrides)
+    datamodule = prepare_data(recipe, data, splits)
+    recipe = datamodule.recipe
+    module = build_module(recipe)
+    if recipe.model.weights and not resume:
+        load_initial_weights(module, recipe)
+    weights = [] if resume else report_weights(module)
+    write_run_files(run, datamodule, devices, weights)
+    trainer = fit(module, datamodule, run, devices, callbacks, progress, resume)
+    export(trainer, run, recipe, data)
+    return run
 
 
-def preprocessing_of(recipe: Recipe) -> Preprocessing:
-    return Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize=_plain(recipe.data.normalize))
+def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume: bool,
+                overrides: Sequence[str] = ()) -> tuple[Run, Recipe, dict[str, list[str]] | None]:
+    """(run, recipe to train, splits or None for new ones). A DDP child joins rank 0's run with the recipe and
+    splits rank 0 stored; a resumed run takes its stored recipe with `overrides` on top and its splits."""
+    if rank_zero_only.rank > 0 and os.environ.get(RUN_DIR_ENV):
+        run = Run(os.environ[RUN_DIR_ENV])
+        return run, run.recipe(), run.splits()
+    base = name or f"{slug(recipe.name)}-{slug(data.name)}"
+    if resume:
+        path = out / name if name else latest_run_dir(out, base)
+        if path is None or not (path / "checkpoints" / "last.ckpt").is_file():
+            raise MedsegError(f"nothing to resume: no {out / base}*/checkpoints/last.ckpt; train first or pass --name")
+        run = Run(path)
+        stored = run.config()["run"]
+        if Path(stored["data"]) != data:
+            raise MedsegError(f"{run.path} was trained on {stored['data']}, not {data}; resume with the same --data")
+        return run, run.recipe(list(overrides)), run.splits()
+    if name and (out / name).exists():
+        raise MedsegError(f"run folder {out / name} exists; choose another --name, or add --resume to continue it")
+    return Run(new_run_dir(out, base)), recipe, None
 
 
-def _plain(value: Any) -> Any:
-    return value.model_dump() if hasattr(value, "model_dump") else value
+def prepare_data(recipe: Recipe, data: Path, splits: dict[str, list[str]] | None) -> SegmentationDataModule:
+    return SegmentationDataModule(recipe, data, splits)
+
+
+def build_module(recipe: Recipe) -> SegmentationModule:
+    """The LightningModule, seeded by the recipe; its optimiser, schedule and freeze groups are tried once and the
+    packages of the optional loggers looked for, so those mistakes stop training before the run folder exists."""
+    L.seed_everything(recipe.train.seed, workers=True, verbose=False)
+    module = SegmentationModule(recipe.to_dict())
+    module.check_training_setup()
+    check_loggers(recipe.train.loggers)
+    return module
+
+
+def load_initial_weights(module: SegmentationModule, recipe: Recipe) -> None:
+    load_network_weights(module.model, recipe.model.weights)
+
+
+def report_weights(module: SegmentationModule) -> list[dict]:
+    """Print what every local weights file loaded (encoder, whole network, LossNet); the records go to config.yaml."""
+    reports = module.weight_reports()
+    for report in reports:
+        say(report.summary())
+    return [report.to_dict() for report in reports]
+
+
+@rank_zero_only
+def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, weights: list[dict]) -> None:
+    """config.yaml (the resolved recipe and a `run:` record with the weight-loading reports; a resume keeps the
+    record and notes the resume), splits.json, and amplify.json when the recipe amplifies."""
+    recipe = datamodule.recipe
+    config = recipe.to_dict()
+    config["run"] = {"data": str(datamodule.root), "layout": datamodule.layout.kind, "splits": datamodule.split_source,
+                     "seed": recipe.train.seed, "devices": devices, "created": now(), "versions": versions(),
+                     "git_commit": git_commit(), "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None,
+                     "weights": weights}
+    if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
+        previous = yaml.safe_load(run.config_file.read_text()).get("run", {})
+        config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
+    write_text_atomic(run.config_file, yaml.safe_dump(config, sort_keys=False))
+    write_text_atomic(run.splits_file, json.dumps(datamodule.splits, indent=1) + "\n")
+    if datamodule.amplification is not None:
+        write_text_atomic(run.path / "amplify.json", json.dumps(datamodule.amplification, indent=1) + "\n")
+
+
+def fit(module: SegmentationModule, datamodule: SegmentationDataModule, run: Run, devices: int,
+        callbacks: Sequence[L.Callback], progress: bool | None, resume: bool) -> L.Trainer:
+    recipe = datamodule.recipe
+    trainer = build_trainer(recipe, run, devices, callbacks, progress)
+    say(f"training {recipe.name} on {datamodule.root} ({datamodule.counts()}) -> {run.path}")
+    with children_join(run):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.last_checkpoint) if resume else None)
+    return trainer
+
+
+def export(trainer: L.Trainer, run: Run, recipe: Recipe, data: Path) -> None:
+    """Rank 0, after fit: model/ (what predict loads), curves.png, and the closing console line."""
+    if not trainer.is_global_zero:
+        return
+    export_model(run, recipe, data)
+    write_curves(run.metrics_file, run.path / "curves.png", recipe.train.monitor)
+    best = trainer.checkpoint_callback.best_model_score
+    say(f"finished epoch {trainer.current_epoch}/{recipe.train.epochs} in {trainer.world_size} process(es) "
+        f"on {trainer.strategy.root_device.type}; best {recipe.train.monitor} "
+        f"{float(best) if best is not None else float('nan'):.4f}")
+
+
+@contextmanager
+def children_join(run: Run) -> Iterator[None]:
+    """While fitting, MEDSEG_RUN_DIR names the run folder, for the DDP child processes Lightning starts."""
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run.path.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
 
 
 def precision_of(recipe: Recipe) -> str:
@@ -62,41 +190,18 @@ def precision_of(recipe: Recipe) -> str:
     return "16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def check_before_training(layout: Layout, recipe: Recipe) -> None:
-    """Refuse a folder with any error (the whole folder, not only the split: a missing mask is a mistake)."""
-    report = check_data(layout.root, recipe.model.num_classes, recipe.data.mask_threshold)
-    if report.errors:
-        first = report.errors[0]
-        raise MedsegError(f"{layout.root}: {first.file}: {first.message} — run `medseg check-data {layout.root}` "
-                          f"to see all {len(report.errors)} problem(s)")
-
-
-def data_loaders(layout: Layout, splits: dict[str, list[str]], recipe: Recipe,
-                 views: Sequence[AmplifiedCase] = ()) -> tuple[DataLoader, DataLoader]:
-    prep = preprocessing_of(recipe)
-    common = {"preprocessing": prep, "num_classes": recipe.model.num_classes, "mask_threshold": recipe.data.mask_threshold}
-    train_set = SegmentationDataset([*cases_for(layout, splits["train"]), *views], augment=recipe.data.augment, **common)
-    val_set = SegmentationDataset(cases_for(layout, splits["val"]), **common)
-    if not len(val_set):
-        raise MedsegError("the validation split is empty; set data.split.val > 0 or list val stems in splits.json")
-    workers = recipe.data.num_workers if recipe.data.num_workers is not None else default_workers()
-    loader = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
-    batch = recipe.train.batch_size
-    collate = MultiScaleCollate(recipe.data.multiscale) if recipe.data.multiscale else None
-    train_loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=len(train_set) > batch,
-                              collate_fn=collate, **loader)
-    val_loader = DataLoader(val_set, batch_size=batch, shuffle=False, **loader)
-    return train_loader, val_loader
-
-
 def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequence[L.Callback] = (),
                   progress: bool | None = None) -> L.Trainer:
     """The trainer factory: everything the loop needs comes from the recipe."""
     train = recipe.train
-    checkpoint = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=train.monitor, mode=train.monitor_mode,
-                                 save_top_k=1, save_last=True, auto_insert_metric_name=False, enable_version_counter=False)
+    checkpoint = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=train.monitor,
+                                 mode=train.monitor_mode, save_top_k=1, save_last=True, auto_insert_metric_name=False,
+                                 enable_version_counter=False)
     show_bar = sys.stderr.isatty() if progress is None else progress
-    all_callbacks: list[L.Callback] = [EpochMetrics(run.metrics_file, echo_progress=not show_bar), *callbacks, checkpoint]
+    loggers = build_loggers(train.loggers, run.path)
+    table = next(logger for logger in loggers if isinstance(logger, EpochCSVLogger))
+    all_callbacks: list[L.Callback] = [ResumeMetricsTable(table), LearningRateMonitor(logging_interval="epoch"),
+                                       EpochSummary(progress_lines=not show_bar), *callbacks, checkpoint]
     if train.freeze:
         all_callbacks.append(FreezeGroups(train.freeze.groups, train.freeze.epochs))
     if train.early_stopping:
@@ -114,7 +219,7 @@ def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequenc
         strategy=("ddp_find_unused_parameters_true" if train.freeze else "ddp") if devices > 1 else "auto",
         precision=precision_of(recipe),
         callbacks=all_callbacks,
-        logger=False,
+        logger=loggers,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -132,113 +237,14 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")  # resume
-    warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging interval.*")
-
-
-def _rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) + int(os.environ.get("NODE_RANK", "0"))
-
-
-def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume: bool) -> Run:
-    if _rank() > 0 and os.environ.get(RUN_DIR_ENV):
-        return Run(os.environ[RUN_DIR_ENV])
-    base = name or f"{slug(recipe.name)}-{slug(data.name)}"
-    if resume:
-        path = out / name if name else latest_run_dir(out, base)
-        if path is None or not (path / "checkpoints" / "last.ckpt").is_file():
-            raise MedsegError(f"nothing to resume: no {out / base}*/checkpoints/last.ckpt; train first or pass --name")
-        return Run(path)
-    if name and (out / name).exists():
-        raise MedsegError(f"run folder {out / name} exists; choose another --name, or add --resume to continue it")
-    return Run(new_run_dir(out, base))
-
-
-def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str | None = None, devices: int = 1,
-          resume: bool = False, overrides: Sequence[str] = (), callbacks: Sequence[L.Callback] = (),
-          progress: bool | None = None) -> Run:
-    """Train `recipe` on the folder `data`; returns the run. With `resume`, the run's stored recipe is
-    used (with `overrides` applied on top, e.g. more epochs) and training continues from last.ckpt."""
-    quiet_lightning()
-    data, out = Path(data).resolve(), Path(out)
-    run = resolve_run(recipe, data, out, name, resume)
-    if resume:
-        stored = run.config()["run"]
-        if Path(stored["data"]) != data:
-            raise MedsegError(f"{run.path} was trained on {stored['data']}, not {data}; resume with the same --data")
-        recipe = run.recipe(overrides)
-    layout = discover(data)
-    splits, source = (run.splits(), "run splits.json") if resume else make_splits(layout, **recipe.data.split.model_dump())
-    check_before_training(layout, recipe)
-    if recipe.data.normalize == "dataset":
-        recipe = with_dataset_statistics(recipe, layout, splits["train"])
-    L.seed_everything(recipe.train.seed, workers=True, verbose=False)
-    module = SegmentationModule(recipe.to_dict())
-    if recipe.model.weights and not resume:
-        report = load_weights_file(module.model, recipe.model.weights)
-        print(f"initialised {len(report['loaded'])} tensors from {recipe.model.weights} "
-              f"({len(report['missing'])} left at random init, {len(report['unexpected'])} unused)")
-    if _rank() == 0:
-        os.environ[RUN_DIR_ENV] = str(run.path.resolve())
-        _write_run_files(run, recipe, data, layout, splits, source, devices)
-    views = amplified_views(run, layout, splits, recipe) if recipe.data.amplify else []
-    train_loader, val_loader = data_loaders(layout, splits, recipe, views)
-    trainer = build_trainer(recipe, run, devices, callbacks, progress)
-    if _rank() == 0:
-        print(f"training {recipe.name} on {data} ({len(splits['train'])} train / {len(splits['val'])} val / "
-              f"{len(splits['test'])} test) -> {run.path}", flush=True)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(run.last_checkpoint) if resume else None)
-    if trainer.is_global_zero:
-        export_model(run, recipe, data)
-        best = trainer.checkpoint_callback.best_model_score
-        print(f"finished epoch {trainer.current_epoch}/{recipe.train.epochs} in {trainer.world_size} process(es) "
-              f"on {trainer.strategy.root_device.type}; best {recipe.train.monitor} "
-              f"{float(best) if best is not None else float('nan'):.4f}", flush=True)
-    return run
-
-
-def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[str]) -> Recipe:
-    """Replace `data.normalize: dataset` by the training split's {mean, std}, so the run's config.yaml and
-    model carry the numbers and evaluate / predict z-score new images exactly as training did."""
-    raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none")
-    mean, std = intensity_statistics(cases_for(layout, train_stems), raw)
-    if std <= 0:
-        raise MedsegError(f"{layout.root}: the training images are all one intensity (std 0); "
-                          "data.normalize: dataset cannot z-score them, choose another normalisation")
-    if _rank() == 0:
-        print(f"normalisation: training split mean {mean:.4f}, std {std:.4f} (stored in the run)", flush=True)
-    stats = NormalizeStats(mean=[mean], std=[std])
-    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"normalize": stats})})
-
-
-def amplified_views(run: Run, layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> list[AmplifiedCase]:
-    """STS-Net amplification of the training split only; the plan goes to RUN/amplify.json."""
-    cfg = recipe.data.amplify
-    given = Thresholds(cfg.n1, cfg.n2, None, None, "given in the recipe") if cfg.n2 is not None else None
-    thresholds, views, lesions = plan_amplification(layout, splits["train"], given, recipe.model.num_classes,
-                                                    recipe.data.mask_threshold, cfg.seed, cfg.border)
-    if _rank() == 0:
-        write_text_atomic(run.path / "amplify.json", json.dumps(amplify_manifest(thresholds, views, lesions, cfg.seed, cfg.border), indent=1) + "\n")
-        print(f"amplification: N1 {thresholds.n1}, N2 {thresholds.n2}; {len({v.case.stem for v in views})} of "
-              f"{len(splits['train'])} training images qualify, {len(views)} views added", flush=True)
-    return views
-
-
-def _write_run_files(run: Run, recipe: Recipe, data: Path, layout: Layout, splits: dict[str, list[str]],
-                     source: str, devices: int) -> None:
-    config = recipe.to_dict()
-    config["run"] = {"data": str(data), "layout": layout.kind, "splits": source, "seed": recipe.train.seed,
-                     "devices": devices, "created": now(), "versions": versions(), "git_commit": git_commit(),
-                     "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None}
-    if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
-        previous = yaml.safe_load(run.config_file.read_text()).get("run", {})
-        config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
-    write_text_atomic(run.config_file, yaml.safe_dump(config, sort_keys=False))
-    write_text_atomic(run.splits_file, json.dumps(splits, indent=1) + "\n")
+    warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging "
+                                              r"interval.*")
 
 
 def export_model(run: Run, recipe: Recipe, data: Path) -> Path:
     """Write run/model/ from best.ckpt (or last.ckpt, as eval.checkpoint says): what predict loads."""
-    chosen = run.best_checkpoint if recipe.eval.checkpoint == "best" and run.best_checkpoint.is_file() else run.last_checkpoint
+    best = recipe.eval.checkpoint == "best" and run.best_checkpoint.is_file()
+    chosen = run.best_checkpoint if best else run.last_checkpoint
     state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
     module = SegmentationModule(recipe.to_dict())
     module.load_state_dict(state)

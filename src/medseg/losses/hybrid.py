@@ -1,4 +1,5 @@
-"""ANU-Net's hybrid loss (seed 002, Sec. 3.4, Eq. 8; SPECS.md Sec. 3.4), registered as `anunet_hybrid`.
+"""ANU-Net's hybrid loss (Li et al., Computers & Graphics 2020, Sec. 3.4, Eq. 8), registered as
+`anunet_hybrid`.
 
 Per output (the deep-supervision wrapper sums it over the four heads, weights 1 by default):
 

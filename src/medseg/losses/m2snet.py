@@ -1,4 +1,5 @@
-"""M2SNet's losses (seed 001, Sec. 3.2, Eq. 4-6; SPECS.md Sec. 1.8): `structure` and `lossnet`.
+"""M2SNet's losses (Zhao et al., arXiv:2303.10894, Sec. 3.2, Eq. 4-6, and the authors' code: train.py,
+model/miccai_msnet.py): `structure` and `lossnet`.
 
 `structure` = weighted IoU + weighted BCE (the PraNet / F3Net "structure loss"). Boundary weights
 w = 1 + 5 |AvgPool_31x31(G) - G| (stride 1, padding 15, zero padding counted). Per image, with p = sigmoid:
@@ -12,8 +13,12 @@ resized (bilinear) to 224x224 and passed through a frozen VGG-16 `features` (tor
 relu1_2 / relu2_2 / relu3_3 / relu4_3; the loss is the sum of the four feature MSEs. The recipe gives it
 weight 0.1 (the code's value; the paper's Eq. 4 is unweighted). The VGG is kept in eval mode, takes no
 gradient, and is deliberately not a registered submodule: it never enters a state dict, a checkpoint or
-model.safetensors. Its weights come from a local file (`vgg_weights`); without one the VGG is randomly
-initialised (seeded) and a warning says so, because the loss is then only a random-feature loss.
+model.safetensors. Its weights come from a local file (`vgg_weights`: a torchvision vgg16 state dict, the
+whole model's or its `features`'), loaded by `medseg.weights.load_weights` with the one rule of every medseg
+weight file: all 23 layers' tensors must be there (the `features.` prefix is renamed away; the deeper
+layers and the classifier are unused), else a one-line error names the file and the tensor. Without a file
+the VGG is randomly initialised (seeded) and a warning says so, because the loss is then only a
+random-feature loss.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ from torchvision.models import vgg16
 from medseg.errors import MedsegError
 from medseg.losses.basic import binary_target
 from medseg.losses.registry import register_loss
-from medseg.weights import read_state_dict
+from medseg.weights import LoadReport, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23))  # relu1_2, relu2_2, relu3_3, relu4_3
 LOSSNET_SIZE = 224
+VGG_LABEL = f"torchvision vgg16 features[:{VGG_SLICES[-1][1]}]"
 
 
 def boundary_weights(truth: torch.Tensor) -> torch.Tensor:
@@ -71,8 +77,9 @@ class LossNet(nn.Module):
     def __init__(self, vgg_weights: str | None = None):
         super().__init__()
         features = vgg16(weights=None).features[: VGG_SLICES[-1][1]]
+        self.load_report: LoadReport | None = None
         if vgg_weights:
-            _load_vgg(features, Path(vgg_weights))
+            self.load_report = load_weights(features, Path(vgg_weights), what=VGG_LABEL, rename=(("features.", ""),))
         else:
             warnings.warn("lossnet: no vgg_weights given, so VGG-16 is randomly initialised and LossNet is only a "
                           "random-feature loss; give a local torchvision vgg16 file with loss.N.vgg_weights", stacklevel=2)
@@ -100,15 +107,3 @@ class LossNet(nn.Module):
             reference = self._features(truth.float())
         predicted = self._features(torch.sigmoid(logits).float())
         return sum(F.mse_loss(p, r) for p, r in zip(predicted, reference))
-
-
-def _load_vgg(features: nn.Sequential, path: Path) -> None:
-    """Load torchvision vgg16 weights (whole model `features.N.*` keys, or the features block `N.*`)."""
-    state = read_state_dict(path)
-    state = {k.removeprefix("features."): v for k, v in state.items() if not k.startswith("classifier.")}
-    wanted = features.state_dict()
-    missing = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
-    if missing:
-        raise MedsegError(f"{path} is not a torchvision VGG-16 checkpoint: {len(missing)} tensors missing or of another "
-                          f"shape, e.g. {missing[:3]}")
-    features.load_state_dict({k: state[k] for k in wanted})

@@ -7,7 +7,7 @@ it and binarises the mask at 128, as the MATLAB toolbox and the authors' script 
 - `pranet`: the standard polyp toolbox (PraNet, MICCAI 2020, and its evaluation code): mean Dice and mean
   IoU over the 256-threshold sweep (per image, then over images), weighted F-measure (beta = 1), S-measure
   (alpha = 0.5), mean and max E-measure over the sweep (max of the mean curve), MAE.
-- `m2snet`: the M2SNet authors' test script (MSNet-M2SNet `test_score.py`, `utils/metric.py`; SPECS 1.9):
+- `m2snet`: the M2SNet authors' test script (Xiaoqi-Zhao-DLUT/MSNet-M2SNet `test_score.py`, `utils/metric.py`):
   soft Dice of the continuous map (smooth 1e-5), IoU of the map > 0.5 (smooth 1e-5), adaptive E-measure
   (threshold 2 x mean), weighted F-measure, S-measure, MAE, and max / adaptive F-measure (beta^2 = 0.3);
   each per image, then the mean (max F: max of the mean curve).

@@ -1,4 +1,6 @@
-"""Named metric protocols: what a reported number means (DESIGN.md, "Metric protocols").
+"""Named metric protocols: what a reported number means. A metric is a name plus a protocol (threshold,
+aggregation per image or pooled, the value of an empty mask, background included or not); the named protocols
+reproduce what the papers and the standard toolboxes report (ours).
 
 Two kinds share one interface (`scorer(num_classes)` -> add / per_case / summary, `definition()`,
 `rank_metric`): confusion protocols here (paper, nnunet, pooled) and the polyp map protocols of

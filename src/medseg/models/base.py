@@ -9,6 +9,8 @@ Every network
 - has its input size checked against `card.size_multiple` before `forward` (no network checks by hand);
 - names its parameter groups with the class attribute `groups` (module-name prefixes per group; the rest
   is `rest_group`), which the recipe's `optim.group_lr` and `train.freeze` refer to.
+- lists in `load_reports` what each load of a local weights file did (`medseg.models.pretrained`), for
+  the trainer to print and store.
 
 Per-variant metadata is data, a `NetworkCard` in the registry (as timm's `pretrained_cfg`): the paper (title,
 venue), the input-size multiple, the default size, the paper's output channels, the classification head's
@@ -19,7 +21,9 @@ Capabilities, each a mixin class the engine tests with `isinstance`:
 - `Prunable` (ANU-Net L1..L4): `prune(level)` returns a new network built pruned by the registry;
 - `Gated`: attention gates whose first-layer coefficients can be recorded and saved;
 - `ExtraLosses`: loss terms computed by the network itself (Fovea-UNet's nHSIC);
-- `KernelRegularised`: the conv kernels a Keras-style L2 acts on, with their factors (FocusNet).
+- `KernelRegularised`: the conv kernels a Keras-style L2 acts on, with their factors (FocusNet);
+- `NamedFeatureLayers`: the layers whose features the paper analyses, the defaults of `medseg analyze cka`
+  (Fovea-UNet: its Ghost modules' intrinsic features).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models.blocks import AttentionGate, check_input_size
+from medseg.weights import LoadReport
 
 
 @dataclass(frozen=True)
@@ -94,12 +99,22 @@ class SegmentationNetwork(nn.Module):
 
     _spec: NetworkSpec | None = None
     _card: NetworkCard | None = None
+    # What every load from a local file did (`medseg.models.pretrained`: encoder_weights, a recipe's
+    # model.weights), in order: the trainer prints each `report.summary()` and stores `report.to_dict()`.
+    load_reports: list[LoadReport]
+
+    @classmethod
+    def encoder_card(cls, card: NetworkCard, options: dict[str, Any]) -> EncoderCard | None:
+        """The pretrained encoder slot of the variant built with `options` (every constructor argument, the
+        defaults included): the card's. A network whose encoder is an option picks the slot from a table."""
+        return card.encoder
 
     def bind(self, spec: NetworkSpec, card: NetworkCard) -> None:
         """Called once by `create_model`: record how the network was built and check input sizes from now on."""
         if self._spec is not None:
             raise RuntimeError(f"{type(self).__name__} is already bound to {self._spec.name!r}")
         self._spec, self._card = spec, card
+        self.load_reports = []
         self.register_forward_pre_hook(_check_input, with_kwargs=True)
 
     @property
@@ -148,7 +163,8 @@ class Prunable(ABC):
         network: SegmentationNetwork = self  # type: ignore[assignment]
         spec = network.spec
         options = {k: v for k, v in spec.options.items() if k != "encoder_weights"}
-        pruned = create_model(spec.name, spec.in_channels, spec.num_classes, **{**options, **self.pruned_options(level)})
+        options.update(self.pruned_options(level))
+        pruned = create_model(spec.name, spec.in_channels, spec.num_classes, **options)
         kept = network.state_dict()
         missing = [k for k in pruned.state_dict() if k not in kept]
         if missing:
@@ -193,3 +209,13 @@ class KernelRegularised(ABC):
     @abstractmethod
     def regularised_kernels(self) -> list[tuple[nn.Parameter, float]]:
         """[(kernel, factor)]: the L2 term is optim.kernel_l2 * sum(factor * kernel^2)."""
+
+
+class NamedFeatureLayers(ABC):
+    """A network that names the layers whose features its paper analyses (e.g. Fovea-UNet Fig. 5's intrinsic
+    features); `medseg analyze cka` takes the first by default. Any other network needs `--layer`."""
+
+    @abstractmethod
+    def analysis_layers(self) -> list[str]:
+        """Module names (as `named_modules` gives them) of conv layers with (B, C, H, W) outputs, in forward
+        order; empty when this build of the network has none (then `--layer` is required)."""

@@ -1,5 +1,6 @@
 """FocusNet (Kaul, Manandhar & Pears, "FocusNet: An attention-based Fully Convolutional Network for Medical
-Image Segmentation", ISBI 2019; seed 004), as SPECS.md Sec. 4 pins it down from the authors' Keras code.
+Image Segmentation", ISBI 2019), pinned down from the authors' Keras code (balwantraikekutte/focusnet-alpha,
+unet.py, resnet.py, layers.py; the later chaitanya-kaul/TheFocusNetSeries for the stem width).
 
 Two branches (paper Sec. 2, Fig. 1):
 - branch A, the attention encoder-decoder: a conv-BN-LeakyReLU(0.3) stem, full pre-activation residual
@@ -14,7 +15,7 @@ Two branches (paper Sec. 2, Fig. 1):
 Filter bank volumes 32-64-128-256-512, input 256x256 (Sec. 3.2), 1 or 3 input channels: 18,933,497
 parameters for 3 in / 1 out (pinned in tests/test_focusnet.py).
 
-Where the paper is silent, the Keras code (SPECS 4.2-4.7) decides:
+Where the paper is silent, the authors' Keras code decides:
 - pre-activation block: [BN-ReLU] conv3x3(stride) - BN-ReLU - conv3x3, plus the input or a 1x1 conv
   (bias, no BN) when the shape changes, nothing after the sum; the first block of a level has no leading
   BN-ReLU; all convs have a bias;

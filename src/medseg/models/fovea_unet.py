@@ -1,35 +1,40 @@
-"""Fovea-UNet (seed 000, "Fovea-UNet: detection and segmentation of lymph node metastases in colorectal
-cancers with deep learning"), as SPECS.md Sec. 5 designs it; the paper has no reference code.
+"""Fovea-UNet (Liu et al., "Fovea-UNet: detection and segmentation of lymph node metastases in colorectal
+cancer with deep learning", BioMedical Engineering OnLine 2023); the authors published no code, so where the
+paper is silent the choices are ours (marked).
 
 - Encoder, H-GhostNet ("Overall network architecture", "H-Ghost backbone"): timm `ghostnet_100` truncated to
   the stem and `blocks[0..6]`, giving F1..F4 at 1/2, 1/4, 1/8, 1/8 (16, 24, 40, 112 channels); the stride 2
   of `blocks[5][0]` (its depthwise conv and shortcut) is set to 1, since timm builds GhostNet for stride 32
-  only. ImageNet weights only from a local file (`encoder_weights`).
+  only. ImageNet weights only from a local file (`encoder_weights`: a timm ghostnet_100 state dict, whose keys
+  `H_GHOSTNET.rename` maps to the truncated encoder's; blocks 7-9, conv_head and the classifier are unused;
+  loaded by `medseg.models.pretrained`, the first conv adapted by timm's adapt_input_conv for 1-channel input).
 - Fovea Pooling ("Fovea pooling", Eq. 3-8) replaces each of the four skip identities: an importance-aware
   module (PSANet collect / distribute attention, Eq. 3-5) yields Z in [0, 1] per pixel, and
-  `medseg.models.ops.fovea_pool` pools each pixel over a window of side 2r - 1, r = floor(exp(varsigma
+  `medseg.models.fovea_pooling.fovea_pool` pools each pixel over a window of side 2r - 1, r = floor(exp(varsigma
   (1 - Z))), up to R = floor(s W) with boundaries s = 1/8, 1/16, 1/8, 1/8 (Fig. 4).
 - Decoder: the paper says only that encoder features are concatenated with the decoder output while
-  upsampling; SPECS 5.4's U-Net-style choice: D4 = block(cat[FP4(F4), FP3(F3)]) at 1/8, then bilinear x2
+  upsampling; our U-Net-style choice: D4 = block(cat[FP4(F4), FP3(F3)]) at 1/8, then bilinear x2
   and concatenation with FP2(F2), FP1(F1), a last block at full size, 1x1 head; blocks are two bias-free
   conv3x3-BN-ReLU; widths (512, 256, 128, 64) by default (`decoder_widths`).
-- nHSIC ("Loss function", Eq. 10-13) on the primary-conv (intrinsic) outputs of the 22 Ghost modules:
+- nHSIC ("H-Ghost backbone" Eq. 10-13, "Loss function") on the primary-conv (intrinsic) outputs of the 22 Ghost modules:
   `extra_losses()["nhsic"]`, weighted by the recipe (0.75). H-GhostNet = `encoder: ghostnet` with nHSIC;
   plain GhostNet = `nhsic: false`.
 - Ablations by option: `pooling` (Table 4), `boundaries` (Fig. 4), `encoder: vgg16 | resnet50 |
   mobilenet_v2` with `nhsic: false` (Table 5; smp encoders, F4 kept at 1/8).
 
-Choices where the paper is silent (SPECS 5.3-5.5, all ours): attention at a working resolution of at most
+Other choices where the paper is silent (ours): attention at a working resolution of at most
 32 x 32 (bilinear, align_corners=True) with Z upsampled back; Z = sigmoid(1x1 conv of [z_collect,
 z_distribute]); soft radius by default; Lp pooling (p = 2) by default.
 
 Size: 6,436,193 parameters with the default decoder (3 in, 1 out; pinned in tests/test_fovea_unet.py):
-backbone 585,548, four importance modules 390,868 (SPECS' 390,768 for the PSA branches plus the four 1x1
+backbone 585,548, four importance modules 390,868 (390,768 for the PSA branches plus the four 1x1
 convs that give Z), decoder and head 5,459,777. The paper reports "23.23 MB";
 6.44M float32 parameters are 25.7 MB, so the paper's decoder was probably narrower; its widths are unknown.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import timm
 import torch
@@ -37,11 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.errors import MedsegError
-from medseg.models.base import EncoderCard, ExtraLosses, NetworkCard, SegmentationNetwork
+from medseg.models.base import EncoderCard, ExtraLosses, NamedFeatureLayers, NetworkCard, SegmentationNetwork
 from medseg.models.blocks import ConvBNReLU, DoubleConv
-from medseg.models.ops import AGGREGATIONS, FoveaPooling, fovea_max_radius, nhsic_penalty
+from medseg.models.fovea_pooling import AGGREGATIONS, FoveaPooling, fovea_max_radius
+from medseg.models.nhsic import nhsic_penalty
+from medseg.models.pretrained import smp_encoder_card
 from medseg.models.registry import register_model
-from medseg.weights import read_state_dict
 
 BOUNDARIES = (1 / 8, 1 / 16, 1 / 8, 1 / 8)  # paper Fig. 4: per-stage pooling boundaries s
 ENCODER_CHANNELS = (16, 24, 40, 112)
@@ -115,14 +121,9 @@ class FoveaSkip(nn.Module):
 class HGhostNet(nn.Module):
     """timm ghostnet_100 truncated to the stem and blocks[0..6], outputs at 1/2, 1/4, 1/8, 1/8."""
 
-    def __init__(self, in_channels: int = 3, encoder_weights: str | None = None):
+    def __init__(self, in_channels: int = 3):
         super().__init__()
         net = timm.create_model("ghostnet_100", pretrained=False, in_chans=in_channels)
-        if encoder_weights:
-            state = read_state_dict(encoder_weights)
-            missing, _ = net.load_state_dict(state, strict=False)
-            if any(name.startswith(("conv_stem", "blocks.0.")) for name in missing):
-                raise MedsegError(f"{encoder_weights} is not a timm ghostnet_100 state dict (missing {missing[:3]})")
         self.stem = nn.Sequential(net.conv_stem, net.bn1, net.act1)
         blocks = net.blocks
         self.stages = nn.ModuleList([blocks[0], nn.Sequential(blocks[1], blocks[2]),
@@ -146,20 +147,16 @@ SWAPPED_ENCODERS = ("vgg16", "resnet50", "mobilenet_v2")  # paper Table 5's othe
 
 
 class SwappedEncoder(nn.Module):
-    """Table 5's backbone swap: an smp encoder (random init or a local state dict) giving four features at
+    """Table 5's backbone swap: an smp encoder (random init or `encoder_weights`) giving four features at
     1/2, 1/4, 1/8, 1/8: ResNet-50 and MobileNetV2 dilate their 1/16 stage (output stride 8); VGG-16 cannot
     (max pooling), so its 1/16 feature is resized bilinearly to 1/8 (ours)."""
 
-    def __init__(self, name: str, in_channels: int = 3, encoder_weights: str | None = None):
+    def __init__(self, name: str, in_channels: int = 3):
         super().__init__()
         from segmentation_models_pytorch.encoders import get_encoder
 
         self.body = get_encoder(name, in_channels=in_channels, depth=4, weights=None,
                                 output_stride=32 if name == "vgg16" else 8)
-        if encoder_weights:
-            missing, _ = self.body.load_state_dict(read_state_dict(encoder_weights), strict=False)
-            if missing:
-                raise MedsegError(f"{encoder_weights} does not fit the smp {name} encoder (missing {missing[:3]})")
         self.channels = tuple(self.body.out_channels[1:5])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -197,26 +194,26 @@ FOVEA_UNET = NetworkCard(
 
 
 @register_model("fovea_unet", FOVEA_UNET)
-class FoveaUNet(ExtraLosses, SegmentationNetwork):
+class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
     """Fovea-UNet: H-GhostNet encoder, Fovea Pooling on every skip (PSANet importance, variable radius),
     U-Net-style decoder; nHSIC on the Ghost modules' intrinsic features as an extra loss."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
                  pooling: str = "lp", hard: bool = False, attention_size: int = 32,
                  decoder_widths: tuple[int, ...] = (512, 256, 128, 64), nhsic: bool = True,
-                 nhsic_channels: int = 64, encoder: str = "ghostnet", encoder_weights: str | None = None):
+                 nhsic_channels: int = 64, encoder: str = "ghostnet"):
         super().__init__()
         if pooling not in AGGREGATIONS:
             raise MedsegError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
         if len(boundaries) != 4 or len(decoder_widths) != 4:
             raise MedsegError("boundaries and decoder_widths take four values (F1..F4, D4..D1)")
         if encoder == "ghostnet":
-            self.encoder: nn.Module = HGhostNet(in_channels, encoder_weights)
+            self.encoder: nn.Module = HGhostNet(in_channels)
             channels = ENCODER_CHANNELS
         elif encoder in SWAPPED_ENCODERS:
             if nhsic:
                 raise MedsegError(f"nHSIC acts on Ghost modules; encoder {encoder!r} needs nhsic: false (paper Table 5)")
-            self.encoder = SwappedEncoder(encoder, in_channels, encoder_weights)
+            self.encoder = SwappedEncoder(encoder, in_channels)
             channels = self.encoder.channels
         else:
             raise MedsegError(f"encoder must be ghostnet or one of {SWAPPED_ENCODERS}, got {encoder!r}")
@@ -228,6 +225,13 @@ class FoveaUNet(ExtraLosses, SegmentationNetwork):
         self.head = nn.Conv2d(d1, num_classes, 1)
         self.nhsic, self.nhsic_channels = nhsic, nhsic_channels
         self.recorder = IntrinsicRecorder(self.encoder.ghost_modules())
+
+    @classmethod
+    def encoder_card(cls, card: NetworkCard, options: dict[str, Any]) -> EncoderCard | None:
+        """H-GhostNet's slot (the card's) for `encoder: ghostnet`, else the swapped smp encoder's at `encoder.body`."""
+        if options["encoder"] == "ghostnet":
+            return card.encoder
+        return smp_encoder_card(options["encoder"], "encoder.body")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.recorder.outputs = []
@@ -241,7 +245,7 @@ class FoveaUNet(ExtraLosses, SegmentationNetwork):
         return self.head(y)
 
     def extra_losses(self) -> dict[str, torch.Tensor]:
-        """nHSIC of the last training forward: the mean over the Ghost modules' intrinsic features (SPECS 5.5).
+        """nHSIC of the last training forward: the mean over the Ghost modules' intrinsic features (ours).
         Nothing when nHSIC is off or the encoder is frozen (it could not change the features)."""
         if not self.nhsic:
             return {}
@@ -249,6 +253,12 @@ class FoveaUNet(ExtraLosses, SegmentationNetwork):
         if not outputs or not any(p.requires_grad for p in self.encoder.parameters()):
             return {"nhsic": torch.zeros((), device=self.head.weight.device)}
         return {"nhsic": torch.stack([nhsic_penalty(o, self.nhsic_channels) for o in outputs]).mean()}
+
+    def analysis_layers(self) -> list[str]:
+        """The primary convs of the encoder's Ghost modules (the intrinsic features nHSIC acts on, paper Fig. 5),
+        in forward order; none with a swapped encoder."""
+        ghosts = {id(m) for m in self.encoder.ghost_modules()}
+        return [f"{name}.primary_conv" for name, m in self.named_modules() if id(m) in ghosts]
 
 
 def _up(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

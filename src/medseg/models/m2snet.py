@@ -1,25 +1,28 @@
-"""M2SNet and MSNet (seed 001: Zhao et al., "M2SNet: Multi-scale in Multi-scale Subtraction Network for
-Medical Image Segmentation", arXiv 2303.10894; MSNet: Zhao et al., MICCAI 2021), as SPECS.md Sec. 1 pins
-them down from the paper and the authors' code.
+"""M2SNet and MSNet (Zhao et al., "M2SNet: Multi-scale in Multi-scale Subtraction Network for Medical Image
+Segmentation", arXiv:2303.10894; MSNet: Zhao et al., MICCAI 2021), pinned down from the paper and the
+authors' code (Xiaoqi-Zhao-DLUT/MSNet-M2SNet: model/miccai_msnet.py, model/res2net.py).
 
-- Encoder (S1 Sec. 4.3, SPECS 1.2): Res2Net-50-v1b-26w-4s = timm `res2net50d`, features x1 = MaxPool(3, 2, 1)
-  of the stem (64 ch, 1/4), x2..x5 = layer1..layer4 (256/512/1024/2048 ch at 1/4, 1/8, 1/16, 1/32).
-  `encoder_weights: PATH` loads a local timm res2net50d checkpoint (nothing is downloaded).
-- Channel reduction (SPECS 1.3): d_k = CBR_{->64}(x_k) for k = 2..5 (CBR = 3x3 conv with bias, BN, ReLU);
-  x1 is used as it is.
-- Subtraction unit (S1 Eq. 1-2, SPECS 1.4): MSU(A, B) = CBR(|A - B| + |Phi3(A) - Phi3(B)| + |Phi5(A) - Phi5(B)|)
-  with A (deeper) bilinearly upsampled to B. Phi_k = ReLU(BN_k(conv with a fixed all-ones 64x64xkxk filter,
-  zero padding)): a full cross-channel regional sum. The all-ones filters are non-persistent buffers: no
-  parameters, no gradient, not in the saved weights. Phi3 and Phi5 are ONE shared pair for the whole
-  network (their BN statistics are shared by every unit), as in the authors' code. MSNet keeps only |A - B|.
-- Inter-layer pyramid (S1 Eq. 3, Fig. 2; SPECS 1.5): 10 units in four orders, then the complementarity-
-  enhanced features CE4 = S54, CE3 = CBR(S43 + S543), CE2 = CBR(S32 + S432 + S5432),
-  CE1 = CBR(S21 + S321 + S4321 + S54321), where S54321 = MSU(CBR(S5432), S4321).
-- Decoder (SPECS 1.6): P5 = CBR_{2048->64}(x5); O4 = CBR(up(P5) + CE4); O3 = CBR(up(O4) + CE3);
-  O2 = CBR(up(O3) + CE2); O1 = conv3x3_{64->C}(up(O2) + CE1) at 1/4; logits = bilinear x4.
+- Encoder (paper Sec. 4.3; the authors' model/res2net.py): Res2Net-50-v1b-26w-4s = timm `res2net50d`, features x1 =
+  MaxPool(3, 2, 1) of the stem (64 ch, 1/4), x2..x5 = layer1..layer4 (256/512/1024/2048 ch at 1/4, 1/8, 1/16, 1/32).
+  `encoder_weights: PATH` loads a local timm res2net50d checkpoint (nothing is downloaded; the full model's or the
+  features_only one's, the fc unused) through `medseg.models.pretrained`; for 1-channel inputs its first conv
+  `conv1.0` is adapted with timm's adapt_input_conv (the sum over RGB).
+- Channel reduction (the authors' code): d_k = CBR_{->64}(x_k) for k = 2..5 (CBR = 3x3 conv with bias, BN, ReLU); x1
+  is used as it is.
+- Subtraction unit (paper Eq. 1-2, the authors' code):
+  MSU(A, B) = CBR(|A - B| + |Phi3(A) - Phi3(B)| + |Phi5(A) - Phi5(B)|), A (deeper) bilinearly upsampled to B.
+  Phi_k = ReLU(BN_k(conv with a fixed all-ones 64x64xkxk filter, zero padding)): a full cross-channel regional
+  sum. The all-ones filters are non-persistent buffers: no parameters, no gradient, not in the saved weights.
+  Phi3 and Phi5 are ONE shared pair for the whole network (their BN statistics are shared by every unit), as in
+  the authors' code. MSNet keeps only |A - B|.
+- Inter-layer pyramid (paper Eq. 3, Fig. 2): 10 units in four orders, then the complementarity-enhanced features
+  CE4 = S54, CE3 = CBR(S43 + S543), CE2 = CBR(S32 + S432 + S5432), CE1 = CBR(S21 + S321 + S4321 + S54321), where
+  S54321 = MSU(CBR(S5432), S4321).
+- Decoder (the authors' code): P5 = CBR_{2048->64}(x5); O4 = CBR(up(P5) + CE4); O3 = CBR(up(O4) + CE3); O2 =
+  CBR(up(O3) + CE2); O1 = conv3x3_{64->C}(up(O2) + CE1) at 1/4; logits = bilinear x4.
 
 Parameters (3 in, 1 out): M2SNet 27,692,585, MSNet 27,692,329 (backbone 23,669,352 + head), which is
-S1 Table 6's "27.7" (its "MB" column counts millions of parameters). Inputs: any multiple of 32.
+the paper's Table 6 "27.7" (its "MB" column counts millions of parameters). Inputs: any multiple of 32.
 """
 
 from __future__ import annotations
@@ -29,11 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
 from medseg.models.blocks import ConvBNReLU
 from medseg.models.registry import register_model
-from medseg.models.saving import load_weights_file
 
 WIDTH = 64
 ENCODER = "res2net50d"
@@ -77,12 +78,9 @@ PYRAMID = {
 
 
 class SubtractionNetwork(SegmentationNetwork):
-    def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True,
-                 encoder_weights: str | None = None):
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True):
         super().__init__()
         self.encoder = timm.create_model(ENCODER, pretrained=False, features_only=True, in_chans=in_channels)
-        if encoder_weights:
-            self._load_encoder(encoder_weights)
         self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = self.encoder.feature_info.channels()  # 64, 256, 512, 1024, 2048
         self.reduce = nn.ModuleDict({f"d{k}": ConvBNReLU(channels[k - 1], WIDTH, bias=True) for k in (2, 3, 4, 5)})
@@ -93,12 +91,6 @@ class SubtractionNetwork(SegmentationNetwork):
         self.p5 = ConvBNReLU(channels[4], WIDTH, bias=True)
         self.decode = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("o4", "o3", "o2")})
         self.head = nn.Conv2d(WIDTH, num_classes, 3, padding=1)
-
-    def _load_encoder(self, path: str) -> None:
-        report = load_weights_file(self.encoder, path)
-        if report["missing"]:
-            raise MedsegError(f"{path} is not a complete {ENCODER} checkpoint: {len(report['missing'])} backbone tensors "
-                              f"missing, e.g. {report['missing'][:3]}; give timm {ENCODER} weights")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stem, *stages = self.encoder(x)

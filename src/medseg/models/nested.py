@@ -1,13 +1,13 @@
-"""Nested U-Nets: UNet++ and ANU-Net (seed 002: Li et al., "ANU-Net: Attention-based nested U-Net to
+"""Nested U-Nets: UNet++ and ANU-Net (Li et al., "ANU-Net: Attention-based nested U-Net to
 exploit full resolution features for medical image segmentation", Computers & Graphics 2020).
 
-Topology (ANU-Net Sec. 3.1-3.3, Eq. 4, Figs. 4-5; SPECS.md Sec. 3.2). Node X_{i,j} at depth i:
+Topology (ANU-Net Sec. 3.1-3.3, Eq. 4, Figs. 4-5). Node X_{i,j} at depth i:
 - encoder: X_{i,0} = Phi(MaxPool(X_{i-1,0})), X_{0,0} = Phi(input);
 - nested: X_{i,j} = Phi([A_0, ..., A_{j-1}, U]) for j >= 1, where U = ConvTranspose2x2(X_{i+1,j-1})
   ("deconvolution", Sec. 3.3) and A_k is X_{i,k} itself (UNet++) or X_{i,k} passed through its own
   attention gate gated by U (ANU-Net: a distinct gate for every (node, skip) pair, 20 in L4, F_int = F/2);
 - Phi = [3x3 conv (bias) - BN - ReLU] x 2; filters 32-64-128-256-512 (the paper lists none; the
-  published parameter counts fix base 32, SPECS 3.2);
+  published parameter counts fix base 32: ours);
 - deep supervision (Sec. 3.4): a 1x1 head on each of X_{0,1..4}; training returns all four (main first:
   [Y4, Y3, Y2, Y1]), evaluation returns the head of `level`.
 
@@ -18,7 +18,7 @@ afterwards is smaller and rebuilds pruned (`level`, `pruned` are stored in its c
 Parameter counts, in = 3 (only head N counted, as the paper's Table 6 counts a pruned network), against
 Table 6: L1 103,188 vs 0.1038M (-0.6 %), L2 520,829 vs 0.5134M (+1.4 %), L3 2,245,503 vs 2.1918M (+2.5 %),
 L4 9,203,741 vs 8.9506M (+2.8 %). No plausible configuration reproduces all four published numbers
-(SPECS 3.3 searched ~660k); this one follows the paper's text. The unpruned network with its four
+(we searched ~660k); this one follows the paper's text. The unpruned network with its four
 deep-supervision heads has 9,203,840. UNet++ (Zhou et al., DLMIA 2018) is the same graph without gates:
 ours uses BN and transposed-conv upsampling like ANU-Net, so the two differ only by the gates.
 """

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.models.base import NetworkCard, NetworkSpec, SegmentationNetwork
+from medseg.models.base import EncoderCard, NetworkCard, NetworkSpec, SegmentationNetwork
+from medseg.models.pretrained import load_encoder_weights
 
 ENCODER_WEIGHTS = "encoder_weights"  # the option that initialises a network's encoder from a local file
+NOT_OPTIONS = ("self", "in_channels", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,19 @@ class ModelInfo:
         return (inspect.getdoc(self.cls) or "").splitlines()[0]
 
     def options(self) -> list[str]:
-        """The options a user may set (constructor arguments besides the fixed ones)."""
-        accepted = inspect.signature(self.cls.__init__).parameters
-        return sorted(k for k in accepted if k not in ("self", "in_channels", "num_classes", *self.fixed))
+        """The options a user may set: constructor arguments besides the fixed ones, and `encoder_weights`
+        when the network has a pretrained encoder slot."""
+        accepted = [k for k in self._constructor_parameters() if k not in (*self.fixed, *NOT_OPTIONS)]
+        return sorted([*accepted, ENCODER_WEIGHTS] if self.card.encoder is not None else accepted)
+
+    def encoder_card(self, options: dict[str, Any]) -> EncoderCard | None:
+        """The pretrained encoder slot of the variant that `options` (user options) build."""
+        defaults = {k: p.default for k, p in self._constructor_parameters().items()
+                    if p.default is not inspect.Parameter.empty}
+        return self.cls.encoder_card(self.card, {**defaults, **self.fixed, **options})
+
+    def _constructor_parameters(self) -> dict[str, inspect.Parameter]:
+        return dict(inspect.signature(self.cls.__init__).parameters)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -73,7 +85,8 @@ def model_info(name: str) -> ModelInfo:
 
 def create_model(name: str, in_channels: int = 3, num_classes: int = 1, **options: Any) -> SegmentationNetwork:
     """Build a registered network with random initialisation (nothing is downloaded); `encoder_weights=PATH`
-    then loads a local encoder file into its encoder slot (see `medseg.models.pretrained`)."""
+    then loads a local encoder file into its encoder slot (see `medseg.models.pretrained`; the report is in
+    `model.load_reports`). The option stays in `model.spec.options`; a saved model folder leaves it out."""
     info = model_info(name)
     if in_channels < 1 or num_classes < 1:
         raise MedsegError(f"model {name!r}: in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
@@ -84,6 +97,10 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 1, **option
     unknown = sorted(k for k in options if k not in allowed)
     if unknown:
         raise MedsegError(f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(allowed) or 'none'}")
-    model = info.cls(in_channels=in_channels, num_classes=num_classes, **info.fixed, **options)
-    model.bind(NetworkSpec(name, in_channels, num_classes, dict(options)), info.card)
+    built = {k: v for k, v in options.items() if k != ENCODER_WEIGHTS}
+    model = info.cls(in_channels=in_channels, num_classes=num_classes, **info.fixed, **built)
+    card = info.card.with_encoder(info.encoder_card(built))  # the encoder slot of this variant (e.g. `encoder=`)
+    model.bind(NetworkSpec(name, in_channels, num_classes, dict(options)), card)
+    if options.get(ENCODER_WEIGHTS):
+        load_encoder_weights(model, options[ENCODER_WEIGHTS])
     return model

@@ -3,7 +3,8 @@
 No pickle anywhere: the network is rebuilt from the registry with the stored name and options, then the
 weights are loaded from safetensors. Non-persistent buffers (fixed filters) and anything outside the
 module's state_dict are never written. `config.json` also carries the preprocessing the network was
-trained with, so predict and evaluate need nothing but this folder.
+trained with, so predict and evaluate need nothing but this folder. (Initialising a network from a local
+file for training, `encoder_weights` or a recipe's `model.weights`, is `medseg.models.pretrained`.)
 """
 
 from __future__ import annotations
@@ -15,18 +16,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
-from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder
 from medseg.models.base import SegmentationNetwork
-from medseg.models.registry import create_model
-from medseg.weights import read_state_dict
+from medseg.models.registry import ENCODER_WEIGHTS, create_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-INITIALISATION_OPTIONS = ("encoder_weights",)
+INITIALISATION_OPTIONS = (ENCODER_WEIGHTS,)
 
 
 def save_model(model: SegmentationNetwork, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -68,25 +67,3 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Se
         raise MedsegError(f"{folder / WEIGHTS_NAME} does not match network {config['name']!r}: "
                           f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model.eval()
-
-
-def load_weights_file(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
-    """Initialise `model` from a local weights file (.safetensors, or a .pt/.pth state dict read without pickle).
-
-    Tensors whose name and shape match are loaded; the rest are reported, so a user can see at once
-    whether the file fits. Returns {"loaded", "missing", "unexpected", "mismatched"} name lists.
-    """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    report = {
-        "loaded": sorted(matched),
-        "missing": sorted(k for k in own if k not in matched),
-        "unexpected": sorted(k for k in state if k not in own),
-        "mismatched": sorted(k for k in state if k in own and own[k].shape != state[k].shape),
-    }
-    if not matched:
-        raise MedsegError(f"no tensor in {path} matches the network by name and shape; is it the right file?")
-    model.load_state_dict(matched, strict=False)
-    return report
-

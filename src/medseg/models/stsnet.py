@@ -1,12 +1,12 @@
-"""STS-Net (seed 003: "STS-Net: small-target segmentation network", Sci. Rep. 2025), as SPECS.md Sec. 2 pins
-it down from the paper and the authors' code (zlxokok/STSNet), and the encoder / decoder / attention families
-of its ablations (Tables 5, 6, 8, 9).
+"""STS-Net (Zhao et al., "A novel framework for segmentation of small targets in medical images", Scientific
+Reports 2025), pinned down from the paper and the authors' code (zlxokok/STSNet), and the encoder / decoder /
+attention families of its ablations (Tables 5, 6, 8, 9).
 
-- Network (S3 Methods, Fig. 3; SPECS 2.2): segmentation_models_pytorch DeepLabV3 on ResNeXt50-32x4d with
+- Network (paper Methods, Fig. 3; the authors' code): segmentation_models_pytorch DeepLabV3 on ResNeXt50-32x4d with
   output stride 8 (layer3 and layer4 dilated), ASPP with 256 channels and rates 12/24/36, a two-class 1x1
   head and x8 bilinear upsampling. **ESCA is applied in-line after each of the five encoder stages**: the
   re-weighted tensor is what the next stage (and the decoder) receives.
-- ESCA (S3 Eq. 5-9; SPECS 2.2): y = GAP(x) read as a sequence over channels, y' = conv1d_k(conv1d_k(y)) with
+- ESCA (paper Eq. 5-9; the authors' `eca_layer`): y = GAP(x) read as a sequence over channels, y' = conv1d_k(conv1d_k(y)) with
   ONE shared kernel applied twice (zero padding, no bias, nothing between), out = x * sigmoid(y'). k = 3 at
   every stage as in the code; `adaptive_k` uses the ECA-Net rule k = odd(|(log2 C + 1) / 2|), i.e. 3/5/5/5/7.
 - Ablations, by recipe keys (`model.decoder`, `model.encoder`, `model.attention`): decoders DeepLabV3,
@@ -16,14 +16,18 @@ of its ablations (Tables 5, 6, 8, 9).
   that produce each stage's output, so encoder weights keep smp's names and local smp/torchvision encoder
   checkpoints load (`encoder_weights: PATH`). A DPN stage's output is a (residual, dense) pair: its
   attention sees the concatenation, as the decoder does, and the pair is split back.
+- Encoder weights go through `medseg.models.pretrained`: `encoder_card` picks the slot of the chosen
+  `encoder=` from `smp_encoder_card`'s table (its first-conv key); with 1 or 4+ input channels the file's
+  first conv is adapted by timm's adapt_input_conv, which is what smp's patch_first_conv does.
 
 Parameters (3 in, 2 classes): 39,105,873 = smp DeepLabV3-ResNeXt50 39,105,858 + 5 x 3 ESCA weights, the
-paper's "39.10M" (Table 1). The paper reports MACs for a batch of 4 (SPECS 2.3).
+paper's "39.10M" (Table 1). The paper reports MACs for a batch of 4 (its 571.35G = 4 x our 142.4 GMACs).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -32,8 +36,8 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
+from medseg.models.pretrained import smp_encoder_card
 from medseg.models.registry import register_model
-from medseg.weights import read_state_dict
 
 DECODERS = {"deeplabv3": "DeepLabV3", "deeplabv3plus": "DeepLabV3Plus", "unet": "Unet", "unetplusplus": "UnetPlusPlus",
             "pan": "PAN", "fpn": "FPN"}
@@ -98,8 +102,7 @@ class SMPSegmentation(SegmentationNetwork):
     groups = {"encoder": ("network.encoder", "attention")}
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, decoder: str = "deeplabv3",
-                 encoder: str = "resnext50_32x4d", attention: str = "esca", adaptive_k: bool = False,
-                 encoder_weights: str | None = None):
+                 encoder: str = "resnext50_32x4d", attention: str = "esca", adaptive_k: bool = False):
         super().__init__()
         self.decoder = decoder
         for value, allowed, what in ((decoder, DECODERS, "decoder"), (encoder, ENCODERS, "encoder"),
@@ -109,23 +112,16 @@ class SMPSegmentation(SegmentationNetwork):
         extra = {"encoder_output_stride": 8, "decoder_channels": 256, "decoder_atrous_rates": (12, 24, 36)} if decoder == "deeplabv3" else {}
         self.network = getattr(smp, DECODERS[decoder])(encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
                                                        classes=num_classes, **extra)
-        if encoder_weights:
-            self._load_encoder(encoder_weights)
         channels = self.network.encoder.out_channels[1:]
         self.attention = nn.ModuleList(make_attention(attention, c, adaptive_k) for c in channels)
         if attention != "none":
             for module, attend in zip(stage_modules(self.network.encoder, encoder), self.attention):
                 module.register_forward_hook(StageAttention(attend))
 
-    def _load_encoder(self, path: str) -> None:
-        state = read_state_dict(path)
-        own = self.network.encoder.state_dict()
-        matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
-        missing = [k for k in own if k not in matched]
-        if missing:
-            raise MedsegError(f"{path} does not fit this encoder: {len(missing)} of {len(own)} tensors missing or of "
-                              f"another shape, e.g. {missing[:3]}; give the smp/torchvision weights of the same encoder")
-        self.network.encoder.load_state_dict(matched)
+    @classmethod
+    def encoder_card(cls, card: NetworkCard, options: dict[str, Any]) -> EncoderCard | None:
+        """The smp encoder chosen by `encoder=`, at `network.encoder`."""
+        return smp_encoder_card(options["encoder"], "network.encoder")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decoder == "pan" and min(x.shape[-2:]) < PAN_MIN_SIZE:
@@ -134,7 +130,7 @@ class SMPSegmentation(SegmentationNetwork):
         return self.network(x)
 
 
-RESNEXT50 = EncoderCard(family="smp", name="resnext50_32x4d", module="network.encoder", first_conv="conv1.weight")
+RESNEXT50 = smp_encoder_card("resnext50_32x4d", "network.encoder")
 STSNET = NetworkCard(paper="Zhao et al., A novel framework for segmentation of small targets in medical images (STS-Net), "
                            "Scientific Reports 2025",
                      size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)

@@ -1,5 +1,5 @@
-"""Attention U-Net, R2U-Net and Attention R2U-Net: the U-Net variants ANU-Net (seed 002, Sec. 4.3,
-Tables 2-5) and FocusNet compare against.
+"""Attention U-Net, R2U-Net and Attention R2U-Net: the U-Net variants ANU-Net (Computers & Graphics
+2020, Sec. 4.3, Tables 2-5) and FocusNet (ISBI 2019) compare against.
 
 - Attention U-Net: Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018.
 - R2U-Net: Alom et al., "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for
@@ -7,7 +7,7 @@ Tables 2-5) and FocusNet compare against.
   applies one 3x3 conv t + 1 times, each time to the input plus the previous output; a 1x1 conv matches
   the channels and the block is residual.
 
-All three share one skeleton, the common reference form of these networks (SPECS.md Sec. 6): five
+All three share one skeleton, the common reference form of these networks (ours): five
 encoder levels of 64-1024 channels with 2x2 max pooling, decoder upsampling by x2 nearest + 3x3
 conv-BN-ReLU ("up-conv"), concatenation [skip, up], a 1x1 head. With `attention`, every skip passes an
 additive attention gate gated by the up-conv output, with F_int = F / 2. Convs keep their bias, as in

@@ -1,26 +1,30 @@
-"""Reusable operators of the seed networks.
-
-Fovea Pooling (Fovea-UNet, seed 000, "Fovea pooling", Eq. 6-8; SPECS.md 5.3 b): every pixel k of a feature
-map X is pooled over a centred square window whose size depends on an importance map Z in [0, 1]:
+"""Fovea Pooling, the variable-radius skip pooling of Fovea-UNet (Liu et al., "Fovea-UNet: detection and
+segmentation of lymph node metastases in colorectal cancer with deep learning", BioMedical Engineering OnLine
+2023, section "Fovea pooling", Eq. 6-8): every pixel k of a feature map X is pooled over a centred square window
+whose size depends on an importance map Z in [0, 1]:
 
     rho_k = clamp(exp(varsigma (1 - Z_k)), 1, R),   r_k = floor(rho_k),   window side 2 r_k - 1,
 
 so an important pixel (Z = 1) keeps its own value (r = 1) and an unimportant one is pooled over up to
-(2R - 1)^2 pixels. varsigma = ln(R) with R = floor(s * W) for the stage's boundary s and width W. Stride 1,
-reflect padding (replicate when the map is too small to reflect by R - 1).
+(2R - 1)^2 pixels. varsigma = ln(R) with R = floor(s * W) for the stage's boundary s and width W (the paper's
+"Effect of different pooling boundaries"). Stride 1, reflect padding (replicate when the map is too small to
+reflect by R - 1); the window side 2r - 1 and the padding are ours (the paper gives neither).
 
 Cost does not grow with the radius: box sums come from one summed-area table (integral image) read with four
-gathers per pixel, O(C H W) for any R. The table is accumulated in float64, because float32 prefix sums
-lose precision on large maps (SPECS 5.3 measured 2.8e-4 on a 20x24 map).
+gathers per pixel, O(C H W) for any R. The table is accumulated in float64, because float32 prefix sums lose
+precision on large maps (we measured 2.8e-4 on a 20x24 map).
 
-The paper is silent on how the importance module learns through floor(); SPECS 5.3 recommends a soft
-radius, the default here: out = (1 - f) Pool_{r0} + f Pool_{r0 + 1} with r0 = floor(rho), f = rho - r0,
-so d out / d Z is non-zero. `hard=True` pools with r0 only (pure Eq. 6).
+The paper is silent on how the importance module learns through floor(); ours is a soft radius, the default:
+out = (1 - f) Pool_{r0} + f Pool_{r0 + 1} with r0 = floor(rho), f = rho - r0, so d out / d Z is non-zero.
+`hard=True` pools with r0 only (pure Eq. 6).
 
 Aggregations (paper Table 4): `avg` (mean of the window), `lp` (Hyvarinen-Koster energy pooling,
 (mean |x|^p + eps)^(1/p), p = 2 by default), `mixed` (lambda Max + (1 - lambda) Avg with lambda =
 sigmoid(theta), theta learnable, 0 at start; our form, since the paper's reference for mixed pooling is
 mis-cited), `identity` (no pooling, the ablation). Max pooling alone is not offered, as in the paper.
+
+`fovea_pool_loop` is Eq. 6-7 read literally, a loop over pixels: the reference `fovea_pool` is tested and
+timed against (`medseg benchmark fovea-pool`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ AGGREGATIONS = ("avg", "lp", "mixed", "identity")
 
 
 def fovea_max_radius(boundary: float, width: int) -> int:
-    """R = floor(s * W), at least 1 (SPECS 5.3: R_i = floor(e^varsigma_i) = floor(s_i w_i))."""
+    """R = floor(s * W), at least 1 (the paper's R_i = floor(e^varsigma_i) = floor(s_i w_i))."""
     return max(1, int(math.floor(boundary * width + 1e-9)))
 
 
@@ -104,7 +108,8 @@ def fovea_pool(x: torch.Tensor, importance: torch.Tensor, max_radius: int, aggre
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if importance.shape != (x.shape[0], 1, *x.shape[-2:]):
-        raise ValueError(f"importance must have shape {(x.shape[0], 1, *x.shape[-2:])}, got {tuple(importance.shape)}")
+        expected = (x.shape[0], 1, *x.shape[-2:])
+        raise ValueError(f"importance must have shape {expected}, got {tuple(importance.shape)}")
     if aggregation == "identity" or max_radius == 1:
         return x
     rho = fovea_radius(importance, max_radius)
@@ -137,7 +142,7 @@ class FoveaPooling(nn.Module):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
         self.boundary, self.aggregation, self.hard, self.p = boundary, aggregation, hard, p
-        # mixed: lambda = sigmoid(theta), theta_0 = 0 (SPECS 5.3)
+        # mixed: lambda = sigmoid(theta), theta_0 = 0 (ours)
         self.theta = nn.Parameter(torch.zeros(())) if aggregation == "mixed" else None
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
@@ -149,53 +154,10 @@ class FoveaPooling(nn.Module):
         return f"boundary={self.boundary}, aggregation={self.aggregation}, hard={self.hard}"
 
 
-def grid_samples(features: torch.Tensor, grid: int = 4) -> torch.Tensor:
-    """(B, C, H, W) -> (C, B * grid^2, 1): each channel observed on the batch x a grid x grid average-pooled
-    layout, one scalar per sample (ours). SPECS 5.5 suggests 4 x 4 patches of up to 8 x 8 pixels as samples,
-    but Gaussian kernels on 64-dimensional samples of unrelated noise all look alike (distances concentrate):
-    nHSIC measured 39.3 for independent against 40.3 for duplicated random channels. On scalar samples it
-    measured 0.49 against 5.07 with a 4 x 4 grid and 0.16 against 5.26 with 8 x 8, but 8 x 8 (256 samples at
-    batch 4) cost 2.2 s per 64-channel layer on 2 CPU cores against 0.1 s, so the grid is 4 x 4."""
-    pooled = F.adaptive_avg_pool2d(features, grid)
-    return pooled.transpose(0, 1).reshape(features.shape[1], -1, 1)
-
-
-def normalised_kernels(samples: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """(m, s, p) -> (m, s, s) K~ = K_bar (K_bar + eps s I)^-1 with K_bar = H K H and a Gaussian kernel whose
-    sigma^2 is the median pairwise squared distance (detached) of each channel (paper Eq. 11-13)."""
-    samples = samples.double()
-    count = samples.shape[1]
-    distances = torch.cdist(samples, samples).pow(2)
-    off_diagonal = ~torch.eye(count, dtype=torch.bool, device=samples.device)
-    sigma2 = distances.detach()[:, off_diagonal].median(dim=1).values.clamp(min=1e-12)
-    kernel = torch.exp(-distances / (2 * sigma2.view(-1, 1, 1)))
-    centred = kernel - kernel.mean(dim=1, keepdim=True) - kernel.mean(dim=2, keepdim=True) + kernel.mean(dim=(1, 2), keepdim=True)
-    identity = torch.eye(count, dtype=samples.dtype, device=samples.device)
-    # K_bar and (K_bar + eps s I)^-1 commute, so K~ = solve(K_bar + eps s I, K_bar) is the same matrix
-    return torch.linalg.solve(centred + eps * count * identity, centred)
-
-
-def nhsic_penalty(features: torch.Tensor, max_channels: int = 64, eps: float = 1e-3,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mean over ordered channel pairs i != j of nHSIC(I_i, I_j) = tr(K~_i K~_j) for one layer's (B, C, H, W)
-    intrinsic features (paper Eq. 10, alpha = 1 / (m (m - 1)); SPECS 5.5). At most `max_channels` random
-    channels; all pairs at once from one m x m Gram matrix of the flattened K~ (K~ is symmetric)."""
-    channels = features.shape[1]
-    if channels < 2:
-        return features.new_zeros(())
-    if channels > max_channels:
-        chosen = torch.randperm(channels, generator=generator, device=generator.device if generator else "cpu")[:max_channels]
-        features = features[:, chosen.to(features.device)]
-    flat = normalised_kernels(grid_samples(features), eps).flatten(1)  # (m, s^2)
-    gram = flat @ flat.T
-    m = gram.shape[0]
-    return ((gram.sum() - gram.diagonal().sum()) / (m * (m - 1))).to(features.dtype)
-
-
 def fovea_pool_loop(x: torch.Tensor, importance: torch.Tensor, max_radius: int, aggregation: str = "avg",
                     hard: bool = True, p: float = 2.0, eps: float = 1e-6, mix: float = 0.5) -> torch.Tensor:
     """Paper Eq. 6-7 read literally: a loop over pixels that cuts each window out of the padded map. The
-    definition `fovea_pool` is checked against (tests) and timed against (`medseg benchmark --fovea-pool`)."""
+    definition `fovea_pool` is checked against (tests) and timed against (`medseg benchmark fovea-pool`)."""
     padded = _pad(x.double(), max_radius - 1)
     rho = fovea_radius(importance.double(), max_radius)[:, 0]
     out = torch.zeros_like(x, dtype=torch.float64)

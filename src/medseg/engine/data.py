@@ -1,0 +1,144 @@
+"""A run's training data as a `LightningDataModule`: the data folder's layout, the data check, the splits,
+the dataset statistics of `data.normalize: dataset`, STS-Net amplification and the train / val loaders.
+
+Everything that can be wrong with the data is found when the module is built, before `train` creates the
+run folder: a folder with any error, a split naming cases the folder lacks, an empty training or
+validation split, training images of one intensity. What the run folder records about the data (the
+splits, the resolved recipe, the amplification plan) is ready on the module by then: `splits`,
+`split_source`, `recipe`, `amplification`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from medseg.config import NormalizeStats, Recipe
+from medseg.data.amplify import AmplifiedCase, Thresholds
+from medseg.data.amplify import manifest as amplify_manifest
+from medseg.data.amplify import plan as plan_amplification
+from medseg.data.check import check_data
+from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
+from medseg.data.formats import Layout, discover
+from medseg.data.splits import cases_for, make_splits
+from medseg.data.transforms import Preprocessing
+from medseg.engine.callbacks import say
+from medseg.errors import MedsegError
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def preprocessing_of(recipe: Recipe) -> Preprocessing:
+    normalize = recipe.data.normalize
+    normalize = normalize.model_dump() if isinstance(normalize, NormalizeStats) else normalize
+    return Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize=normalize)
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """The data of one training run, checked and planned on construction (see the module docstring).
+
+    `splits`: the stems of a run that is resumed or joined (its splits.json); None draws them from the folder
+    (its own splits.json, nnU-Net's imagesTs, or a seeded split by `data.split`). `recipe` is the recipe to train
+    with: `data.normalize: dataset` is replaced by the training split's {mean, std}.
+    """
+
+    def __init__(self, recipe: Recipe, root: str | Path, splits: dict[str, list[str]] | None = None):
+        super().__init__()
+        self.root = Path(root)
+        self.layout: Layout = discover(self.root)
+        check_folder(self.layout, recipe)
+        if splits is None:
+            self.splits, self.split_source = make_splits(self.layout, **recipe.data.split.model_dump())
+        else:
+            self.splits, self.split_source = splits, "run splits.json"
+        require_cases(self.layout, self.splits)
+        self.recipe = with_dataset_statistics(recipe, self.layout, self.splits["train"])
+        self.views: list[AmplifiedCase] = []
+        self.amplification: dict | None = None  # RUN/amplify.json's record
+        if recipe.data.amplify:
+            self.views, self.amplification = amplified_views(self.layout, self.splits, recipe)
+        self.train_set: SegmentationDataset | None = None
+        self.val_set: SegmentationDataset | None = None
+
+    def counts(self) -> str:
+        return " / ".join(f"{len(self.splits[name])} {name}" for name in ("train", "val", "test"))
+
+    def setup(self, stage: str) -> None:
+        common = {"preprocessing": preprocessing_of(self.recipe), "num_classes": self.recipe.model.num_classes,
+                  "mask_threshold": self.recipe.data.mask_threshold}
+        self.train_set = SegmentationDataset([*cases_for(self.layout, self.splits["train"]), *self.views],
+                                             augment=self.recipe.data.augment, **common)
+        self.val_set = SegmentationDataset(cases_for(self.layout, self.splits["val"]), **common)
+
+    def _loader_options(self) -> dict:
+        workers = self.recipe.data.num_workers if self.recipe.data.num_workers is not None else default_workers()
+        return {"batch_size": self.recipe.train.batch_size, "num_workers": workers, "persistent_workers": workers > 0,
+                "pin_memory": torch.cuda.is_available()}
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._built(self.train_set)
+        multiscale = self.recipe.data.multiscale
+        # a last batch of one image would break BatchNorm: dropped whenever the split fills more than one batch
+        return DataLoader(dataset, shuffle=True, drop_last=len(dataset) > self.recipe.train.batch_size,
+                          collate_fn=MultiScaleCollate(multiscale) if multiscale else None, **self._loader_options())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._built(self.val_set), shuffle=False, **self._loader_options())
+
+    def _built(self, dataset: SegmentationDataset | None) -> SegmentationDataset:
+        if dataset is None:
+            raise RuntimeError("SegmentationDataModule.setup() has not run; the trainer calls it in fit()")
+        return dataset
+
+
+def check_folder(layout: Layout, recipe: Recipe) -> None:
+    """Refuse a folder with any error (the whole folder, not only the split: a missing mask is a mistake)."""
+    report = check_data(layout.root, recipe.model.num_classes, recipe.data.mask_threshold)
+    if report.errors:
+        first = report.errors[0]
+        raise MedsegError(f"{layout.root}: {first.file}: {first.message} — run `medseg check-data {layout.root}` "
+                          f"to see all {len(report.errors)} problem(s)")
+
+
+def require_cases(layout: Layout, splits: dict[str, list[str]]) -> None:
+    """The training and validation stems are in the folder (a resumed run's data may have changed), and
+    neither split is empty."""
+    for name in ("train", "val"):
+        cases_for(layout, splits[name])
+    if not splits["train"]:
+        raise MedsegError("the training split is empty; list train stems in splits.json")
+    if not splits["val"]:
+        raise MedsegError("the validation split is empty; set data.split.val > 0 or list val stems in splits.json")
+
+
+def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[str]) -> Recipe:
+    """Replace `data.normalize: dataset` by the training split's {mean, std}, so the run's config.yaml and
+    model carry the numbers and evaluate / predict z-score new images exactly as training did. Any other
+    normalisation is returned as it is."""
+    if recipe.data.normalize != "dataset":
+        return recipe
+    raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none")
+    mean, std = intensity_statistics(cases_for(layout, train_stems), raw)
+    if std <= 0:
+        raise MedsegError(f"{layout.root}: the training images are all one intensity (std 0); "
+                          "data.normalize: dataset cannot z-score them, choose another normalisation")
+    say(f"normalisation: training split mean {mean:.4f}, std {std:.4f} (stored in the run)")
+    stats = NormalizeStats(mean=[mean], std=[std])
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"normalize": stats})})
+
+
+def amplified_views(layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> tuple[list[AmplifiedCase], dict]:
+    """STS-Net amplification of the training split only: the views, and the plan that goes to RUN/amplify.json."""
+    cfg = recipe.data.amplify
+    given = Thresholds(cfg.n1, cfg.n2, None, None, "given in the recipe") if cfg.n2 is not None else None
+    thresholds, views, lesions = plan_amplification(layout, splits["train"], given, recipe.model.num_classes,
+                                                    recipe.data.mask_threshold, cfg.seed, cfg.border)
+    say(f"amplification: N1 {thresholds.n1}, N2 {thresholds.n2}; {len({v.case.stem for v in views})} of "
+        f"{len(splits['train'])} training images qualify, {len(views)} views added")
+    return views, amplify_manifest(thresholds, views, lesions, cfg.seed, cfg.border)
