@@ -33,7 +33,8 @@ def coded(tmp_path):
                                     "empty": (0, 0, 0, 0)}.items():
         mask = np.zeros((320, 320), np.uint8)
         mask[top:top + h, left:left + w] = 255
-        image = np.stack([mask, rng.integers(0, 255, (320, 320), dtype=np.uint8), np.full((320, 320), 90, np.uint8)], -1)
+        image = np.stack([mask, rng.integers(0, 255, (320, 320), dtype=np.uint8),
+                          np.full((320, 320), 90, np.uint8)], -1)
         Image.fromarray(image).save(root / "images" / f"{stem}.png")
         Image.fromarray(mask).save(root / "masks" / f"{stem}.png")
     return root

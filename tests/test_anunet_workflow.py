@@ -15,7 +15,8 @@ from medseg.engine.train import train
 @pytest.fixture(scope="module")
 def anunet_run(kvasir_subset, tmp_path_factory):
     recipe = load_recipe("anunet", ["model.in_channels=3", "data.size=64", "train.epochs=6", "train.batch_size=4",
-                                    "data.num_workers=0", "optim.lr=1.0e-3", "data.split={val: 0.15, test: 0.15, seed: 0}"])
+                                    "data.num_workers=0", "optim.lr=1.0e-3",
+                                    "data.split={val: 0.15, test: 0.15, seed: 0}"])
     return train(recipe, kvasir_subset, out=tmp_path_factory.mktemp("runs"), progress=False)
 
 
@@ -27,7 +28,8 @@ def test_short_training_lowers_the_deeply_supervised_loss(anunet_run):
 
 def test_predict_at_a_pruned_level_writes_masks_and_attention_maps(anunet_run, kvasir_subset, tmp_path):
     image = sorted((kvasir_subset / "images").glob("*.jpg"))[0]
-    result = run_cli("predict", str(anunet_run.path), str(image), "--out", str(tmp_path), "--level", "2", "--save-attention")
+    result = run_cli("predict", str(anunet_run.path), str(image), "--out", str(tmp_path), "--level", "2",
+                     "--save-attention")
     assert result.returncode == 0, result.stderr[-2000:]
     width, height = Image.open(image).size
     assert Image.open(tmp_path / f"{image.stem}.png").size == (width, height)
@@ -55,6 +57,7 @@ def test_random_init_benchmark_by_levels_and_bad_levels():
     result = run_cli("benchmark", "--models", "anunet", "--levels", "1,4", "--size", "32", "--batch", "1",
                      "--warmup", "0", "--repeats", "1", "--markdown")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| anunet L1 | 3x32x32 | 103,188 |" in result.stdout and "| anunet L4 | 3x32x32 | 9,203,741 |" in result.stdout
+    assert ("| anunet L1 | 3x32x32 | 103,188 |" in result.stdout
+            and "| anunet L4 | 3x32x32 | 9,203,741 |" in result.stdout)
     bad = run_cli("benchmark", "--models", "unet", "--levels", "2", "--size", "32")
     assert bad.returncode == 2 and "no pruning levels" in bad.stderr

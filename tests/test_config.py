@@ -7,7 +7,8 @@ from medseg.errors import MedsegError
 
 def test_builtin_recipe_loads_with_typed_overrides():
     recipe = load_recipe("unet", ["data.size=128", "train.epochs=2", "model.base_channels=16", "loss.1.smooth=0.5",
-                                  "data.augment=[hflip, {name: rotate, degrees: 5}]", "train.early_stopping={patience: 3}"])
+                                  "data.augment=[hflip, {name: rotate, degrees: 5}]",
+                                  "train.early_stopping={patience: 3}"])
     assert recipe.name == "unet" and "unet" in list_recipes()
     assert recipe.data.hw == (128, 128) and recipe.train.epochs == 2
     assert recipe.model.options() == {"base_channels": 16}

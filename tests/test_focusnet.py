@@ -93,7 +93,8 @@ def test_keras_upconv_pads_right_and_bottom():
     up = KerasUpConv(4, 3)
     x = torch.randn(1, 4, 5, 5)
     conv = up[2]
-    expected = F.relu(F.conv2d(F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1)), conv.weight, conv.bias))
+    expected = F.relu(F.conv2d(F.pad(F.interpolate(x, scale_factor=2.0, mode="nearest"), (0, 1, 0, 1)),
+                               conv.weight, conv.bias))
     assert torch.allclose(up(x), expected, atol=1e-6) and expected.shape == (1, 3, 10, 10)
 
 
@@ -153,13 +154,15 @@ def test_channel_shift_moves_the_image_only_and_stays_in_range():
     assert offset.abs().max() <= 0.1 and torch.allclose(offset, offset[0].expand_as(offset))  # one offset (Keras)
     assert shifted.min() >= image.min() and shifted.max() <= image.max()
     per_channel, _ = RandomChannelShift(shift=0.1, per_channel=True)(image, mask)
-    offsets = [(per_channel[c] - image[c])[(per_channel[c] > image.min()) & (per_channel[c] < image.max())][0] for c in range(3)]
+    offsets = [(per_channel[c] - image[c])[(per_channel[c] > image.min()) & (per_channel[c] < image.max())][0]
+               for c in range(3)]
     assert len({round(float(o), 6) for o in offsets}) == 3
 
 
 def test_recipe_plateau_follows_keras():
     recipe = load_recipe("focusnet")
-    assert (recipe.optim.lr, recipe.optim.kernel_l2, recipe.train.epochs, recipe.train.batch_size) == (1e-3, 1e-4, 80, 8)
+    assert (recipe.optim.lr, recipe.optim.kernel_l2, recipe.train.epochs,
+            recipe.train.batch_size) == (1e-3, 1e-4, 80, 8)
     assert recipe.data.normalize == "dataset" and recipe.train.monitor == "val/loss"
     model = torch.nn.Conv2d(1, 1, 1)
     optimizer = build_optimizer(model, recipe.optim)

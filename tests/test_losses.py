@@ -30,7 +30,8 @@ def test_bce_matches_torch(binary_pair):
 def test_dice_per_image_and_batch_variants(binary_pair):
     logits, target = binary_pair
     p, g = torch.sigmoid(logits[:, 0]), target.float()
-    per_image = torch.stack([1 - (2 * (p[i] * g[i]).sum() + 1) / (p[i].sum() + g[i].sum() + 1) for i in range(3)]).mean()
+    per_image = torch.stack([1 - (2 * (p[i] * g[i]).sum() + 1) / (p[i].sum() + g[i].sum() + 1)
+                             for i in range(3)]).mean()
     batch = 1 - (2 * (p * g).sum() + 1) / (p.sum() + g.sum() + 1)
     squared = 1 - (2 * (p * g).sum() + 0.5) / ((p * p).sum() + (g * g).sum() + 0.5)
     assert torch.allclose(create_loss("dice", smooth=1.0, per_image=True)(logits, target), per_image)
@@ -62,7 +63,8 @@ def test_focal_reduces_to_bce_and_ce_with_gamma_zero(binary_pair):
 def test_focal_alpha_weights_positives_and_negatives():
     logits = torch.zeros(1, 1, 2, 1)
     target = torch.tensor([[[1], [0]]])
-    per_pixel = F.binary_cross_entropy_with_logits(logits[0, 0, :, 0], torch.tensor([1.0, 0.0])) * 0.25  # (1-p_t)^2 = 1/4
+    # (1-p_t)^2 = 1/4
+    per_pixel = F.binary_cross_entropy_with_logits(logits[0, 0, :, 0], torch.tensor([1.0, 0.0])) * 0.25
     expected = (0.25 * per_pixel + 0.75 * per_pixel) / 2
     assert torch.allclose(create_loss("focal", alpha=0.25, gamma=2.0)(logits, target), expected)
 

@@ -11,7 +11,8 @@ from medseg.engine.train import train
 
 def test_short_multiscale_training_lowers_the_loss_and_pranet_reports_seven_metrics(kvasir_subset, tmp_path):
     recipe = load_recipe("m2snet", ["data.size=64", "data.multiscale=[32, 64]", "train.epochs=4", "train.batch_size=4",
-                                    "data.num_workers=0", "optim.lr=0.01", "data.split={val: 0.15, test: 0.15, seed: 0}"])
+                                    "data.num_workers=0", "optim.lr=0.01",
+                                    "data.split={val: 0.15, test: 0.15, seed: 0}"])
     run = train(recipe, kvasir_subset, out=tmp_path, progress=False)
     with run.metrics_file.open() as handle:
         rows = list(csv.DictReader(handle))

@@ -13,7 +13,8 @@ from torchmetrics.functional.classification import binary_stat_scores, multiclas
 from medseg.metrics import case_scores, confusion_counts, get_protocol, predict_labels, summarize, summary_metrics
 
 SMP_METRICS = {"dice": smp.metrics.f1_score, "iou": smp.metrics.iou_score, "sensitivity": smp.metrics.sensitivity,
-               "specificity": smp.metrics.specificity, "precision": smp.metrics.precision, "accuracy": smp.metrics.accuracy}
+               "specificity": smp.metrics.specificity, "precision": smp.metrics.precision,
+               "accuracy": smp.metrics.accuracy}
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def kvasir_pairs(kvasir):
     """12 real masks at 192 px and soft predictions made from them (blurred, shifted, noisy), plus an empty
     mask with an empty prediction and an empty mask with a false positive."""
     stems = sorted(p.stem for p in (kvasir / "masks").glob("*.png"))[:12]
-    masks = torch.stack([torch.from_numpy(np.array(Image.open(kvasir / "masks" / f"{s}.png").resize((192, 192), Image.NEAREST)) > 127)
+    masks = torch.stack([torch.from_numpy(np.array(Image.open(kvasir / "masks" / f"{s}.png")
+                                                   .resize((192, 192), Image.NEAREST)) > 127)
                          for s in stems]).long()
     g = torch.Generator().manual_seed(1)
     soft = F.avg_pool2d(masks[:, None].float(), 9, stride=1, padding=4)
@@ -72,7 +74,8 @@ def test_multiclass_counts_equal_torchmetrics(kvasir_pairs):
     labels = masks.clone()
     labels[:, :96][labels[:, :96] == 1] = 2  # polyp in the upper half becomes class 2
     g = torch.Generator().manual_seed(2)
-    pred = torch.where(torch.rand(labels.shape, generator=g) < 0.1, torch.randint(0, 3, labels.shape, generator=g), labels)
+    pred = torch.where(torch.rand(labels.shape, generator=g) < 0.1, torch.randint(0, 3, labels.shape, generator=g),
+                       labels)
     ours = confusion_counts(pred, labels, num_classes=3)
     theirs = multiclass_stat_scores(pred, labels, num_classes=3, average=None, multidim_average="samplewise")
     assert torch.equal(ours[..., 0], theirs[..., 0]) and torch.equal(ours[..., 1], theirs[..., 1])

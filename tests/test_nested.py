@@ -121,4 +121,5 @@ def test_recommended_hybrid_is_soft_dice_plus_focal():
     assert torch.allclose(create_loss("anunet_hybrid")(logits, truth), expected, atol=1e-6)
     literal = create_loss("anunet_hybrid", mode="literal")(logits, truth)
     log_p = p.clamp(min=1e-6).log()
-    assert torch.allclose(literal, 1 - ((0.25 * g * log_p / (p - 0.5).abs().clamp(min=0.05) ** 2).mean() + dice), atol=1e-6)
+    assert torch.allclose(literal, 1 - ((0.25 * g * log_p / (p - 0.5).abs().clamp(min=0.05) ** 2).mean() + dice),
+                          atol=1e-6)

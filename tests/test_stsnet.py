@@ -84,7 +84,8 @@ def test_decoder_family_and_errors():
 def test_benchmark_model_specs_reach_the_ablation_options():
     from medseg.engine.benchmark import benchmark_model, parse_model_spec
 
-    assert parse_model_spec("stsnet:decoder=unet:adaptive_k=true") == ("stsnet", {"decoder": "unet", "adaptive_k": True})
+    assert (parse_model_spec("stsnet:decoder=unet:adaptive_k=true")
+            == ("stsnet", {"decoder": "unet", "adaptive_k": True}))
     with pytest.raises(MedsegError, match="key=value"):
         parse_model_spec("stsnet:unet")
     row = benchmark_model("stsnet:attention=none", (32, 32), batch=1, device="cpu", warmup=0, repeats=1, num_classes=2)

@@ -25,7 +25,8 @@ def test_short_training_with_amplification_and_the_five_metrics(kvasir_subset, t
     result = run_cli("evaluate", str(run.path), "--data", str(kvasir_subset), "--overlays", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((run.path / "eval" / "kvasir16" / "summary.json").read_text())["metrics"]
-    assert {"mdice", "miou", "iou", "sensitivity", "precision"} <= set(metrics)  # mDice, mIoU, Jaccard, recall, precision
+    # mDice, mIoU, Jaccard, recall, precision
+    assert {"mdice", "miou", "iou", "sensitivity", "precision"} <= set(metrics)
     image = sorted((kvasir_subset / "images").glob("*.jpg"))[0]
     predicted = run_cli("predict", str(run.path), str(image), "--out", str(tmp_path / "pred"))
     assert predicted.returncode == 0, predicted.stderr[-2000:]

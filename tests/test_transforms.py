@@ -20,7 +20,8 @@ def _pair(size: int = 32):
     return image, mask
 
 
-@pytest.mark.parametrize("spec", [["hflip"], ["vflip"], ["rot90"], [{"name": "hflip", "p": 1.0}, {"name": "vflip", "p": 1.0}]])
+@pytest.mark.parametrize("spec", [["hflip"], ["vflip"], ["rot90"],
+                                  [{"name": "hflip", "p": 1.0}, {"name": "vflip", "p": 1.0}]])
 def test_exact_geometric_augmentations_keep_image_and_mask_aligned(spec):
     torch.manual_seed(0)
     augmentation = build_augmentation(spec, (32, 32))
@@ -33,7 +34,8 @@ def test_exact_geometric_augmentations_keep_image_and_mask_aligned(spec):
     assert moved > 0  # the augmentation really does something
 
 
-@pytest.mark.parametrize("spec", [[{"name": "rotate", "degrees": 30}], [{"name": "affine", "degrees": 10, "translate": [0.1, 0.1], "scale": [0.8, 1.2]}],
+@pytest.mark.parametrize("spec", [[{"name": "rotate", "degrees": 30}],
+                                  [{"name": "affine", "degrees": 10, "translate": [0.1, 0.1], "scale": [0.8, 1.2]}],
                                   [{"name": "zoom", "scale": [0.7, 1.3]}]])
 def test_interpolating_augmentations_keep_masks_as_labels_and_aligned(spec):
     torch.manual_seed(1)
@@ -48,7 +50,8 @@ def test_interpolating_augmentations_keep_masks_as_labels_and_aligned(spec):
 
 def test_colour_jitter_leaves_masks_untouched():
     image, mask = _pair()
-    out_image, out_mask = augment_pair(build_augmentation([{"name": "color_jitter", "brightness": 0.5}], (32, 32)), image, mask)
+    out_image, out_mask = augment_pair(build_augmentation([{"name": "color_jitter", "brightness": 0.5}], (32, 32)),
+                                       image, mask)
     assert torch.equal(out_mask, mask)
 
 

@@ -9,7 +9,8 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name,expected", [("attention_unet", 34_878_573), ("r2unet", 39_091_393), ("r2attunet", 39_442_925)])
+@pytest.mark.parametrize("name,expected", [("attention_unet", 34_878_573), ("r2unet", 39_091_393),
+                                           ("r2attunet", 39_442_925)])
 def test_parameter_counts_of_the_reference_forms(name, expected):
     assert n_params(medseg.create_model(name, in_channels=3, num_classes=1)) == expected
 

@@ -220,12 +220,14 @@ def read_recipe_yaml(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise MedsegError(f"recipe file {path} does not exist; give a built-in name ({', '.join(list_recipes())}) or a YAML path")
+            raise MedsegError(f"recipe file {path} does not exist; give a built-in name "
+                              f"({', '.join(list_recipes())}) or a YAML path")
         text, name = path.read_text(), path.stem
     else:
         resource = resources.files("medseg") / "recipes" / f"{name_or_path}.yaml"
         if not resource.is_file():
-            raise MedsegError(f"unknown recipe {name_or_path!r}; built-in recipes: {', '.join(list_recipes())} (or give a YAML path)")
+            raise MedsegError(f"unknown recipe {name_or_path!r}; built-in recipes: "
+                              f"{', '.join(list_recipes())} (or give a YAML path)")
         text, name = resource.read_text(), str(name_or_path)
     try:
         raw = yaml.safe_load(text) or {}
@@ -251,7 +253,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise MedsegError(f"--set {key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; use an index 0..{len(node) - 1}")
+                raise MedsegError(f"--set {key}: {'.'.join(parts[:i]) or 'root'} is a list of {len(node)}; "
+                                  f"use an index 0..{len(node) - 1}")
             if last:
                 node[int(part)] = value
             else:

@@ -117,10 +117,12 @@ def apply(view: AmplifiedCase, image: torch.Tensor, mask: torch.Tensor) -> tuple
 
 
 def plan(layout: Layout, stems: list[str], thresholds: Thresholds | None, num_classes: int = 1,
-         mask_threshold: int | None = None, seed: int = 0, border: int = 50) -> tuple[Thresholds, list[AmplifiedCase], dict[str, int]]:
+         mask_threshold: int | None = None, seed: int = 0,
+         border: int = 50) -> tuple[Thresholds, list[AmplifiedCase], dict[str, int]]:
     """Thresholds (computed from these training cases unless given), the views, and lesion pixels per stem."""
     by_stem = {c.stem: c for c in layout.cases + layout.test_cases}
-    labels = {s: mask_to_labels(read_mask(by_stem[s].mask), num_classes, mask_threshold, by_stem[s].mask) for s in stems}
+    labels = {s: mask_to_labels(read_mask(by_stem[s].mask), num_classes, mask_threshold, by_stem[s].mask)
+              for s in stems}
     lesions = {s: int(np.count_nonzero(m)) for s, m in labels.items()}
     thresholds = thresholds or compute_thresholds(list(lesions.values()))
     views = []
@@ -130,7 +132,8 @@ def plan(layout: Layout, stems: list[str], thresholds: Thresholds | None, num_cl
     return thresholds, views, lesions
 
 
-def manifest(thresholds: Thresholds, views: list[AmplifiedCase], lesions: dict[str, int], seed: int, border: int) -> dict:
+def manifest(thresholds: Thresholds, views: list[AmplifiedCase], lesions: dict[str, int], seed: int,
+             border: int) -> dict:
     qualifying = sorted({v.case.stem for v in views})
     return {
         "thresholds": asdict(thresholds), "seed": seed, "border": border,

@@ -42,7 +42,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
-        return cls(size=tuple(raw["size"]), in_channels=int(raw["in_channels"]), normalize=raw.get("normalize", "imagenet"))
+        return cls(size=tuple(raw["size"]), in_channels=int(raw["in_channels"]),
+                   normalize=raw.get("normalize", "imagenet"))
 
     def resize(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Bilinear (antialiased) resize of an image batch or single image to `size` (default: self.size)."""
@@ -62,11 +63,13 @@ class Preprocessing:
             raise MedsegError("data.normalize is 'dataset' but no statistics were computed; they are computed by "
                               "`medseg train` and stored in the run, use the run's model")
         if norm == "imagenet":
-            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if image.shape[-3] == 3 else ([IMAGENET_GRAY[0]], [IMAGENET_GRAY[1]])
+            mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if image.shape[-3] == 3
+                         else ([IMAGENET_GRAY[0]], [IMAGENET_GRAY[1]]))
         else:
             mean, std = norm["mean"], norm["std"]
         if len(mean) not in (1, image.shape[-3]):
-            raise MedsegError(f"normalisation has {len(mean)} channel means but the input has {image.shape[-3]} channels")
+            raise MedsegError(f"normalisation has {len(mean)} channel means but the input has "
+                              f"{image.shape[-3]} channels")
         mean_t = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         std_t = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(-1, 1, 1)
         return (image - mean_t) / std_t
@@ -87,7 +90,8 @@ def _zoom(scale: tuple[float, float] = (0.9, 1.1), p: float = 1.0):
     return _affine(scale=scale, p=p)
 
 
-def _color_jitter(brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.0, hue: float = 0.0, p: float = 1.0):
+def _color_jitter(brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.0, hue: float = 0.0,
+                  p: float = 1.0):
     return v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=p)
 
 
@@ -143,7 +147,8 @@ def build_augmentation(spec: list[str | dict[str, Any]], size: tuple[int, int]) 
         options = {"name": item} if isinstance(item, str) else dict(item)
         name = options.pop("name", None)
         if name not in AUGMENTATIONS:
-            raise MedsegError(f"unknown augmentation {name!r} in data.augment; available: {', '.join(sorted(AUGMENTATIONS))}")
+            raise MedsegError(f"unknown augmentation {name!r} in data.augment; "
+                              f"available: {', '.join(sorted(AUGMENTATIONS))}")
         if name == "rot90" and size[0] != size[1]:
             raise MedsegError(f"augmentation rot90 needs a square data.size, got {size[0]}x{size[1]}")
         try:
@@ -153,7 +158,8 @@ def build_augmentation(spec: list[str | dict[str, Any]], size: tuple[int, int]) 
     return v2.Compose(steps) if steps else None
 
 
-def augment_pair(augmentation: v2.Compose | None, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_pair(augmentation: v2.Compose | None, image: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply one random draw to image (C, H, W) and mask (H, W) together."""
     if augmentation is None:
         return image, mask
@@ -163,4 +169,5 @@ def augment_pair(augmentation: v2.Compose | None, image: torch.Tensor, mask: tor
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of a label mask (..., H, W)."""
-    return v2.functional.resize(tv_tensors.Mask(mask), list(size), InterpolationMode.NEAREST_EXACT).as_subclass(torch.Tensor)
+    return v2.functional.resize(tv_tensors.Mask(mask), list(size),
+                                InterpolationMode.NEAREST_EXACT).as_subclass(torch.Tensor)

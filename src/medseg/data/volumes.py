@@ -48,12 +48,13 @@ def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     else:
         label_dir = next((root / d for d in ("labels", "masks") if (root / d).is_dir()), None)
         if not (root / "images").is_dir() or label_dir is None:
-            raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, same stems) or nnU-Net's "
-                              "imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz")
+            raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, same stems) "
+                              "or nnU-Net's imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz")
         images, labels = _volumes(root / "images"), _volumes(label_dir)
     unpaired = sorted(set(images) ^ set(labels))
     if unpaired:
-        raise MedsegError(f"{root}: volumes without a partner: {', '.join(unpaired[:5])}; every image needs a label volume")
+        raise MedsegError(f"{root}: volumes without a partner: {', '.join(unpaired[:5])}; "
+                          "every image needs a label volume")
     if not images:
         raise MedsegError(f"{root} holds no NIfTI volumes (.nii or .nii.gz)")
     return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
@@ -117,6 +118,7 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
                 write_image_atomic(tmp / "masks" / name, mask)
                 written += 1
         if not written:
-            raise MedsegError(f"no slice was written from {volumes}" + (" (no slice has foreground)" if only_lesion else ""))
+            raise MedsegError(f"no slice was written from {volumes}"
+                              + (" (no slice has foreground)" if only_lesion else ""))
     return {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
             "window": list(window) if window else "per-volume min-max", "out": str(out)}

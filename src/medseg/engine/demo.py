@@ -40,5 +40,6 @@ def demo(out: str | Path = "medseg-demo", epochs: int = 25, images: int = 200, s
 def summary_line(eval_dir: Path) -> str:
     summary = json.loads((eval_dir / "summary.json").read_text())
     metrics = summary["metrics"]
-    shown = ", ".join(f"{m} {metrics[m]['value']:.3f}" for m in ("dice", "iou", "sensitivity", "precision") if m in metrics)
+    shown = ", ".join(f"{m} {metrics[m]['value']:.3f}"
+                      for m in ("dice", "iou", "sensitivity", "precision") if m in metrics)
     return f"{summary['cases']} test images (synthetic phantom), protocol {summary['protocol']['name']}: {shown}"

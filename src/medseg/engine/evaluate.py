@@ -82,7 +82,8 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
     per_case = scorer.per_case()
     summary = scorer.summary()
 
-    name = slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}") + (f"-L{level}" if level else "")
+    name = (slug(data.resolve().name) + ("" if split in ("all", "test") else f"-{split}")
+            + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
     final = run.eval_dir(name)
@@ -154,11 +155,13 @@ def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[flo
     lines = [f"# Evaluation: {Path(info['run']).name} on {Path(info['data']).name} ({info['split']})", ""]
     if info["synthetic"]:
         lines += ["**The data are SYNTHETIC** (medseg's generated phantom), not patient images.", ""]
-    lines += [f"- model: {info['model'].get('name')} ({info['model'].get('checkpoint', '?')}), recipe {info['model'].get('recipe', '?')}",
+    lines += [f"- model: {info['model'].get('name')} ({info['model'].get('checkpoint', '?')}), "
+              f"recipe {info['model'].get('recipe', '?')}",
               f"- cases: {info['cases']}", f"- data: `{info['data']}`",
               f"- protocol **{protocol['name']}**: {protocol['description']}"]
     if "threshold" in protocol:
-        lines.append(f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, empty rule {protocol['empty']}")
+        lines.append(f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, "
+                     f"empty rule {protocol['empty']}")
     for metric, meaning in protocol.get("definitions", {}).items():
         lines.append(f"  - `{metric}`: {meaning}")
     lines += ["", "| metric | value | std | median | n |", "|---|---|---|---|---|"]
@@ -167,9 +170,11 @@ def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[flo
         lines.append(f"| {metric} | {' | '.join(cells)} | {values['n']} |")
     if chosen:
         index = {s: i for i, s in enumerate(stems)}
-        lines += ["", "## Overlays", "", "Prediction (at 0.5) tinted red, annotation outlined green (worst cases first).", ""]
+        lines += ["", "## Overlays", "",
+                  "Prediction (at 0.5) tinted red, annotation outlined green (worst cases first).", ""]
         rank = rank_metric if rank_metric in per_case else next(iter(per_case))
         for stem in chosen:
-            lines += [f"**{stem}**: {rank} {per_case[rank][index[stem]]:.3f}", "", f"![{stem}](overlays/{stem}.png)", ""]
+            lines += [f"**{stem}**: {rank} {per_case[rank][index[stem]]:.3f}", "",
+                      f"![{stem}](overlays/{stem}.png)", ""]
     lines += ["", f"Per-case numbers: `per_case.csv`; all definitions: `summary.json`. Written {info['created']}."]
     return "\n".join(lines) + "\n"

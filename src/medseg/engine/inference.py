@@ -47,13 +47,15 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images (B, C, H, W) -> probabilities (B, K, H, W), padded to the size multiple and cropped back."""
+        """Normalised images (B, C, H, W) -> probabilities (B, K, H, W), padded to the size multiple and
+        cropped back."""
         images = images.to(self.device, non_blocking=True)
         padded, (height, width) = pad_to_multiple(images, self.size_multiple)
         with torch.autocast(self.device.type, enabled=self.amp):
             logits = self.model(padded)
         if isinstance(self.model, Gated):
-            self.last_attention = {name: a[..., :height, :width].float().cpu() for name, a in self.model.attention_maps().items()}
+            self.last_attention = {name: a[..., :height, :width].float().cpu()
+                                   for name, a in self.model.attention_maps().items()}
         return activate(logits.float())[..., :height, :width]
 
 
@@ -107,7 +109,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = No
     """
     rgb = image[..., :3] if image.shape[-1] >= 3 else np.repeat(image[..., :1], 3, axis=-1)
     rgb = np.clip(rgb, 0, 1).astype(np.float32)
-    palette = np.array([[0, 0, 0], [255, 40, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255], [0, 220, 220]], np.float32) / 255
+    palette = np.array([[0, 0, 0], [255, 40, 40], [40, 120, 255], [255, 200, 0], [200, 0, 255], [0, 220, 220]],
+                       np.float32) / 255
     colour = palette[np.clip(labels, 0, len(palette) - 1)]
     tinted = np.where((labels > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
     if truth is not None:

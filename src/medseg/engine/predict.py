@@ -32,7 +32,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            found += sorted(p for p in path.iterdir()
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         elif path.is_file():
             found.append(path)
         elif any(ch in item for ch in "*?["):

@@ -22,13 +22,16 @@ from medseg.losses.registry import register_loss
 def binary_target(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Check a binary pair and return the target as float (B, 1, H, W)."""
     if logits.shape[1] != 1:
-        raise MedsegError(f"loss {name!r} is binary (one output channel, sigmoid) but the network has {logits.shape[1]} "
-                          "output channels; use a multi-class loss (ce, dice, focal) or set model.num_classes: 1")
+        raise MedsegError(f"loss {name!r} is binary (one output channel, sigmoid) but the network has "
+                          f"{logits.shape[1]} output channels; use a multi-class loss (ce, dice, focal) "
+                          "or set model.num_classes: 1")
     target = target.unsqueeze(1) if target.dim() == 3 else target
     if target.shape[-2:] != logits.shape[-2:] or target.shape[0] != logits.shape[0]:
-        raise MedsegError(f"loss {name!r}: target shape {tuple(target.shape)} does not match output {tuple(logits.shape)}")
+        raise MedsegError(f"loss {name!r}: target shape {tuple(target.shape)} does not match "
+                          f"output {tuple(logits.shape)}")
     if target.numel() and (target.min() < 0 or target.max() > 1):
-        raise MedsegError(f"loss {name!r}: binary targets must lie in [0, 1], found values up to {target.max().item():g}; "
+        raise MedsegError(f"loss {name!r}: binary targets must lie in [0, 1], "
+                          f"found values up to {target.max().item():g}; "
                           "for label masks set model.num_classes to the number of classes")
     return target.to(logits.dtype)
 
@@ -96,7 +99,8 @@ class DiceLoss(nn.Module):
     softmax, one ratio per class, averaged over the foreground classes unless `include_background`.
     """
 
-    def __init__(self, smooth: float = 1.0, per_image: bool = True, squared: bool = False, include_background: bool = False):
+    def __init__(self, smooth: float = 1.0, per_image: bool = True, squared: bool = False,
+                 include_background: bool = False):
         super().__init__()
         self.smooth = smooth
         self.per_image = per_image

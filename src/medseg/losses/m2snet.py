@@ -82,7 +82,8 @@ class LossNet(nn.Module):
             self.load_report = load_weights(features, Path(vgg_weights), what=VGG_LABEL, rename=(("features.", ""),))
         else:
             warnings.warn("lossnet: no vgg_weights given, so VGG-16 is randomly initialised and LossNet is only a "
-                          "random-feature loss; give a local torchvision vgg16 file with loss.N.vgg_weights", stacklevel=2)
+                          "random-feature loss; give a local torchvision vgg16 file with loss.N.vgg_weights",
+                          stacklevel=2)
         features.eval().requires_grad_(False)
         # A plain attribute, not a submodule: the frozen VGG stays out of every state dict.
         self.__dict__["vgg"] = features

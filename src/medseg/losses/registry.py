@@ -43,7 +43,8 @@ def check_loss_options(name: str, options: list[str] | dict[str, Any]) -> type[n
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
         known = sorted(k for k in accepted if k != "self")
-        raise MedsegError(f"loss {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(known) or 'none'}")
+        raise MedsegError(f"loss {name!r} has no option {', '.join(unknown)}; "
+                          f"its options are: {', '.join(known) or 'none'}")
     return cls
 
 
@@ -84,12 +85,14 @@ class SegmentationLoss(nn.Module):
         self.loss = loss
         self.weights = weights
 
-    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, outputs: torch.Tensor | list[torch.Tensor],
+                target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if isinstance(outputs, torch.Tensor):
             return self.loss(outputs, target)
         weights = self.weights if self.weights is not None else [1.0] * len(outputs)
         if len(weights) != len(outputs):
-            raise MedsegError(f"deep supervision has {len(weights)} weights but the network returned {len(outputs)} outputs; "
+            raise MedsegError(f"deep supervision has {len(weights)} weights but the network returned "
+                              f"{len(outputs)} outputs; "
                               "set train.deep_supervision_weights to one weight per output")
         total = torch.zeros((), device=outputs[0].device)
         parts: dict[str, torch.Tensor] = {}
@@ -105,7 +108,8 @@ def resize_target(target: torch.Tensor, size: torch.Size | tuple[int, int]) -> t
     if tuple(target.shape[-2:]) == tuple(size):
         return target
     squeeze = target.dim() == 3
-    resized = F.interpolate((target.unsqueeze(1) if squeeze else target).float(), size=tuple(size), mode="nearest-exact")
+    resized = F.interpolate((target.unsqueeze(1) if squeeze else target).float(), size=tuple(size),
+                            mode="nearest-exact")
     resized = resized.squeeze(1) if squeeze else resized
     return resized.to(target.dtype)
 

@@ -105,7 +105,8 @@ class PolypScorer:
             "mean_dice": float(np.mean(sweep["dice"]["dynamic"])), "mean_iou": float(np.mean(sweep["iou"]["dynamic"])),
             "soft_dice": float(np.mean(self.soft_dice)), "iou": float(np.mean(self.iou)),
             "wfm": float(self.wfm.get_results()["wfm"]), "sm": float(self.sm.get_results()["sm"]),
-            "mean_em": float(np.mean(em["curve"])), "max_em": float(np.max(em["curve"])), "adaptive_em": float(em["adp"]),
+            "mean_em": float(np.mean(em["curve"])), "max_em": float(np.max(em["curve"])),
+            "adaptive_em": float(em["adp"]),
             "mae": float(self.mae.get_results()["mae"]),
             "max_f": float(np.max(sweep["fm"]["dynamic"])), "adaptive_f": float(sweep["fm"]["adaptive"]),
         }
@@ -144,5 +145,6 @@ MAP_PROTOCOLS = {
                         ("mean_dice", "mean_iou", "wfm", "sm", "mean_em", "max_em", "mae"), "mean_dice"),
     "m2snet": _protocol("m2snet", "The M2SNet authors' test script (test_score.py): soft Dice, IoU at 0.5, adaptive "
                         "E-measure, weighted F, S-measure, MAE, max and adaptive F; pysodmetrics for the SOD metrics.",
-                        ("soft_dice", "iou", "adaptive_em", "max_em", "wfm", "sm", "mae", "max_f", "adaptive_f"), "soft_dice"),
+                        ("soft_dice", "iou", "adaptive_em", "max_em", "wfm", "sm", "mae", "max_f", "adaptive_f"),
+                        "soft_dice"),
 }

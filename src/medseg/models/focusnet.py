@@ -126,7 +126,8 @@ class AttentionBranch(nn.Module):
             _maybe_dropout(PreActBlock(c1, c1, stride=2), dropout, everywhere),                  # a2p
             _maybe_dropout(PreActBlock(c1, c2, first=True), dropout, everywhere),                # a3
             _maybe_dropout(PreActBlock(c2, c2, stride=2), dropout, everywhere),                  # a3p
-            nn.Sequential(PreActBlock(c2, c3, first=True), nn.Dropout(dropout)),                 # a4 (+ the code's dropout)
+            # a4 (+ the code's dropout)
+            nn.Sequential(PreActBlock(c2, c3, first=True), nn.Dropout(dropout)),
         ])
         self.decoder = nn.ModuleList([
             UpLevel(c3, c3, c2, c3),          # a5 = block(cat[a3, up(a4)]): 384 -> 256
@@ -186,7 +187,8 @@ class FocusNet(KernelRegularised, SegmentationNetwork):
         self.attention = AttentionBranch(in_channels, stem_width, dropout, dropout_everywhere)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c1, 7, padding=3), keras_batchnorm(c1), nn.ReLU(inplace=True))
         self.encoder = nn.ModuleList(GatedLevel(i, o, gated, dropout, dropout_everywhere)
-                                     for i, o, gated in ((c1, c1, True), (c1, c2, True), (c2, c3, True), (c3, c4, False)))
+                                     for i, o, gated in ((c1, c1, True), (c1, c2, True), (c2, c3, True),
+                                                         (c3, c4, False)))
         self.decoder = nn.ModuleList([
             UpLevel(c4, c3, c3, c3),   # d5 = block(cat[b3, up(b4)]): 512 -> 256
             UpLevel(c3, c2, c2, c2),   # d6: 256 -> 128

@@ -56,10 +56,11 @@ ENCODER_CHANNELS = (16, 24, 40, 112)
 def psa_gather_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
     """(HW, HW) long: entry [p, q] is the channel of PSANet's over-complete map at position p = (k, l) that
     holds the weight between p and q = (s, t): (H - 1 - k + s)(2W - 1) + (W - 1 - l + t) (paper Eq. 4-5)."""
-    k, l = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
-    k, l = k.reshape(-1, 1), l.reshape(-1, 1)
-    s, t = k.reshape(1, -1), l.reshape(1, -1)
-    return (height - 1 - k + s) * (2 * width - 1) + (width - 1 - l + t)
+    p_row, p_col = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device),
+                                  indexing="ij")
+    p_row, p_col = p_row.reshape(-1, 1), p_col.reshape(-1, 1)
+    q_row, q_col = p_row.reshape(1, -1), p_col.reshape(1, -1)
+    return (height - 1 - p_row + q_row) * (2 * width - 1) + (width - 1 - p_col + q_col)
 
 
 class PSABranch(nn.Module):
@@ -70,7 +71,8 @@ class PSABranch(nn.Module):
         super().__init__()
         self.mode, self.size = mode, size
         self.reduce = ConvBNReLU(channels, reduced, 1)
-        self.mask_head = nn.Sequential(ConvBNReLU(reduced, reduced, 1), nn.Conv2d(reduced, (2 * size - 1) ** 2, 1, bias=False))
+        self.mask_head = nn.Sequential(ConvBNReLU(reduced, reduced, 1),
+                                       nn.Conv2d(reduced, (2 * size - 1) ** 2, 1, bias=False))
         self.register_buffer("index", psa_gather_index(size, size), persistent=False)  # fixed: built once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +80,8 @@ class PSABranch(nn.Module):
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=True)
         batch, channels, height, width = x.shape
         over_complete = self.mask_head(x).flatten(2).transpose(1, 2)  # (B, HW positions, (2P-1)^2)
-        weights = over_complete.gather(2, self.index.expand(batch, -1, -1))  # [b, p, q] = weight between position p and q, read at p
+        # [b, p, q] = weight between position p and q, read at p
+        weights = over_complete.gather(2, self.index.expand(batch, -1, -1))
         # (B, sources, targets): collect reads the weight at the target, distribute at the source
         attention = weights.transpose(1, 2) if self.mode == "collect" else weights
         attention = attention.softmax(dim=1)
@@ -185,8 +188,9 @@ class IntrinsicRecorder:
 
 H_GHOSTNET = EncoderCard(family="timm", name="ghostnet_100", module="encoder", first_conv="stem.0.weight",
                          rename=(("conv_stem.", "stem.0."), ("bn1.", "stem.1."), ("blocks.0.", "stages.0."),
-                                 ("blocks.1.", "stages.1.0."), ("blocks.2.", "stages.1.1."), ("blocks.3.", "stages.2.0."),
-                                 ("blocks.4.", "stages.2.1."), ("blocks.5.", "stages.3.0."), ("blocks.6.", "stages.3.1.")))
+                                 ("blocks.1.", "stages.1.0."), ("blocks.2.", "stages.1.1."),
+                                 ("blocks.3.", "stages.2.0."), ("blocks.4.", "stages.2.1."),
+                                 ("blocks.5.", "stages.3.0."), ("blocks.6.", "stages.3.1.")))
 FOVEA_UNET = NetworkCard(
     paper="Liu et al., Fovea-UNet: detection and segmentation of lymph node metastases in colorectal cancer with deep "
           "learning, BioMedical Engineering OnLine 2023",
@@ -212,7 +216,8 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
             channels = ENCODER_CHANNELS
         elif encoder in SWAPPED_ENCODERS:
             if nhsic:
-                raise MedsegError(f"nHSIC acts on Ghost modules; encoder {encoder!r} needs nhsic: false (paper Table 5)")
+                raise MedsegError(f"nHSIC acts on Ghost modules; encoder {encoder!r} needs nhsic: false "
+                                  "(paper Table 5)")
             self.encoder = SwappedEncoder(encoder, in_channels)
             channels = self.encoder.channels
         else:

@@ -84,7 +84,8 @@ class SubtractionNetwork(SegmentationNetwork):
         self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = self.encoder.feature_info.channels()  # 64, 256, 512, 1024, 2048
         self.reduce = nn.ModuleDict({f"d{k}": ConvBNReLU(channels[k - 1], WIDTH, bias=True) for k in (2, 3, 4, 5)})
-        self.regional = nn.ModuleList([AllOnesRegionalSum(WIDTH, 3), AllOnesRegionalSum(WIDTH, 5)]) if multi_scale else nn.ModuleList()
+        self.regional = (nn.ModuleList([AllOnesRegionalSum(WIDTH, 3), AllOnesRegionalSum(WIDTH, 5)]) if multi_scale
+                         else nn.ModuleList())
         self.units = nn.ModuleDict({name: SubtractionUnit() for name in PYRAMID})
         self.s5432_reduce = ConvBNReLU(WIDTH, WIDTH, bias=True)
         self.enhance = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("ce3", "ce2", "ce1")})

@@ -52,7 +52,8 @@ class NestedUNet(Prunable, Gated, SegmentationNetwork):
         if not 1 <= level <= DEPTH:
             raise MedsegError(f"level must be 1..{DEPTH}, got {level}")
         if level < DEPTH and not pruned:
-            raise MedsegError("a nested U-Net below level 4 exists only as a pruned trained network; build level 4 and prune it")
+            raise MedsegError("a nested U-Net below level 4 exists only as a pruned trained network; "
+                              "build level 4 and prune it")
         self.attention = attention
         self.deep_supervision = deep_supervision
         self.level = level

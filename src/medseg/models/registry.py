@@ -79,7 +79,8 @@ def list_models() -> list[str]:
 
 def model_info(name: str) -> ModelInfo:
     if name not in _REGISTRY:
-        raise MedsegError(f"unknown model {name!r}; registered models: {', '.join(list_models())} (see `medseg models`)")
+        raise MedsegError(f"unknown model {name!r}; registered models: {', '.join(list_models())} "
+                          "(see `medseg models`)")
     return _REGISTRY[name]
 
 
@@ -89,14 +90,16 @@ def create_model(name: str, in_channels: int = 3, num_classes: int = 1, **option
     `model.load_reports`). The option stays in `model.spec.options`; a saved model folder leaves it out."""
     info = model_info(name)
     if in_channels < 1 or num_classes < 1:
-        raise MedsegError(f"model {name!r}: in_channels and num_classes must be >= 1, got {in_channels} and {num_classes}")
+        raise MedsegError(f"model {name!r}: in_channels and num_classes must be >= 1, "
+                          f"got {in_channels} and {num_classes}")
     clash = sorted(set(options) & set(info.fixed))
     if clash:
         raise MedsegError(f"model {name!r} fixes {clash}; choose another registered name instead of overriding them")
     allowed = info.options()
     unknown = sorted(k for k in options if k not in allowed)
     if unknown:
-        raise MedsegError(f"model {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(allowed) or 'none'}")
+        raise MedsegError(f"model {name!r} has no option {', '.join(unknown)}; "
+                          f"its options are: {', '.join(allowed) or 'none'}")
     built = {k: v for k, v in options.items() if k != ENCODER_WEIGHTS}
     model = info.cls(in_channels=in_channels, num_classes=num_classes, **info.fixed, **built)
     card = info.card.with_encoder(info.encoder_card(built))  # the encoder slot of this variant (e.g. `encoder=`)

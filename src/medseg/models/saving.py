@@ -53,8 +53,8 @@ def model_folder(path: str | Path) -> Path:
     for candidate in (path, path / "model"):
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             return candidate
-    raise MedsegError(f"no saved model in {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} there or in {path / 'model'}; "
-                      "train a run first (`medseg train`)")
+    raise MedsegError(f"no saved model in {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} there "
+                      f"or in {path / 'model'}; train a run first (`medseg train`)")
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationNetwork:

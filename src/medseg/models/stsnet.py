@@ -6,9 +6,10 @@ attention families of its ablations (Tables 5, 6, 8, 9).
   output stride 8 (layer3 and layer4 dilated), ASPP with 256 channels and rates 12/24/36, a two-class 1x1
   head and x8 bilinear upsampling. **ESCA is applied in-line after each of the five encoder stages**: the
   re-weighted tensor is what the next stage (and the decoder) receives.
-- ESCA (paper Eq. 5-9; the authors' `eca_layer`): y = GAP(x) read as a sequence over channels, y' = conv1d_k(conv1d_k(y)) with
-  ONE shared kernel applied twice (zero padding, no bias, nothing between), out = x * sigmoid(y'). k = 3 at
-  every stage as in the code; `adaptive_k` uses the ECA-Net rule k = odd(|(log2 C + 1) / 2|), i.e. 3/5/5/5/7.
+- ESCA (paper Eq. 5-9; the authors' `eca_layer`): y = GAP(x) read as a sequence over channels,
+  y' = conv1d_k(conv1d_k(y)) with ONE shared kernel applied twice (zero padding, no bias, nothing between),
+  out = x * sigmoid(y'). k = 3 at every stage as in the code; `adaptive_k` uses the ECA-Net rule
+  k = odd(|(log2 C + 1) / 2|), i.e. 3/5/5/5/7.
 - Ablations, by recipe keys (`model.decoder`, `model.encoder`, `model.attention`): decoders DeepLabV3,
   DeepLabV3+, U-Net, UNet++, PAN, FPN (smp, with smp's defaults for the non-DeepLabV3 ones); encoders
   ResNeXt50-32x4d, ResNet50, MobileNetV2, EfficientNet-b0, DPN68 (smp); attention none / SE / CBAM / ECA
@@ -109,9 +110,10 @@ class SMPSegmentation(SegmentationNetwork):
                                      (attention, ATTENTIONS, "attention")):
             if value not in allowed:
                 raise MedsegError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-        extra = {"encoder_output_stride": 8, "decoder_channels": 256, "decoder_atrous_rates": (12, 24, 36)} if decoder == "deeplabv3" else {}
-        self.network = getattr(smp, DECODERS[decoder])(encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
-                                                       classes=num_classes, **extra)
+        extra = ({"encoder_output_stride": 8, "decoder_channels": 256, "decoder_atrous_rates": (12, 24, 36)}
+                 if decoder == "deeplabv3" else {})
+        self.network = getattr(smp, DECODERS[decoder])(encoder_name=encoder, encoder_weights=None,
+                                                       in_channels=in_channels, classes=num_classes, **extra)
         channels = self.network.encoder.out_channels[1:]
         self.attention = nn.ModuleList(make_attention(attention, c, adaptive_k) for c in channels)
         if attention != "none":
@@ -125,15 +127,16 @@ class SMPSegmentation(SegmentationNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decoder == "pan" and min(x.shape[-2:]) < PAN_MIN_SIZE:
-            raise ValueError(f"the PAN decoder needs inputs of at least {PAN_MIN_SIZE} px (its pyramid pools the 1/32 map "
-                             f"three more times), got {tuple(x.shape[-2:])}")
+            raise ValueError(f"the PAN decoder needs inputs of at least {PAN_MIN_SIZE} px "
+                             f"(its pyramid pools the 1/32 map three more times), got {tuple(x.shape[-2:])}")
         return self.network(x)
 
 
 RESNEXT50 = smp_encoder_card("resnext50_32x4d", "network.encoder")
-STSNET = NetworkCard(paper="Zhao et al., A novel framework for segmentation of small targets in medical images (STS-Net), "
-                           "Scientific Reports 2025",
-                     size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
+STSNET = NetworkCard(paper="Zhao et al., A novel framework for segmentation of small targets in medical images "
+                           "(STS-Net), Scientific Reports 2025",
+                     size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head",
+                     encoder=RESNEXT50)
 DEEPLABV3 = NetworkCard(
     paper="Chen et al., Rethinking Atrous Convolution for Semantic Image Segmentation (DeepLabV3), arXiv:1706.05587, "
           "2017, via segmentation_models_pytorch",

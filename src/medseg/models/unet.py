@@ -37,7 +37,8 @@ class UNet(SegmentationNetwork):
         self.encoder = nn.ModuleList([DoubleConv(in_channels, widths[0])])
         self.encoder.extend(DoubleConv(widths[i], widths[i + 1]) for i in range(4))
         self.pool = nn.MaxPool2d(2)
-        self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(4)))
+        self.upsample = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                      for i in reversed(range(4)))
         self.decoder = nn.ModuleList(DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(4)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 

@@ -69,7 +69,8 @@ class UNetVariant(Gated, SegmentationNetwork):
         self.pool = nn.MaxPool2d(2)
         levels = list(reversed(range(4)))
         self.upsample = nn.ModuleList(UpConv(WIDTHS[i + 1], WIDTHS[i]) for i in levels)
-        self.gates = nn.ModuleList(AttentionGate(WIDTHS[i], WIDTHS[i], WIDTHS[i] // 2) for i in levels) if attention else None
+        self.gates = (nn.ModuleList(AttentionGate(WIDTHS[i], WIDTHS[i], WIDTHS[i] // 2) for i in levels)
+                      if attention else None)
         self.decoder = nn.ModuleList(block(2 * WIDTHS[i], WIDTHS[i]) for i in levels)
         self.head = nn.Conv2d(WIDTHS[0], num_classes, 1)
 
