@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,10 +17,6 @@ from medseg.errors import MedsegError, user_message
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="2D medical image segmentation: five papers and their baselines, side by side.")
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: no truncated tables
-
-
-def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
 @app.command("models")
@@ -103,12 +98,14 @@ def train_command(
 
     Example: medseg train --recipe unet --data ../shared/data/kvasir_seg --set data.size=128 --set train.epochs=2
     """
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
     from medseg.config import load_recipe
     from medseg.engine.train import train
 
     chosen = load_recipe(recipe, set_)
     run = train(chosen, data, out=out, name=name, devices=devices, resume=resume, overrides=set_)
-    if _is_rank_zero():
+    if rank_zero_only.rank == 0:  # DDP child processes re-run this command: only rank 0 prints
         console.print(f"run folder: [bold]{run.path}[/] (model in {run.model_dir}); "
                       f"next: medseg evaluate {run.path} --data {data}")
 

@@ -2,7 +2,10 @@
 
     runs/<name>/config.yaml     the resolved recipe (a valid recipe itself) plus a `run:` section
     runs/<name>/splits.json     the exact stems of train / val / test
-    runs/<name>/metrics.csv     one row per epoch
+    runs/<name>/metrics.csv     one row per epoch (Lightning's CSV logger)
+    runs/<name>/curves.png      losses, the monitored metric and the learning rate per epoch
+    runs/<name>/amplify.json    STS-Net amplification plan (recipes with data.amplify)
+    runs/<name>/tensorboard/    event files; mlruns/ a local MLflow store (train.loggers)
     runs/<name>/checkpoints/    last.ckpt, best.ckpt (Lightning; for resuming only)
     runs/<name>/model/          config.json + model.safetensors (what predict / evaluate load)
     runs/<name>/eval/<data>/    per_case.csv, summary.json, report.md, overlays/
