@@ -205,3 +205,9 @@ def test_a_run_prints_and_stores_what_its_weights_file_loaded(phantom, tmp_path,
     assert len(stored) == 1 and stored[0]["file"].endswith("model.safetensors")
     assert sorted(stored[0]["reinitialised"]) == ["head.bias", "head.weight"]  # 2 classes in the file, 1 here
     assert f"from {source / 'model.safetensors'}" in capsys.readouterr().out
+    # the run's own Lightning checkpoint initialises a network too (its tensors sit under "model.")
+    again = medseg.create_model("unet", 3, 1, base_channels=4)
+    report = load_network_weights(again, run.last_checkpoint)
+    assert report.loaded == len(again.state_dict()) and not report.reinitialised
+    trained = medseg.load_model(run.path)  # exported from best.ckpt, which may be an earlier epoch
+    assert set(again.state_dict()) == set(trained.state_dict())

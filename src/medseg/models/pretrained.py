@@ -5,8 +5,9 @@
   says where the encoder sits (`model.get_submodule(card.module)`), whose key layout the file has
   (`rename`), which kernel is the first conv and what to call it in messages (`label`).
 - `load_network_weights(model, path)`: a whole-network file (a recipe's `model.weights`, e.g. another run's
-  model.safetensors) for fine-tuning; the head (`card.head`) stays at random init when its shape differs
-  (another number of classes) and the encoder's first conv is adapted to another number of input channels.
+  model.safetensors or its checkpoints/best.ckpt) for fine-tuning; the head (`card.head`) stays at random
+  init when its shape differs (another number of classes) and the encoder's first conv is adapted to another
+  number of input channels.
 
 Both follow the one rule of `medseg.weights` (every tensor of the target from the file, or a one-line
 error naming the file and the tensor; the first conv adapted with timm's `adapt_input_conv`, as smp's
@@ -26,6 +27,7 @@ from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, SegmentationNetwork
 from medseg.weights import LoadReport, load_weights
 
+CHECKPOINT_PREFIX = "model."  # SegmentationModule's attribute for the network in Lightning checkpoints
 SMP_FIRST_CONV = {  # smp encoder name -> the key of its first convolution's kernel in the encoder's state dict
     "resnet50": "conv1.weight",
     "resnext50_32x4d": "conv1.weight",
@@ -59,7 +61,8 @@ def load_network_weights(model: SegmentationNetwork, path: str | Path) -> LoadRe
     """Initialise a whole network from a local file of the same network; only the head may stay random."""
     encoder = model.card.encoder
     first_conv = f"{encoder.module}.{encoder.first_conv}" if encoder is not None else None
+    # a run's Lightning checkpoint (last.ckpt / best.ckpt) holds the network under "model."
     report = load_weights(model, path, what=f"network {model.spec.name}", first_conv=first_conv,
-                          reinit=(model.card.head,))
+                          rename=((CHECKPOINT_PREFIX, ""),), reinit=(model.card.head,))
     model.load_reports.append(report)
     return report
