@@ -128,3 +128,46 @@ def test_extra_losses_are_added_with_recipe_weights(phantom):
     module.recipe.train.extra_loss_weights = {}
     with pytest.raises(medseg.errors.MedsegError, match="extra losses \\['l2'\\]"):
         module.training_step(batch, 0)
+
+
+def phantom_splits(phantom) -> dict[str, list[str]]:
+    stems = sorted(path.stem for path in (phantom / "images").glob("*.png"))
+    return {"train": stems[:16], "val": stems[16:20], "test": stems[20:]}
+
+
+def test_given_splits_are_the_runs_splits_and_a_resume_keeps_them(phantom, tmp_path):
+    given = phantom_splits(phantom)
+    recipe = load_recipe("unet", [*TINY, "train.epochs=1"])
+    run = train(recipe, phantom, out=tmp_path, name="fold", progress=False, splits=given)
+    assert json.loads(run.splits_file.read_text()) == given
+    assert yaml.safe_load(run.config_file.read_text())["run"]["splits"] == "given by the caller"
+    moved = {**given, "train": given["train"][1:], "val": [given["train"][0], *given["val"]]}
+    with pytest.raises(medseg.errors.MedsegError, match=r"trained with other train/val stems than the splits given"):
+        train(recipe, phantom, out=tmp_path, name="fold", resume=True, progress=False, splits=moved)
+    reordered = {name: stems[::-1] for name, stems in given.items()}
+    train(recipe, phantom, out=tmp_path, name="fold", resume=True, progress=False, splits=reordered)
+    assert json.loads(run.splits_file.read_text()) == given
+    assert len(yaml.safe_load(run.config_file.read_text())["run"]["resumed"]) == 1
+
+
+def test_given_splits_are_labelled_with_their_source(phantom):
+    from medseg.engine.train import prepare_data
+
+    given = phantom_splits(phantom)
+    datamodule = prepare_data(load_recipe("unet", TINY), phantom, given, "study polyp-cpu fold 2 of 5")
+    assert datamodule.splits == given and datamodule.split_source == "study polyp-cpu fold 2 of 5"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: {**s, "train": [*s["train"], "no_such_case"]}, r"the splits 'given by the caller' names 1 stems that "
+                                                               r"have no image/mask pair, e.g. \['no_such_case'\]"),
+    (lambda s: {**s, "test": [*s["test"], s["val"][0]]}, r"is in both 'val' and 'test'"),
+    (lambda s: {**s, "val": []}, r"the validation split is empty"),
+    (lambda s: {"train": s["train"]}, r"must have 'train' and 'val'"),
+])
+def test_given_splits_are_checked_before_the_run_folder_exists(phantom, tmp_path, change, message):
+    with pytest.raises(medseg.errors.MedsegError, match=message) as excinfo:
+        train(load_recipe("unet", TINY), phantom, out=tmp_path, name="refused", progress=False,
+              splits=change(phantom_splits(phantom)))
+    assert "\n" not in str(excinfo.value)
+    assert not (tmp_path / "refused").exists()

@@ -247,6 +247,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    assign(raw, key, value)
+
+
+def assign(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set the dotted `key` (e.g. `loss.1.smooth`) of a raw recipe mapping to an already parsed `value`."""
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Mapping
 from pathlib import Path
 
 from medseg.data.formats import Case, Layout
@@ -23,18 +24,37 @@ def read_splits(path: Path, known: set[str]) -> dict[str, list[str]]:
         raise MedsegError(f"cannot read {path}: {exc}; it must be JSON with train/val/test stem lists") from None
     if not isinstance(raw, dict) or "train" not in raw or "val" not in raw:
         raise MedsegError(f"{path} must be a JSON object with 'train' and 'val' (and optionally 'test') stem lists")
+    return check_splits(raw, known, str(path), "fix the file or run `medseg check-data` on the folder")
+
+
+def check_splits(raw: Mapping, known: set[str], where: str, fix: str) -> dict[str, list[str]]:
+    """`raw` as {train, val, test} stem lists (test may be absent), checked as a folder's splits.json is: stem
+    lists, every stem one of `known` (the folder's cases), no stem in two splits. `where` names the splits and
+    `fix` says what to do in the one-line error."""
+    if not isinstance(raw, Mapping) or "train" not in raw or "val" not in raw:
+        raise MedsegError(f"{where} must have 'train' and 'val' (and optionally 'test') stem lists")
+    for name in SPLIT_NAMES:
+        if not isinstance(raw.get(name, []), (list, tuple)):
+            raise MedsegError(f"{where}: {name!r} is a {type(raw[name]).__name__}, not a list of stems")
     splits = {name: [str(s) for s in raw.get(name, [])] for name in SPLIT_NAMES}
     unknown = sorted({s for stems in splits.values() for s in stems} - known)
     if unknown:
-        raise MedsegError(f"{path} names {len(unknown)} stems that have no image/mask pair, e.g. {unknown[:3]}; "
-                          "fix the file or run `medseg check-data` on the folder")
+        raise MedsegError(f"{where} names {len(unknown)} stems that have no image/mask pair, e.g. {unknown[:3]}; "
+                          f"{fix}")
     seen: dict[str, str] = {}
     for name in SPLIT_NAMES:
         for stem in splits[name]:
             if stem in seen:
-                raise MedsegError(f"{path}: stem {stem!r} is in both {seen[stem]!r} and {name!r}")
+                raise MedsegError(f"{where}: stem {stem!r} is in both {seen[stem]!r} and {name!r}")
             seen[stem] = name
     return splits
+
+
+def differing_splits(a: Mapping, b: Mapping) -> list[str]:
+    """The split names whose stem sets differ between two {train, val, test} mappings (order does not count)."""
+    if not isinstance(a, Mapping) or not isinstance(b, Mapping):
+        return list(SPLIT_NAMES)
+    return [name for name in SPLIT_NAMES if {str(s) for s in a.get(name, [])} != {str(s) for s in b.get(name, [])}]
 
 
 def seeded_split(stems: list[str], val: float, test: float, seed: int) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from medseg.data.amplify import plan as plan_amplification
 from medseg.data.check import check_data
 from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
 from medseg.data.formats import Layout, discover
-from medseg.data.splits import cases_for, make_splits
+from medseg.data.splits import cases_for, check_splits, make_splits
 from medseg.data.transforms import Preprocessing
 from medseg.engine.callbacks import say
 from medseg.errors import MedsegError
@@ -44,19 +44,28 @@ class SegmentationDataModule(L.LightningDataModule):
     """The data of one training run, checked and planned on construction (see the module docstring).
 
     `splits`: the stems of a run that is resumed or joined (its splits.json); None draws them from the folder
-    (its own splits.json, nnU-Net's imagesTs, or a seeded split by `data.split`). `recipe` is the recipe to train
-    with: `data.normalize: dataset` is replaced by the training split's {mean, std}.
+    (its own splits.json, nnU-Net's imagesTs, or a seeded split by `data.split`). With `given_source`, `splits`
+    are instead the stems a caller chose for a new run (a cross-validation fold, say; they win over the folder's
+    own splits.json): checked as a folder's splits.json is and recorded with that label as their source.
+    `recipe` is the recipe to train with: `data.normalize: dataset` is replaced by the training split's
+    {mean, std}.
     """
 
-    def __init__(self, recipe: Recipe, root: str | Path, splits: dict[str, list[str]] | None = None):
+    def __init__(self, recipe: Recipe, root: str | Path, splits: dict[str, list[str]] | None = None,
+                 given_source: str | None = None):
         super().__init__()
         self.root = Path(root)
         self.layout: Layout = discover(self.root)
         check_folder(self.layout, recipe)
         if splits is None:
             self.splits, self.split_source = make_splits(self.layout, **recipe.data.split.model_dump())
-        else:
+        elif given_source is None:
             self.splits, self.split_source = splits, "run splits.json"
+        else:
+            known = {c.stem for c in self.layout.cases + self.layout.test_cases}
+            self.splits = check_splits(splits, known, f"the splits {given_source!r}",
+                                       f"pass stems of {self.root} (`medseg check-data {self.root}` lists its cases)")
+            self.split_source = given_source
         require_cases(self.layout, self.splits)
         self.recipe = with_dataset_statistics(recipe, self.layout, self.splits["train"])
         self.views: list[AmplifiedCase] = []

@@ -2,9 +2,10 @@
 
 `train` is a sequence of stages, each a function below:
 
-    resolve_run        the run folder: a new one, a resumed one (its stored recipe plus overrides), or, in a
-                       DDP child process, rank 0's
-    prepare_data       the SegmentationDataModule: data check, splits, dataset statistics, amplification plan
+    resolve_run        the run folder: a new one, a resumed one (its stored recipe plus overrides, its splits), or,
+                       in a DDP child process, rank 0's
+    prepare_data       the SegmentationDataModule: data check, splits (the folder's, or the caller's for a new run),
+                       dataset statistics, amplification plan
     build_module       the LightningModule, with the recipe's optimiser, schedule, freeze groups and loggers
                        checked
     load_initial_weights   a recipe's model.weights file (not on resume: the checkpoint has the weights)
@@ -36,6 +37,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medseg.config import Recipe
+from medseg.data.splits import differing_splits
 from medseg.engine.callbacks import (
     EpochCSVLogger,
     EpochSummary,
@@ -59,17 +61,28 @@ from medseg.models.registry import model_info
 # Lightning's DDP launcher re-runs the command line in child processes; they must join rank 0's run
 # folder instead of naming a new one.
 RUN_DIR_ENV = "MEDSEG_RUN_DIR"
+# config.yaml's `run.splits` for splits passed to `train` without a label of their own
+GIVEN_SPLITS = "given by the caller"
 
 
 def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str | None = None, devices: int = 1,
           resume: bool = False, overrides: Sequence[str] = (), callbacks: Sequence[L.Callback] = (),
-          progress: bool | None = None) -> Run:
+          progress: bool | None = None, *, splits: dict[str, list[str]] | None = None,
+          splits_source: str = GIVEN_SPLITS) -> Run:
     """Train `recipe` on the folder `data`; returns the run. With `resume`, the run's stored recipe is
-    used (with `overrides` applied on top, e.g. more epochs) and training continues from last.ckpt."""
+    used (with `overrides` applied on top, e.g. more epochs) and training continues from last.ckpt.
+
+    `splits` ({train, val, test} stem lists) are a new run's splits instead of the folder's: checked like a
+    folder's splits.json, written to RUN/splits.json, and `splits_source` (e.g. "study polyp fold 2 of 5") is
+    config.yaml's `run.splits`. A resumed run keeps its own splits.json; splits that differ from it are refused.
+    """
     quiet_lightning()
     data, out = Path(data).resolve(), Path(out)
-    run, recipe, splits = resolve_run(recipe, data, out, name, resume, overrides)
-    datamodule = prepare_data(recipe, data, splits)
+    run, recipe, stored = resolve_run(recipe, data, out, name, resume, overrides, splits)
+    if stored is None and splits is not None:
+        datamodule = prepare_data(recipe, data, splits, splits_source)
+    else:
+        datamodule = prepare_data(recipe, data, stored)
     recipe = datamodule.recipe
     module = build_module(recipe)
     if recipe.model.weights and not resume:
@@ -82,9 +95,11 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
 
 
 def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume: bool,
-                overrides: Sequence[str] = ()) -> tuple[Run, Recipe, dict[str, list[str]] | None]:
-    """(run, recipe to train, splits or None for new ones). A DDP child joins rank 0's run with the recipe and
-    splits rank 0 stored; a resumed run takes its stored recipe with `overrides` on top and its splits."""
+                overrides: Sequence[str] = (), splits: dict[str, list[str]] | None = None,
+                ) -> tuple[Run, Recipe, dict[str, list[str]] | None]:
+    """(run, recipe to train, the run's stored splits or None for a new run). A DDP child joins rank 0's run with
+    the recipe and splits rank 0 stored; a resumed run takes its stored recipe with `overrides` on top and its
+    splits, and refuses caller-given `splits` that differ from them."""
     if rank_zero_only.rank > 0 and os.environ.get(RUN_DIR_ENV):
         run = Run(os.environ[RUN_DIR_ENV])
         return run, run.recipe(), run.splits()
@@ -97,14 +112,22 @@ def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume:
         stored = run.config()["run"]
         if Path(stored["data"]) != data:
             raise MedsegError(f"{run.path} was trained on {stored['data']}, not {data}; resume with the same --data")
-        return run, run.recipe(list(overrides)), run.splits()
+        own = run.splits()
+        differ = differing_splits(splits, own) if splits is not None else []
+        if differ:
+            raise MedsegError(f"{run.path} was trained with other {'/'.join(differ)} stems than the splits given; "
+                              "resume it without splits (its splits.json is kept) or train a new run under a new name")
+        return run, run.recipe(list(overrides)), own
     if name and (out / name).exists():
         raise MedsegError(f"run folder {out / name} exists; choose another --name, or add --resume to continue it")
     return Run(new_run_dir(out, base)), recipe, None
 
 
-def prepare_data(recipe: Recipe, data: Path, splits: dict[str, list[str]] | None) -> SegmentationDataModule:
-    return SegmentationDataModule(recipe, data, splits)
+def prepare_data(recipe: Recipe, data: Path, splits: dict[str, list[str]] | None,
+                 given_source: str | None = None) -> SegmentationDataModule:
+    """The data module: `splits` are a resumed or joined run's own, or with `given_source` a caller's for a new run
+    (see SegmentationDataModule); None draws them from the folder."""
+    return SegmentationDataModule(recipe, data, splits, given_source)
 
 
 def build_module(recipe: Recipe) -> SegmentationModule:
