@@ -374,6 +374,46 @@ def slices_command(
                   f"window {record['window']}; {record['skipped_without_lesion']} slices without lesion skipped)")
 
 
+@app.command("study")
+def study_command(
+    study: Optional[str] = typer.Argument(None, help="a study YAML file or a shipped study name (see --list)"),
+    data: list[Path] = typer.Option([], help="training data folder(s), replacing the study's data.train"),
+    test: list[Path] = typer.Option([], help="extra test data folder(s) scored whole, replacing data.test"),
+    out: Path = typer.Option(Path("studies"), help="folder that holds study folders"),
+    executor: str = typer.Option("local", help="local (one process per run) or ray (one Ray task per run)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    jobs: int = typer.Option(1, min=1, help="local executor: runs at the same time"),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per run (default: the cores / --jobs); "
+                                          "a Ray task asks for that many CPUs"),
+    dry_run: bool = typer.Option(False, help="print the cells, their state and the work, train nothing"),
+    cpu: bool = typer.Option(False, help="the study's laptop-sized variant (its `cpu:` section)"),
+    report: Optional[Path] = typer.Option(None, help="re-aggregate this study folder without training"),
+    list_: bool = typer.Option(False, "--list", help="list the shipped studies"),
+) -> None:
+    """Run a comparison study: models x datasets x seeds x folds, each cell an ordinary run, scored on its
+    held-out cases and extra test sets; results.csv, summary.csv, report.md (paired Wilcoxon tests against the
+    reference, Holm-corrected) and plots/. Re-running finishes only what is missing.
+
+    Example: medseg study anunet-table2 --data ../shared/data/kvasir_seg --cpu
+    """
+    from medseg.engine.study import aggregate_study, list_studies, run_study
+
+    if list_:
+        for name in list_studies():
+            console.print(name)
+        return
+    if report is not None:
+        for written in aggregate_study(report):
+            console.print(f"report: [bold]{written}[/]")
+        return
+    if study is None:
+        raise MedsegError("give a study file or name (medseg study --list shows the shipped ones), or --report DIR")
+    plan = run_study(study, out, [str(d) for d in data] or None, [str(t) for t in test] or None, executor, address,
+                     jobs, dry_run, cpu, threads, report=lambda line: console.print(Text(line), soft_wrap=True))
+    if any(cell.state == "failed" for cell in plan.cells):
+        raise typer.Exit(1)  # the report is written without the failed cells; each failure was named above
+
+
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("medseg-demo"), help="folder for the phantom data and the run"),
