@@ -154,6 +154,13 @@ def test_a_rerun_of_a_finished_study_only_reaggregates(local_study: Path, study_
     run_study(study_file, study_file.parent / "out-local", report=lines.append, threads=1)
     assert "0 runs to do" in lines[0]
     assert before == {p: p.stat().st_mtime_ns for p in (local_study / "runs").rglob("*") if p.is_file()}
+    summary = (local_study / "summary.csv").read_bytes()
+    (local_study / "summary.csv").unlink()
+    again = subprocess.run([sys.executable, "-m", "medseg.cli", "study", "--report", str(local_study)],
+                           capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert again.returncode == 0, again.stderr
+    assert str(local_study / "report.md") in again.stdout
+    assert (local_study / "summary.csv").read_bytes() == summary
 
 
 def test_dry_run_shows_states_and_a_changed_study_makes_new_cells(local_study: Path, study_file: Path):
@@ -177,10 +184,14 @@ def test_dry_run_shows_states_and_a_changed_study_makes_new_cells(local_study: P
     ({"folds": 13}, r"k=13 folds need at least 13 groups; the 24 stems form only 12"),
     ({"reference": "segnet"}, r"reference 'segnet' is not one of its models"),
     ({"models": [{"recipe": "unet"}, {"recipe": "unet"}]}, r"the models \['unet'\] appear twice"),
+    ({"folds": 1}, r"study .*bad.yaml: folds: Input should be greater than or equal to 2"),
+    ({"seed": [0]}, r"study .*bad.yaml: seed: Extra inputs are not permitted"),
+    ({"data": {"train": "polyps", "test": ["elsewhere/polyps"]}}, r"two of its data folders are named 'polyps'"),
 ])
 def test_bad_studies_are_refused_in_one_line(study_file: Path, tmp_path: Path, change, message):
-    raw = {**yaml.safe_load(study_file.read_text()), **change}
-    raw["data"] = {"train": str(study_file.parent / "polyps")}
+    (tmp_path / "elsewhere" / "polyps").mkdir(parents=True)
+    (tmp_path / "polyps").symlink_to(study_file.parent / "polyps")
+    raw = {**yaml.safe_load(study_file.read_text()), "data": {"train": "polyps"}, **change}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(MedsegError, match=message) as excinfo:

@@ -36,6 +36,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ from medseg.data.folds import empty_mask_strata, fold_splits, groups_of
 from medseg.data.formats import discover, load_case
 from medseg.data.splits import make_splits
 from medseg.engine.run import Run, now, slug
+from medseg.engine.study_report import aggregate, read_results_csv, write_results_csv
 from medseg.errors import MedsegError, user_message
 from medseg.files import write_text_atomic
 from medseg.metrics import get_protocol
@@ -268,10 +270,11 @@ def plan_study(study: StudyFile, base: Path, out: Path) -> Plan:
     jobs: dict[str, Job] = {}
     run_of: dict[str, str] = {}  # training hash -> run name
     trained_on = [_resolve_path(text, base) for text in study.data.train]
-    clashes = sorted({d.name for d in trained_on if [t.name for t in trained_on].count(d.name) > 1})
+    labels = [d.name for d in trained_on] + [Path(t).name for t in tests]
+    clashes = sorted({label for label in labels if labels.count(label) > 1})
     if clashes:
-        raise MedsegError(f"study {study.name}: two training folders are named {clashes[0]!r}; results are labelled "
-                          "by folder name, so give each training dataset a folder of its own name")
+        raise MedsegError(f"study {study.name}: two of its data folders are named {clashes[0]!r}; results are "
+                          "labelled by folder name, so give each training and test dataset a folder name of its own")
     for data in trained_on:
         defaults = data_channels(data)
         first = resolve_recipe(study.models[names.index(reference)], study, base, study.seeds[0], defaults)
@@ -348,8 +351,6 @@ def execute_job(folder: Path, run_name: str) -> None:
     if not (run.model_dir / "config.json").is_file():
         resume = run.last_checkpoint.is_file()
         if run.path.exists() and not resume:  # died before its first checkpoint: nothing to keep
-            import shutil
-
             shutil.rmtree(run.path)
         recipe = recipe_from_dict(job.recipe)
         train(recipe, job.data, out=run.path.parent, name=run_name, resume=resume, progress=False,
@@ -369,8 +370,6 @@ def execute_job(folder: Path, run_name: str) -> None:
                                if k not in ("stem", "height", "width", "mask_pixels", "predicted_pixels")}
                     rows.append({"model": cell["model"], "dataset": data.name, "seed": cell["seed"],
                                  "fold": "" if cell["fold"] is None else cell["fold"], "case": row["stem"], **metrics})
-        from medseg.engine.study_report import write_results_csv
-
         write_results_csv(rows, folder / "cells" / cell["results"])
 
 
@@ -525,8 +524,6 @@ def aggregate_study(folder: str | Path) -> list[Path]:
     """results.csv, summary.csv, tests.csv, report.md and plots/ from the finished cells of a study folder; one
     set per training dataset (in OUT/<name>/ for one, OUT/<name>/<dataset>/ for several: each training
     dataset is its own study). Returns the reports written."""
-    from medseg.engine.study_report import aggregate, read_results_csv, write_results_csv
-
     folder = Path(folder)
     if not (folder / "study.json").is_file():
         raise MedsegError(f"{folder} is not a study folder (no study.json); give the folder `medseg study` wrote")
