@@ -1,5 +1,6 @@
 """The `medseg` command as a user runs it: subprocesses, real files, one-line errors."""
 
+import importlib.metadata
 import json
 import shutil
 
@@ -141,6 +142,18 @@ def test_benchmark_reports_cost_and_speed(tmp_path):
     assert "| unet | 3x32x32 | 31,037,633 |" in cli.stdout
 
 
+def test_the_command_line_starts_without_torch_and_prints_its_version():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "torchvision", "lightning", "timm", "segmentation_models_pytorch", "matplotlib", "scipy")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, medseg.cli; print(sorted(set(sys.modules) & "
+                             f"set({heavy!r})))"], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"medseg {importlib.metadata.version('medseg')}"
+
+
 def test_models_and_help():
     from typer.testing import CliRunner
 
@@ -150,7 +163,8 @@ def test_models_and_help():
     result = runner.invoke(app, ["models"], terminal_width=200)
     assert result.exit_code == 0 and "unet" in result.stdout and "31,037,633" in result.stdout
     assert "39,105,873" in result.stdout  # stsnet counted with its paper's two-class head
-    for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models", "amplify", "slices"):
+    for command in ("train", "evaluate", "predict", "benchmark", "check-data", "demo", "models", "amplify", "slices",
+                    "study"):
         help_text = runner.invoke(app, [command, "--help"], terminal_width=200)
         assert help_text.exit_code == 0 and "Example" in help_text.stdout, command
     benchmark_help = runner.invoke(app, ["benchmark", "--help"], terminal_width=200).stdout

@@ -19,6 +19,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs: no truncated tables
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from medseg import __version__
+
+        console.print(f"medseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="print medseg's version and exit")) -> None:
+    """2D medical image segmentation: five papers and their baselines, side by side. Commands import torch and
+    Lightning only when they run, so --help answers at once."""
+
+
 @app.command("models")
 def models_command() -> None:
     """Table of registered networks: paper, parameters (3 input channels, the paper's output channels), input size.
