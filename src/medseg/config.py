@@ -166,7 +166,9 @@ class TrainConfig(Strict):
     seed: int = 0
     monitor: str = "val/dice"  # what `best` means
     monitor_mode: Literal["max", "min"] = "max"
-    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"  # auto: 16-mixed on CUDA, 32 on CPU
+    # auto: bf16 + channels_last on a CPU with BF16 instructions, bf16/16-mixed on CUDA, else fp32
+    # (medseg.engine.precision); bf16-mixed on a CPU always goes with channels_last
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
     early_stopping: EarlyStopping | None = None
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
