@@ -90,6 +90,8 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     amplify: AmplifyConfig | None = None  # STS-Net amplification of small-lesion training images (None: off)
     num_workers: int | None = None  # None: one less than the CPU cores, at most 8
+    # decode and resize each training image once, into $MEDSEG_CACHE (default ~/.cache/medseg/decoded)
+    cache: bool = True
 
     @property
     def hw(self) -> tuple[int, int]:
