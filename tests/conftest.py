@@ -17,6 +17,19 @@ MEDSEG = [sys.executable, "-m", "medseg"]
 TINY = ("model.base_channels=4", "data.size=64", "train.batch_size=4", "data.num_workers=0", "train.epochs=2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tests' decoded-data cache: a temporary folder (also for the commands they start), never ~/.cache."""
+    folder = tmp_path_factory.mktemp("decoded-cache")
+    previous = os.environ.get("MEDSEG_CACHE")
+    os.environ["MEDSEG_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("MEDSEG_CACHE", None)
+    else:
+        os.environ["MEDSEG_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data (see its README); a missing folder fails loudly instead of skipping tests."""

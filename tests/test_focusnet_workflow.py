@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_and_stores_the_normalisation(isbi, kvasir_subs
     assert stored == {"mean": [pytest.approx(mean)], "std": [pytest.approx(std)]}
     assert 0.05 < mean < 0.95 and std > 0.01
 
-    predictor = Predictor(run.path, device="cpu")
+    predictor = Predictor(run.path, device="cpu", precision="32")  # compared with an fp32 forward below
     assert predictor.preprocessing.normalize == stored
     image = load_image_tensor(train_cases[0], predictor.preprocessing)
     image = predictor.preprocessing.resize(image)[None]

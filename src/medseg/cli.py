@@ -136,6 +136,8 @@ def evaluate_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first "
                                         "(ANU-Net L1-L4)"),
+    precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
+                                  "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
@@ -143,7 +145,7 @@ def evaluate_command(
     """
     from medseg.engine.evaluate import evaluate
 
-    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level)
+    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -168,6 +170,8 @@ def predict_command(
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
     save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as "
                                         "<stem>_attention_*.png"),
+    precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
+                                  "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
 ) -> None:
     """Predict masks for images of any size; masks are written at each input's size.
 
@@ -176,7 +180,7 @@ def predict_command(
     from medseg.engine.predict import predict
 
     written = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
-                      save_attention)
+                      save_attention, precision)
     console.print(f"wrote {len(written)} mask(s) to [bold]{out}[/]")
 
 
@@ -203,6 +207,11 @@ def benchmark_command(
     markdown: bool = typer.Option(False, help="also print a markdown table (for docs/BENCHMARKS.md)"),
     fovea_pool: bool = typer.Option(False, "--fovea-pool", hidden=True,
                                     help="deprecated: use `medseg benchmark fovea-pool`"),
+    train: bool = typer.Option(False, "--train", help="training throughput in medseg's engine against a bare loop "
+                               "(same network, loss, optimiser, tensors), per --precisions"),
+    precisions: str = typer.Option("32,bf16-mixed", help="with --train: precisions to measure (auto, 32, "
+                                   "bf16-mixed, 16-mixed)"),
+    steps: int = typer.Option(6, min=1, help="with --train: timed steps (after --warmup ones)"),
 ) -> None:
     """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory;
     per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
@@ -211,8 +220,13 @@ def benchmark_command(
     Example: medseg benchmark --models unet --size 352
     Example: medseg benchmark --models stsnet,stsnet:decoder=unet:attention=none --size 512 --num-classes 2
     Example: medseg benchmark fovea-pool
+    Example: medseg benchmark --train --models unet,m2snet --size 128 --batch 8 --json train.json
     """
     if ctx.invoked_subcommand is not None:
+        return
+    if train:
+        _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, json_out,
+                            markdown)
         return
     from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec, write_json
     from medseg.models import model_info
@@ -261,6 +275,42 @@ def benchmark_command(
         console.print(f"results: {json_out}")
     if markdown:
         print(markdown_table(report))
+
+
+def _benchmark_training(models: str, size: int, batch: int, device: str, precisions: str, warmup: int, steps: int,
+                        in_channels: int, json_out: Optional[Path], markdown: bool) -> None:
+    from medseg.engine.benchmark import parse_model_spec, write_json
+    from medseg.engine.precision import PRECISIONS
+    from medseg.engine.train_benchmark import benchmark_training, training_markdown
+    from medseg.models import model_info
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    for spec in names:
+        model_info(parse_model_spec(spec)[0])  # unknown names fail before any timing
+    chosen = tuple(p.strip() for p in precisions.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PRECISIONS]
+    if unknown or not chosen:
+        raise MedsegError(f"--precisions: {', '.join(unknown) or 'none given'}; choose from {', '.join(PRECISIONS)}")
+    table = Table(title=f"training, batch {batch}, {size}x{size}, median of {steps} steps")
+    for column in ("model", "precision", "memory format", "engine img/s", "bare img/s", "engine/bare"):
+        table.add_column(column, justify="right")
+
+    def add(r: dict) -> None:
+        table.add_row(r["model"], r["precision"], r["memory_format"], f"{r['train_img_s']:.2f}",
+                      f"{r['raw_img_s']:.2f}", f"{r['ratio']:.2f}")
+
+    with console.status("training ..."):
+        report = benchmark_training(names, size, batch, device, chosen, max(1, warmup), steps, in_channels,
+                                    on_result=add)
+    console.print(table)
+    m = report["machine"]
+    console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), "
+                  f"torch {m.get('torch')}, {report['date']}; synthetic batches")
+    if json_out:
+        write_json(report, json_out)
+        console.print(f"results: {json_out}")
+    if markdown:
+        print(training_markdown(report))
 
 
 @benchmark_app.command("fovea-pool")

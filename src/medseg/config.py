@@ -90,6 +90,8 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     amplify: AmplifyConfig | None = None  # STS-Net amplification of small-lesion training images (None: off)
     num_workers: int | None = None  # None: one less than the CPU cores, at most 8
+    # decode and resize each training image once, into $MEDSEG_CACHE (default ~/.cache/medseg/decoded)
+    cache: bool = True
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -166,7 +168,9 @@ class TrainConfig(Strict):
     seed: int = 0
     monitor: str = "val/dice"  # what `best` means
     monitor_mode: Literal["max", "min"] = "max"
-    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"  # auto: 16-mixed on CUDA, 32 on CPU
+    # auto: bf16 + channels_last on a CPU with BF16 instructions, bf16/16-mixed on CUDA, else fp32
+    # (medseg.engine.precision); bf16-mixed on a CPU always goes with channels_last
+    precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
     early_stopping: EarlyStopping | None = None
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()

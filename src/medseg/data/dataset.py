@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from medseg.data.amplify import AmplifiedCase
 from medseg.data.amplify import apply as amplify_view
+from medseg.data.cache import DecodedCache
 from medseg.data.formats import Case, load_case
 from medseg.data.io import mask_to_labels, read_mask, to_channels
 from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, resize_mask
@@ -32,7 +33,18 @@ def load_labels(case: Case, num_classes: int, mask_threshold: int | None) -> tor
     return torch.from_numpy(mask_to_labels(raw, num_classes, mask_threshold, path=case.mask).astype(np.int64))
 
 
-def intensity_statistics(cases: list[Case], preprocessing: Preprocessing) -> tuple[float, float]:
+def decode_resized(case: Case, preprocessing: Preprocessing, num_classes: int,
+                   mask_threshold: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case's image at the training size in [0, 1] and its labels resized with nearest neighbour: what the
+    decoded-data cache holds."""
+    image = preprocessing.resize(load_image_tensor(case, preprocessing))
+    labels = resize_mask(load_labels(case, num_classes, mask_threshold), preprocessing.size)
+    return image, labels
+
+
+def intensity_statistics(cases: list[Case], preprocessing: Preprocessing,
+                         cache: DecodedCache | None = None, num_classes: int = 1,
+                         mask_threshold: int | None = None) -> tuple[float, float]:
     """One mean and one standard deviation over every pixel and channel of `cases`, as the network sees them
     (the network's channels, resized to the training size, intensities in [0, 1]): FocusNet's z-scoring
     with "the mean pixel value" of the dataset (paper Sec. 3.2). Accumulated in float64."""
@@ -40,7 +52,10 @@ def intensity_statistics(cases: list[Case], preprocessing: Preprocessing) -> tup
         raise MedsegError("no training images to compute data.normalize: dataset statistics from")
     total = squares = count = 0.0
     for case in cases:
-        image = preprocessing.resize(load_image_tensor(case, preprocessing)).double()
+        if cache is None:
+            image = preprocessing.resize(load_image_tensor(case, preprocessing)).double()
+        else:
+            image = cache.get(case, lambda c: decode_resized(c, preprocessing, num_classes, mask_threshold))[0].double()
         total += float(image.sum())
         squares += float((image * image).sum())
         count += image.numel()
@@ -52,12 +67,15 @@ class SegmentationDataset(Dataset):
     """(image, mask) pairs resized to the training size, augmented when `augment` is given; amplified
     views (STS-Net) are derived from their source case on the fly.
 
-    Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}.
+    Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}. With `cache`, cases are
+    decoded and resized once (`medseg.data.cache`).
     """
 
     def __init__(self, cases: list[Case | AmplifiedCase], preprocessing: Preprocessing, num_classes: int,
-                 mask_threshold: int | None = None, augment: list[Any] | None = None):
+                 mask_threshold: int | None = None, augment: list[Any] | None = None,
+                 cache: DecodedCache | None = None):
         self.cases = cases
+        self.cache = cache
         self.preprocessing = preprocessing
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
@@ -66,16 +84,21 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.cases)
 
+    def _decode(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_resized(case, self.preprocessing, self.num_classes, self.mask_threshold)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.cases[index]
-        case = item.case if isinstance(item, AmplifiedCase) else item
-        # An amplified view's pixel boxes refer to the full-size image, so it is decoded in full.
-        image = load_image_tensor(case, self.preprocessing, reduce=not isinstance(item, AmplifiedCase))
-        labels = load_labels(case, self.num_classes, self.mask_threshold)
         if isinstance(item, AmplifiedCase):
+            # An amplified view's pixel boxes refer to the full-size image, so it is decoded in full.
+            image = load_image_tensor(item.case, self.preprocessing, reduce=False)
+            labels = load_labels(item.case, self.num_classes, self.mask_threshold)
             image, labels = amplify_view(item, image, labels)
-        image = self.preprocessing.resize(image)
-        mask = resize_mask(labels, self.preprocessing.size)
+            image, mask = self.preprocessing.resize(image), resize_mask(labels, self.preprocessing.size)
+        elif self.cache is not None:
+            image, mask = self.cache.get(item, self._decode)
+        else:
+            image, mask = self._decode(item)
         image, mask = augment_pair(self.augmentation, image, mask)
         return {"image": self.preprocessing.normalise(image), "mask": mask.long(), "stem": item.stem}
 

@@ -21,6 +21,7 @@ from medseg.config import NormalizeStats, Recipe
 from medseg.data.amplify import AmplifiedCase, Thresholds
 from medseg.data.amplify import manifest as amplify_manifest
 from medseg.data.amplify import plan as plan_amplification
+from medseg.data.cache import DecodedCache, default_cache_folder
 from medseg.data.check import check_data
 from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
 from medseg.data.formats import Layout, discover
@@ -28,6 +29,14 @@ from medseg.data.splits import cases_for, check_splits, make_splits
 from medseg.data.transforms import Preprocessing
 from medseg.engine.callbacks import say
 from medseg.errors import MedsegError
+
+
+def decoded_cache(recipe: Recipe) -> DecodedCache | None:
+    """The decoded-data cache at the recipe's size (None with `data.cache: false`)."""
+    if not recipe.data.cache:
+        return None
+    return DecodedCache(default_cache_folder(), recipe.data.hw, recipe.model.in_channels, recipe.model.num_classes,
+                        recipe.data.mask_threshold)
 
 
 def default_workers() -> int:
@@ -80,7 +89,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         common = {"preprocessing": preprocessing_of(self.recipe), "num_classes": self.recipe.model.num_classes,
-                  "mask_threshold": self.recipe.data.mask_threshold}
+                  "mask_threshold": self.recipe.data.mask_threshold, "cache": decoded_cache(self.recipe)}
         self.train_set = SegmentationDataset([*cases_for(self.layout, self.splits["train"]), *self.views],
                                              augment=self.recipe.data.augment, **common)
         self.val_set = SegmentationDataset(cases_for(self.layout, self.splits["val"]), **common)
@@ -133,7 +142,8 @@ def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[st
     if recipe.data.normalize != "dataset":
         return recipe
     raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none")
-    mean, std = intensity_statistics(cases_for(layout, train_stems), raw)
+    mean, std = intensity_statistics(cases_for(layout, train_stems), raw, decoded_cache(recipe),
+                                     recipe.model.num_classes, recipe.data.mask_threshold)
     if std <= 0:
         raise MedsegError(f"{layout.root}: the training images are all one intensity (std 0); "
                           "data.normalize: dataset cannot z-score them, choose another normalisation")

@@ -51,13 +51,13 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None) -> Path:
+             level: int | None = None, precision: str = "auto") -> Path:
     """Score the run's saved model on `data` (pruned to `level` if given); returns the eval folder."""
     run = Run(run_path).require()
     data = Path(data)
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    predictor = Predictor(run.path, device, level)
+    predictor = Predictor(run.path, device, level, precision)
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
@@ -102,6 +102,7 @@ def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None
             "run": str(run.path.resolve()),
             "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
                           if k in predictor.config}, "level": level},
+            "numeric": predictor.mode.to_dict(),
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }

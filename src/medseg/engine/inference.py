@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from medseg.data.transforms import Preprocessing
 from medseg.engine.module import activate
+from medseg.engine.precision import PRECISIONS, choose_numeric_mode
 from medseg.errors import MedsegError
 from medseg.models import load_model
 from medseg.models.base import Gated, Prunable, SegmentationNetwork
@@ -28,15 +29,20 @@ def pick_device(name: str = "auto") -> torch.device:
 class Predictor:
     """A saved network ready for inference, with the preprocessing it was trained with."""
 
-    def __init__(self, path: str | Path, device: str = "auto", level: int | None = None):
+    def __init__(self, path: str | Path, device: str = "auto", level: int | None = None, precision: str = "auto"):
         self.config = read_model_config(path)
         self.device = pick_device(device)
         self.model: SegmentationNetwork = prune_to(load_model(path), level).to(self.device)
+        if precision not in PRECISIONS:
+            raise MedsegError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # the choice training makes (medseg.engine.precision): bf16 + channels_last on a CPU with BF16 instructions
+        self.mode = choose_numeric_mode(precision, self.model.card, self.device.type)
+        if self.mode.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.preprocessing = Preprocessing.from_dict(self.config["preprocessing"])
         self.size_multiple = self.model.card.size_multiple
         self.num_classes = int(self.config["num_classes"])
         self.mask_threshold = self.config.get("mask_threshold")
-        self.amp = self.device.type == "cuda"
         self.last_attention: dict[str, torch.Tensor] = {}
 
     def record_attention(self) -> None:
@@ -51,7 +57,10 @@ class Predictor:
         cropped back."""
         images = images.to(self.device, non_blocking=True)
         padded, (height, width) = pad_to_multiple(images, self.size_multiple)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        if self.mode.channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
+        dtype = self.mode.autocast_dtype
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.model(padded)
         if isinstance(self.model, Gated):
             self.last_attention = {name: a[..., :height, :width].float().cpu()

@@ -39,6 +39,13 @@ def activate(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
 
 
+def as_float(outputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """A network's output(s) in fp32: under autocast the losses and metrics must not sum in bf16."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float()
+    return [output.float() for output in outputs]
+
+
 class SegmentationModule(L.LightningModule):
     def __init__(self, recipe: dict[str, Any]):
         super().__init__()
@@ -50,6 +57,17 @@ class SegmentationModule(L.LightningModule):
                                     self.recipe.train.deep_supervision_weights)
         self.num_classes = cfg.num_classes
         self.l2_kernels = l2_kernels(self.model) if self.recipe.optim.kernel_l2 else []  # listed once, not per step
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool) -> None:
+        """Keep the network's weights, and convert each batch, to channels_last (the CPU bf16 fast path)."""
+        self.channels_last = enabled
+        if enabled:
+            self.model.to(memory_format=torch.channels_last)
+
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        images = batch["image"]
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def weight_reports(self) -> list[LoadReport]:
         """What each local weights file loaded: the network's (encoder, whole network) and the losses' (LossNet)."""
@@ -69,7 +87,7 @@ class SegmentationModule(L.LightningModule):
         return extras
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        outputs = self.model(batch["image"])
+        outputs = as_float(self.model(self._images(batch)))  # the loss is computed on fp32 outputs under autocast
         loss, parts = self.criterion(outputs, batch["mask"])
         for name, value in self._extra_losses().items():
             loss = loss + self.recipe.train.extra_loss_weights[name] * value
@@ -85,9 +103,9 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        logits = self.model(batch["image"])
+        logits = as_float(self.model(self._images(batch)))
         loss, _ = self.criterion(logits, batch["mask"])
-        labels = predict_labels(activate(logits.float()), 0.5)
+        labels = predict_labels(activate(logits), 0.5)
         scores = summary_metrics(confusion_counts(labels, batch["mask"], self.num_classes), empty="one")
         size = batch["image"].shape[0]
         self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)

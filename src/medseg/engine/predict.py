@@ -53,10 +53,11 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
             probabilities: bool = False, native: bool = False, threshold: float = 0.5, batch_size: int = 8,
-            device: str = "auto", level: int | None = None, save_attention: bool = False) -> list[Path]:
+            device: str = "auto", level: int | None = None, save_attention: bool = False,
+            precision: str = "auto") -> list[Path]:
     """Predict every input image; returns the mask files written. `level` prunes a deeply supervised
     network (ANU-Net L_N); `save_attention` writes its first-layer attention coefficients as heat maps."""
-    predictor = Predictor(model_path, device, level)
+    predictor = Predictor(model_path, device, level, precision)
     if save_attention:
         predictor.record_attention()
     out = Path(out)

@@ -9,13 +9,15 @@
     build_module       the LightningModule, with the recipe's optimiser, schedule, freeze groups and loggers
                        checked
     load_initial_weights   a recipe's model.weights file (not on resume: the checkpoint has the weights)
+    choose_mode        `train.precision` for this machine and network: bf16 + channels_last on a CPU with BF16
+                       instructions, mixed precision on CUDA, else fp32 (medseg.engine.precision)
     write_run_files    config.yaml, splits.json, amplify.json (rank 0)
     fit                the trainer from `build_trainer`, then Lightning's fit (from last.ckpt on resume)
     export             model/ from the chosen checkpoint and curves.png from metrics.csv (rank 0)
 
 Everything that can be refused (bad data, an empty split, a recipe mistake, a missing logger package) is
-refused before the run folder exists. The trainer factory turns a recipe into a `lightning.Trainer`: AMP
-on CUDA, DDP for `devices > 1` (gloo processes on CPU), `best.ckpt` by the recipe's monitor and
+refused before the run folder exists. The trainer factory turns a recipe into a `lightning.Trainer`: the chosen
+precision, DDP for `devices > 1` (gloo processes on CPU), `best.ckpt` by the recipe's monitor and
 `last.ckpt`, early stopping, the recipe's loggers (metrics.csv always), a progress bar on terminals.
 """
 
@@ -51,6 +53,7 @@ from medseg.engine.curves import write_curves
 from medseg.engine.data import SegmentationDataModule, preprocessing_of
 from medseg.engine.data import default_workers as default_workers  # re-exported: evaluate and predict import it here
 from medseg.engine.module import SegmentationModule
+from medseg.engine.precision import NumericMode, choose_numeric_mode
 from medseg.engine.run import Run, git_commit, latest_run_dir, new_run_dir, now, slug, versions
 from medseg.errors import MedsegError
 from medseg.files import write_text_atomic
@@ -88,8 +91,9 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     if recipe.model.weights and not resume:
         load_initial_weights(module, recipe)
     weights = [] if resume else report_weights(module)
-    write_run_files(run, datamodule, devices, weights)
-    trainer = fit(module, datamodule, run, devices, callbacks, progress, resume)
+    mode = choose_mode(recipe, module)
+    write_run_files(run, datamodule, devices, weights, mode)
+    trainer = fit(module, datamodule, run, devices, callbacks, progress, resume, mode)
     export(trainer, run, recipe, data)
     return run
 
@@ -140,6 +144,16 @@ def build_module(recipe: Recipe) -> SegmentationModule:
     return module
 
 
+def choose_mode(recipe: Recipe, module: SegmentationModule) -> NumericMode:
+    """`train.precision` resolved for this machine and network (medseg.engine.precision), applied to the module's
+    memory format and said in the training header."""
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = choose_numeric_mode(recipe.train.precision, module.model.card, device_type)
+    module.use_channels_last(mode.channels_last)
+    say(f"precision: {mode.describe()}")
+    return mode
+
+
 def load_initial_weights(module: SegmentationModule, recipe: Recipe) -> None:
     load_network_weights(module.model, recipe.model.weights)
 
@@ -153,18 +167,22 @@ def report_weights(module: SegmentationModule) -> list[dict]:
 
 
 @rank_zero_only
-def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, weights: list[dict]) -> None:
-    """config.yaml (the resolved recipe and a `run:` record with the weight-loading reports; a resume keeps the
-    record and notes the resume), splits.json, and amplify.json when the recipe amplifies."""
+def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, weights: list[dict],
+                    mode: NumericMode) -> None:
+    """config.yaml (the resolved recipe and a `run:` record with the weight-loading reports and the precision
+    chosen; a resume keeps the record and notes the resume), splits.json, and amplify.json when the recipe
+    amplifies."""
     recipe = datamodule.recipe
     config = recipe.to_dict()
     config["run"] = {"data": str(datamodule.root), "layout": datamodule.layout.kind, "splits": datamodule.split_source,
                      "seed": recipe.train.seed, "devices": devices, "created": now(), "versions": versions(),
                      "git_commit": git_commit(), "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None,
-                     "weights": weights}
+                     "weights": weights, "numeric": mode.to_dict()}
     if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
         previous = yaml.safe_load(run.config_file.read_text()).get("run", {})
         config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
+        if previous.get("numeric") != mode.to_dict():  # e.g. resumed on another machine
+            config["run"]["numeric_on_resume"] = mode.to_dict()
     write_text_atomic(run.config_file, yaml.safe_dump(config, sort_keys=False))
     write_text_atomic(run.splits_file, json.dumps(datamodule.splits, indent=1) + "\n")
     if datamodule.amplification is not None:
@@ -172,9 +190,9 @@ def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, 
 
 
 def fit(module: SegmentationModule, datamodule: SegmentationDataModule, run: Run, devices: int,
-        callbacks: Sequence[L.Callback], progress: bool | None, resume: bool) -> L.Trainer:
+        callbacks: Sequence[L.Callback], progress: bool | None, resume: bool, mode: NumericMode) -> L.Trainer:
     recipe = datamodule.recipe
-    trainer = build_trainer(recipe, run, devices, callbacks, progress)
+    trainer = build_trainer(recipe, run, mode, devices, callbacks, progress)
     say(f"training {recipe.name} on {datamodule.root} ({datamodule.counts()}) -> {run.path}")
     with children_join(run):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.last_checkpoint) if resume else None)
@@ -207,14 +225,8 @@ def children_join(run: Run) -> Iterator[None]:
             os.environ[RUN_DIR_ENV] = previous
 
 
-def precision_of(recipe: Recipe) -> str:
-    if recipe.train.precision != "auto":
-        return "32-true" if recipe.train.precision == "32" else recipe.train.precision
-    return "16-mixed" if torch.cuda.is_available() else "32-true"
-
-
-def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequence[L.Callback] = (),
-                  progress: bool | None = None) -> L.Trainer:
+def build_trainer(recipe: Recipe, run: Run, mode: NumericMode, devices: int = 1,
+                  callbacks: Sequence[L.Callback] = (), progress: bool | None = None) -> L.Trainer:
     """The trainer factory: everything the loop needs comes from the recipe."""
     train = recipe.train
     checkpoint = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=train.monitor,
@@ -240,7 +252,7 @@ def build_trainer(recipe: Recipe, run: Run, devices: int = 1, callbacks: Sequenc
         devices=devices,
         # frozen groups take no gradient for a while: DDP must allow parameters without one
         strategy=("ddp_find_unused_parameters_true" if train.freeze else "ddp") if devices > 1 else "auto",
-        precision=precision_of(recipe),
+        precision=mode.precision,
         callbacks=all_callbacks,
         logger=loggers,
         enable_progress_bar=show_bar,

@@ -72,6 +72,9 @@ class NetworkCard:
     paper_num_classes: int = 1  # 1 = sigmoid binary head, 2 = two-class softmax (the paper's configuration)
     head: str = "head"  # module-name prefix of the output layer(s): may be re-initialised when fine-tuning
     encoder: EncoderCard | None = None  # the pretrained encoder slot, if the network has one
+    # False: bf16 autocast + channels_last does not pay for this network on a CPU (measured), so
+    # `train.precision: auto` keeps fp32 for it (medseg.engine.precision)
+    fast_path: bool = True
 
     def with_encoder(self, encoder: EncoderCard | None) -> "NetworkCard":
         return replace(self, encoder=encoder)

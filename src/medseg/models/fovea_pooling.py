@@ -146,9 +146,12 @@ class FoveaPooling(nn.Module):
         self.theta = nn.Parameter(torch.zeros(())) if aggregation == "mixed" else None
 
     def forward(self, x: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-        mix = torch.sigmoid(self.theta) if self.theta is not None else None
-        return fovea_pool(x, importance, fovea_max_radius(self.boundary, x.shape[-1]), self.aggregation,
-                          self.hard, self.p, mix=mix)
+        # an fp32 island under autocast: powers, window sums and gathers of bf16 values lose too much
+        with torch.autocast(x.device.type, enabled=False):
+            mix = torch.sigmoid(self.theta.float()) if self.theta is not None else None
+            pooled = fovea_pool(x.float(), importance.float(), fovea_max_radius(self.boundary, x.shape[-1]),
+                                self.aggregation, self.hard, self.p, mix=mix)
+        return pooled.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"boundary={self.boundary}, aggregation={self.aggregation}, hard={self.hard}"
