@@ -177,6 +177,12 @@ def test_dry_run_shows_states_and_a_changed_study_makes_new_cells(local_study: P
     assert {c.state for c in plan.cells} == {"new"}
     old = json.loads((local_study / "study.json").read_text())["runs"]
     assert not set(plan.jobs) & set(old)
+    # settings that change speed or logging, not learning, keep the runs
+    faster = yaml.safe_load(study_file.read_text())
+    faster["set"].update({"data.num_workers": 0, "data.cache": False, "train.loggers": ["csv", "tensorboard"]})
+    other.write_text(yaml.safe_dump(faster))
+    study, base = read_study(other)
+    assert {c.state for c in plan_study(study, base, study_file.parent / "out-local").cells} == {"done"}
 
 
 @pytest.mark.parametrize(("change", "message"), [

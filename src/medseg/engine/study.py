@@ -256,6 +256,19 @@ def dataset_splits(study: StudyFile, data: Path, recipe: Recipe) -> list[tuple[O
     return [(i, s, f"study {study.name}: fold {i + 1} of {k}") for i, s in enumerate(splits)]
 
 
+# recipe keys that change how fast a run trains or what it logs, not what it learns: left out of a run's hash, so
+# that a new such setting (the decoded-data cache, say) does not make a finished study train again
+NOT_SHAPING = (("data", "cache"), ("data", "num_workers"), ("train", "loggers"))
+
+
+def shaping(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe without the keys of `NOT_SHAPING`: what a run's hash is made of."""
+    raw = recipe.to_dict()
+    for section, key in NOT_SHAPING:
+        raw.get(section, {}).pop(key, None)
+    return raw
+
+
 def plan_study(study: StudyFile, base: Path, out: Path) -> Plan:
     """Every cell and run of the study, with each cell's state from what is on disk."""
     names = model_names(study)
@@ -283,7 +296,7 @@ def plan_study(study: StudyFile, base: Path, out: Path) -> Plan:
             for seed in study.seeds:
                 recipe = resolve_recipe(model, study, base, seed, defaults)
                 for fold, splits, source in folds:
-                    key = hashlib.sha1(json.dumps({"recipe": recipe.to_dict(), "data": str(data), "splits": splits},
+                    key = hashlib.sha1(json.dumps({"recipe": shaping(recipe), "data": str(data), "splits": splits},
                                                   sort_keys=True).encode()).hexdigest()[:8]
                     if key not in run_of:  # models that differ only in the evaluated level share one run
                         run_of[key] = (f"{slug(name if model.level is None else recipe.name)}-{slug(data.name)}"
