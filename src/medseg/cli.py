@@ -228,7 +228,7 @@ def benchmark_command(
         _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, json_out,
                             markdown)
         return
-    from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec, write_json
+    from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec
     from medseg.models import model_info
 
     if fovea_pool:
@@ -264,22 +264,28 @@ def benchmark_command(
         else:
             report = benchmark(names, (size or 352, size or 352), batch, device, warmup, repeats, in_channels,
                                num_classes, amp=amp, levels=level_list, on_result=add)
+    _show_report(table, report, f"GMACs = multiply-accumulates = GFLOPs / 2; peak memory: "
+                 f"{report['results'][0]['peak_memory_kind']}", json_out, markdown_table(report) if markdown else None)
+
+
+def _show_report(table: Table, report: dict, note: str, json_out: Optional[Path], markdown: Optional[str]) -> None:
+    """A benchmark's table, the machine line, and the JSON file and markdown table when asked for."""
+    from medseg.engine.benchmark import write_json
+
     console.print(table)
     m = report["machine"]
     console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), "
-                  f"torch {m.get('torch')}, "
-                  f"{report['date']}; GMACs = multiply-accumulates = GFLOPs / 2; peak memory: "
-                  f"{report['results'][0]['peak_memory_kind']}")
+                  f"torch {m.get('torch')}, {report['date']}; {note}")
     if json_out:
         write_json(report, json_out)
         console.print(f"results: {json_out}")
     if markdown:
-        print(markdown_table(report))
+        print(markdown)
 
 
 def _benchmark_training(models: str, size: int, batch: int, device: str, precisions: str, warmup: int, steps: int,
                         in_channels: int, json_out: Optional[Path], markdown: bool) -> None:
-    from medseg.engine.benchmark import parse_model_spec, write_json
+    from medseg.engine.benchmark import parse_model_spec
     from medseg.engine.precision import PRECISIONS
     from medseg.engine.train_benchmark import benchmark_training, training_markdown
     from medseg.models import model_info
@@ -302,15 +308,7 @@ def _benchmark_training(models: str, size: int, batch: int, device: str, precisi
     with console.status("training ..."):
         report = benchmark_training(names, size, batch, device, chosen, max(1, warmup), steps, in_channels,
                                     on_result=add)
-    console.print(table)
-    m = report["machine"]
-    console.print(f"device {report['device']} ({m['gpu'] or m['cpu']}, {m['torch_threads']} threads), "
-                  f"torch {m.get('torch')}, {report['date']}; synthetic batches")
-    if json_out:
-        write_json(report, json_out)
-        console.print(f"results: {json_out}")
-    if markdown:
-        print(training_markdown(report))
+    _show_report(table, report, "synthetic batches", json_out, training_markdown(report) if markdown else None)
 
 
 @benchmark_app.command("fovea-pool")

@@ -86,7 +86,9 @@ class SegmentationModule(L.LightningModule):
                               "set train.extra_loss_weights (0 to log them without training on them)")
         return extras
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss to minimise, its named terms): the recipe's loss, the network's weighted extra losses and the
+        Keras-style kernel L2; what `training_step` logs and `medseg benchmark --train`'s bare loop trains on."""
         outputs = as_float(self.model(self._images(batch)))  # the loss is computed on fp32 outputs under autocast
         loss, parts = self.criterion(outputs, batch["mask"])
         for name, value in self._extra_losses().items():
@@ -95,6 +97,10 @@ class SegmentationModule(L.LightningModule):
         if self.recipe.optim.kernel_l2:
             parts["kernel_l2"] = conv_kernel_l2(self.l2_kernels)
             loss = loss + self.recipe.optim.kernel_l2 * parts["kernel_l2"]
+        return loss, parts
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.training_loss(batch)
         logged = {"train/loss": loss}
         if len(parts) > 1:  # each term of a composite loss (a single term is the loss itself)
             logged.update({f"train/{name}": value.detach() for name, value in parts.items()})

@@ -6,7 +6,8 @@ optimiser and tensors are trained twice:
 - engine: `build_trainer` (the real trainer of `medseg train`, with its callbacks and loggers, in a temporary
   run folder) fitting a `SegmentationModule`, fed by a DataLoader of ready batches; a step is the time from one
   training batch's start to the next one's, so the loader, the callbacks and the logging count;
-- bare: `for batch: forward, loss, zero_grad, backward, step` under the same autocast and memory format.
+- bare: `for batch: SegmentationModule.training_loss, zero_grad, backward, step` under the same autocast and
+  memory format (the same loss terms as `training_step`, without Lightning, callbacks or logging).
 
 Both take the median over `steps` timed steps after `warmup` untimed ones; `ratio` = engine / bare (1.0 =
 the engine costs nothing). Data: synthetic batches (random images, random binary or label masks) of the
@@ -33,12 +34,11 @@ from torch.utils.data import DataLoader
 from medseg.config import Recipe, assign, list_recipes, read_recipe_yaml, validate_recipe
 from medseg.engine.benchmark import count_flops, machine, parse_model_spec
 from medseg.engine.inference import pick_device
-from medseg.engine.module import SegmentationModule, as_float
+from medseg.engine.module import SegmentationModule
 from medseg.engine.optim import build_optimizer
 from medseg.engine.precision import NumericMode, choose_numeric_mode
 from medseg.engine.run import Run
 from medseg.engine.train import build_trainer, quiet_lightning
-from medseg.models.base import ExtraLosses
 
 
 def benchmark_recipe(spec: str, size: int, batch: int, precision: str, in_channels: int) -> Recipe:
@@ -116,25 +116,18 @@ def bare_steps(recipe: Recipe, mode: NumericMode, batches: list[dict[str, torch.
                device: torch.device) -> list[float]:
     """Seconds per step of a plain loop: the same network, loss, optimiser, autocast and memory format."""
     torch.manual_seed(recipe.train.seed)
-    module = SegmentationModule(recipe.to_dict()).to(device)
+    module = SegmentationModule(recipe.to_dict()).to(device).train()
     module.use_channels_last(mode.channels_last)
-    network, criterion = module.model.train(), module.criterion.to(device)
-    optimizer = build_optimizer(network, recipe.optim)
-    weights = recipe.train.extra_loss_weights
+    optimizer = build_optimizer(module.model, recipe.optim)
     dtype = mode.autocast_dtype
     scaler = torch.amp.GradScaler(device.type, enabled=mode.precision == "16-mixed")
     times = []
     for batch in batches:
-        images, masks = batch["image"].to(device), batch["mask"].to(device)
-        if mode.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        batch = {"image": batch["image"].to(device), "mask": batch["mask"].to(device)}
         _synchronize(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _ = criterion(as_float(network(images)), masks)
-            if isinstance(network, ExtraLosses):
-                for name, value in network.extra_losses().items():
-                    loss = loss + weights.get(name, 0.0) * value
+            loss, _ = module.training_loss(batch)  # the engine's own loss, without Lightning around it
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
