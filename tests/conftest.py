@@ -79,3 +79,56 @@ def kvasir_subset(kvasir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
         shutil.copy(kvasir / "images" / f"{stem}.jpg", root / "images")
         shutil.copy(kvasir / "masks" / f"{stem}.png", root / "masks")
     return root
+
+
+class CliResult:
+    """What a `medseg` command did: exit status, stdout, stderr."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def error_line(self) -> str:
+        """The single `error: ...` line of a refused command (asserting there is exactly one, and no traceback)."""
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        assert "Traceback" not in self.stderr and "Traceback" not in self.stdout, self.stderr
+        errors = [line for line in lines if line.startswith("error: ")]
+        assert len(errors) == 1, self.stderr
+        return errors[0]
+
+
+def medseg_inprocess(*args: str) -> CliResult:
+    """Run `medseg ARGS` inside this process (what `main()` does: one line and exit 2 for a user error), for the
+    many fast cases of the reliability catalogue. An unexpected exception is returned as exit 1 with its
+    traceback on stderr, so a test asserting one clean line fails on it."""
+    import contextlib
+    import io
+    import traceback
+
+    from medseg import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["medseg", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 - a traceback is what the catalogue must catch
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.argv = argv
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to assert that inputs are untouched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder: Path) -> list[Path]:
+    """Hidden temporary files or folders medseg's atomic writers would leave after a crash (.NAME.<id>.tmp)."""
+    return [p for p in folder.rglob(".*") if p.name.endswith((".tmp", ".old"))] if folder.exists() else []

@@ -38,3 +38,11 @@ def test_the_command_writes_json_with_the_issue_keys(tmp_path):
     assert {"train_img_s", "raw_img_s", "ratio", "precision", "memory_format", "params", "gflops"} <= set(row)
     refused = run_cli("benchmark", "--train", "--precisions", "fp8")
     assert refused.returncode == 2 and "--precisions: fp8; choose from auto, 32, 16-mixed, bf16-mixed" in refused.stderr
+
+
+def test_a_data_folder_feeds_the_engine_with_the_training_loader_and_the_bare_loop_with_its_batches(phantom):
+    report = benchmark_training(["unet:base_channels=4"], size=32, batch=2, precisions=("32",), warmup=1, steps=2,
+                                in_channels=1, data=phantom)
+    row = report["results"][0]
+    assert row["data"] == str(phantom) and row["cache_fill_s"] is not None and row["cache_fill_s"] >= 0
+    assert row["train_img_s"] > 0 and row["raw_img_s"] > 0 and row["loader_workers"] >= 0

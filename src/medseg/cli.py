@@ -197,7 +197,8 @@ def benchmark_command(
     batch: int = typer.Option(8, min=1, help="the batch size N for the batch-N latency and throughput"),
     levels: Optional[str] = typer.Option(None, help="pruning levels of deeply supervised networks, e.g. 1,2,3,4"),
     run: Optional[Path] = typer.Option(None, help="benchmark this trained run's network instead of --models"),
-    data: Optional[Path] = typer.Option(None, help="with --run: also score each level on this data (Dice, IoU)"),
+    data: Optional[Path] = typer.Option(None, help="with --run: also score each level on this data (Dice, IoU); "
+                                        "with --train: train on this folder's loader instead of synthetic batches"),
     device: str = typer.Option("auto"),
     warmup: int = typer.Option(3, min=0),
     repeats: int = typer.Option(10, min=1),
@@ -221,12 +222,13 @@ def benchmark_command(
     Example: medseg benchmark --models stsnet,stsnet:decoder=unet:attention=none --size 512 --num-classes 2
     Example: medseg benchmark fovea-pool
     Example: medseg benchmark --train --models unet,m2snet --size 128 --batch 8 --json train.json
+    Example: medseg benchmark --train --models unet --data ../shared/data/kvasir_seg --precisions auto
     """
     if ctx.invoked_subcommand is not None:
         return
     if train:
-        _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, json_out,
-                            markdown)
+        _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, data,
+                            json_out, markdown)
         return
     from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec
     from medseg.models import model_info
@@ -284,7 +286,7 @@ def _show_report(table: Table, report: dict, note: str, json_out: Optional[Path]
 
 
 def _benchmark_training(models: str, size: int, batch: int, device: str, precisions: str, warmup: int, steps: int,
-                        in_channels: int, json_out: Optional[Path], markdown: bool) -> None:
+                        in_channels: int, data: Optional[Path], json_out: Optional[Path], markdown: bool) -> None:
     from medseg.engine.benchmark import parse_model_spec
     from medseg.engine.precision import PRECISIONS
     from medseg.engine.train_benchmark import benchmark_training, training_markdown
@@ -306,9 +308,10 @@ def _benchmark_training(models: str, size: int, batch: int, device: str, precisi
                       f"{r['raw_img_s']:.2f}", f"{r['ratio']:.2f}")
 
     with console.status("training ..."):
-        report = benchmark_training(names, size, batch, device, chosen, max(1, warmup), steps, in_channels,
+        report = benchmark_training(names, size, batch, device, chosen, max(1, warmup), steps, in_channels, data,
                                     on_result=add)
-    _show_report(table, report, "synthetic batches", json_out, training_markdown(report) if markdown else None)
+    source = f"{data}'s training loader, cache filled" if data else "synthetic batches"
+    _show_report(table, report, source, json_out, training_markdown(report) if markdown else None)
 
 
 @benchmark_app.command("fovea-pool")

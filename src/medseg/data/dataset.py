@@ -87,6 +87,13 @@ class SegmentationDataset(Dataset):
     def _decode(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
         return decode_resized(case, self.preprocessing, self.num_classes, self.mask_threshold)
 
+    def fill_cache(self) -> None:
+        """Decode every case into the cache (no-op without one): what a first epoch does once."""
+        if self.cache is not None:
+            for case in self.cases:
+                if not isinstance(case, AmplifiedCase):
+                    self.cache.get(case, self._decode)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.cases[index]
         if isinstance(item, AmplifiedCase):

@@ -11,7 +11,11 @@ optimiser and tensors are trained twice:
 
 Both take the median over `steps` timed steps after `warmup` untimed ones; `ratio` = engine / bare (1.0 =
 the engine costs nothing). Data: synthetic batches (random images, random binary or label masks) of the
-recipe's size, so decoding is out of the measurement; `medseg train` on a folder measures that part.
+recipe's size by default. With `data` (a folder `medseg train` accepts), the engine is fed by the real
+training loader of `medseg train` (splits, decoded-data cache, augmentation, loader workers), and the bare
+loop trains on batches drawn from that loader beforehand and held in memory: the ratio then charges the
+engine with everything an epoch costs besides compute. The decoded-data cache is filled before timing (the
+steady state of the second and later epochs; `cache_fill_s` says what the first epoch pays once).
 The recipe is the network's own (`recipes/<name>.yaml`), or the `unet` recipe with the network swapped in
 for a network without one; multi-scale training is switched off so every step has the same size.
 """
@@ -33,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from medseg.config import Recipe, assign, list_recipes, read_recipe_yaml, validate_recipe
 from medseg.engine.benchmark import count_flops, machine, parse_model_spec
+from medseg.engine.data import SegmentationDataModule
 from medseg.engine.inference import pick_device
 from medseg.engine.module import SegmentationModule
 from medseg.engine.optim import build_optimizer
@@ -96,8 +101,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def engine_steps(recipe: Recipe, mode: NumericMode, batches: list[dict[str, torch.Tensor]], warmup: int,
-                 device: torch.device) -> list[float]:
-    """Seconds per step of `medseg train`'s trainer on the batches (one epoch, a one-batch validation)."""
+                 device: torch.device, loader: DataLoader | None = None) -> list[float]:
+    """Seconds per step of `medseg train`'s trainer on the batches (one epoch, a one-batch validation), or
+    on the first len(batches) batches of `loader`."""
     L.seed_everything(recipe.train.seed, verbose=False)
     module = SegmentationModule(recipe.to_dict())
     module.use_channels_last(mode.channels_last)
@@ -106,7 +112,8 @@ def engine_steps(recipe: Recipe, mode: NumericMode, batches: list[dict[str, torc
         run = Run(Path(folder))
         run.path.mkdir(parents=True, exist_ok=True)
         trainer = build_trainer(recipe, run, mode, devices=1, callbacks=[clock], progress=False)
-        loader = DataLoader(batches, batch_size=None, shuffle=False)
+        trainer.limit_train_batches = len(batches)
+        loader = loader or DataLoader(batches, batch_size=None, shuffle=False)
         with contextlib.redirect_stdout(io.StringIO()):  # the epoch lines of `medseg train`
             trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(batches[:1], batch_size=None))
     return clock.step_seconds(warmup)
@@ -137,9 +144,32 @@ def bare_steps(recipe: Recipe, mode: NumericMode, batches: list[dict[str, torch.
     return times[warmup:]
 
 
+class FolderBatches:
+    """The training loader of `medseg train` on a data folder, with its decoded-data cache filled."""
+
+    def __init__(self, recipe: Recipe, data: Path):
+        self.module = SegmentationDataModule(recipe, data)
+        self.module.setup("fit")
+        start = time.perf_counter()
+        if self.module.train_set is not None:
+            self.module.train_set.fill_cache()
+        self.cache_fill_s = time.perf_counter() - start
+        self.loader = self.module.train_dataloader()
+
+    def batches(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """`count` batches of the loader (one pass, repeated if the split is shorter), images and masks only."""
+        drawn: list[dict[str, torch.Tensor]] = []
+        while len(drawn) < count:
+            for batch in self.loader:
+                drawn.append({"image": batch["image"], "mask": batch["mask"]})
+                if len(drawn) == count:
+                    break
+        return drawn
+
+
 def benchmark_training(models: list[str], size: int = 128, batch: int = 8, device: str = "auto",
                        precisions: tuple[str, ...] = ("32", "bf16-mixed"), warmup: int = 2, steps: int = 6,
-                       in_channels: int = 3,
+                       in_channels: int = 3, data: Path | None = None,
                        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Engine and bare-loop training throughput per network and precision (see the module docstring)."""
     quiet_lightning()
@@ -148,18 +178,28 @@ def benchmark_training(models: list[str], size: int = 128, batch: int = 8, devic
     for spec in models:
         for precision in precisions:
             recipe = benchmark_recipe(spec, size, batch, precision, in_channels)
+            folder = FolderBatches(recipe, data) if data is not None else None
+            if folder is not None:
+                recipe = folder.module.recipe  # data.normalize: dataset resolved on the training split
             probe = SegmentationModule(recipe.to_dict())
             mode = choose_numeric_mode(precision, probe.model.card, dev.type)
             params = sum(p.numel() for p in probe.model.parameters())
             flops = count_flops(probe.model.eval(), torch.randn(1, in_channels, size, size))
-            batches = synthetic_batches(recipe, warmup + steps)
-            engine = statistics.median(engine_steps(recipe, mode, batches, warmup, dev))
+            if folder is None:
+                batches = synthetic_batches(recipe, warmup + steps)
+                engine = statistics.median(engine_steps(recipe, mode, batches, warmup, dev))
+            else:
+                batches = folder.batches(warmup + steps)
+                engine = statistics.median(engine_steps(recipe, mode, batches, warmup, dev, loader=folder.loader))
             bare = statistics.median(bare_steps(recipe, mode, batches, warmup, dev))
             result = {"model": spec, "input": f"{in_channels}x{size}x{size}", "params": params,
                       "gflops": flops / 1e9, "gmacs": flops / 2e9, "batch": batch, "precision": mode.precision,
                       "memory_format": "channels_last" if mode.channels_last else "contiguous",
                       "mode": mode.describe(), "recipe": recipe.name, "train_img_s": batch / engine,
-                      "raw_img_s": batch / bare, "ratio": bare / engine}
+                      "raw_img_s": batch / bare, "ratio": bare / engine,
+                      "data": str(data) if data is not None else "synthetic",
+                      "loader_workers": folder.loader.num_workers if folder is not None else 0,
+                      "cache_fill_s": folder.cache_fill_s if folder is not None else None}
             results.append(result)
             if on_result:
                 on_result(result)
