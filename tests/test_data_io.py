@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 from medseg.data.formats import Case, discover, load_case
 from medseg.data.io import (
     BT601_LUMA,
+    FileError,
     MaskValueError,
     image_size,
     mask_to_labels,
@@ -21,7 +22,7 @@ from medseg.data.io import (
     unexpected_mask_values,
     write_image_atomic,
 )
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, user_message
 
 # Small Kvasir images (352-401 px high) keep the real-data tests fast; the 1072x1920 one shows JPEG draft.
 SMALL_KVASIR = "cju5hi52odyf90817prvcwg45"
@@ -156,6 +157,56 @@ def test_corrupt_and_truncated_files_raise_medseg_error(tmp_path, kvasir):
         read_mask(tmp_path / "truncated.png")
     with pytest.raises(MedsegError, match="cannot read image"):
         read_image(tmp_path / "missing.png")
+
+
+def test_file_errors_name_the_file_and_can_be_said_without_it(tmp_path):
+    """The message names the file; `without_path` (what check-data shows beside the file) does not."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(FileError, match=r"^cannot read image .*empty\.png: the file is empty \(0 bytes\)") as caught:
+        read_image(tmp_path / "empty.png")
+    assert caught.value.without_path.startswith("cannot read image: the file is empty")
+    (tmp_path / "junk.png").write_text("not a picture")
+    with pytest.raises(FileError) as caught:
+        read_image(tmp_path / "junk.png")
+    assert str(tmp_path) not in caught.value.without_path and "cannot identify image file" in caught.value.without_path
+
+
+def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch):
+    """Simulated: tests may run as root, who reads files whatever their mode."""
+    _write_gray(tmp_path / "locked.png", 10)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("medseg.data.io.Image.open", refuse)
+    with pytest.raises(FileError, match=r"locked\.png: permission denied; make it readable \(chmod a\+r\)"):
+        read_mask(tmp_path / "locked.png")
+
+
+@pytest.mark.parametrize("name", ["scan.nii.gz", "scan.nii", "scan.nrrd", "scan.mha", "slice.dcm", "array.npy"])
+def test_volumes_and_other_non_2d_files_say_what_to_do(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x1f\x8b whatever")
+    hint = "export the image as PNG" if name.endswith(".dcm") else "save it as TIFF" if name.endswith(".npy") \
+        else "medseg slices"
+    for read in (read_image, read_mask, image_size):
+        with pytest.raises(FileError, match=rf"^cannot read (image|mask) .*{name}: it is a .*{hint}"):
+            read(tmp_path / name)
+
+
+def test_nan_and_inf_pixels_are_refused_when_loading(tmp_path):
+    pixels = np.full((6, 7), 0.5, np.float32)
+    pixels[0, :3] = [np.nan, np.inf, -np.inf]
+    tifffile.imwrite(tmp_path / "bad.tif", pixels)
+    assert np.isnan(read_raw_image(tmp_path / "bad.tif")).any()  # the checker sees the raw pixels
+    with pytest.raises(FileError, match=r"bad\.tif has 3 NaN or Inf pixel\(s\) of 42; .*numpy\.nan_to_num"):
+        read_image(tmp_path / "bad.tif")
+
+
+def test_a_worker_wrapped_file_error_prints_as_its_own_line():
+    wrapped = RuntimeError("Caught FileError in DataLoader worker process 0.\nTraceback (most recent call last):\n"
+                           "  File \"x.py\", line 1\nmedseg.data.io.FileError: image a.tif has 3 NaN or Inf pixel(s)")
+    assert user_message(wrapped) == "image a.tif has 3 NaN or Inf pixel(s)"
+    assert str(FileError("one argument, as a worker re-raises it")) == "one argument, as a worker re-raises it"
 
 
 def test_to_channels_converts_gray_and_rgb_only():

@@ -3,10 +3,14 @@
 Images come back as float32 (H, W, C) in [0, 1], scaled by the range of the stored dtype (not by the
 image's own maximum), so that intensities mean the same thing in every image of a dataset. Masks come
 back as the raw stored integers; `mask_to_labels` decides how to read them and refuses ambiguous ones.
+
+A file that cannot be used raises `FileError`, whose message names the file; `without_path` is the same message
+without the name, which `check-data` shows beside the file and groups across files.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +31,51 @@ BT601_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 MAX_CHANNELS = 4
 # How many offending mask values an error message lists before it says "...".
 MAX_LISTED_VALUES = 8
+NON_FINITE_ADVICE = ("a network fed them outputs NaN, and trains to NaN weights: replace them (numpy.nan_to_num) "
+                     "and save the image again, or remove it from the dataset")
 
 # Pillow modes that are converted before turning into an array (everything else is an error).
 _PILLOW_TO_RGB = {"P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 _PILLOW_TO_GRAY = {"LA", "La"}
 _PILLOW_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+# Files given where a 2D image is expected, by what they are and what to do instead (`non_2d_format`).
+_SLICES = "turn volumes into 2D image/mask slices with `medseg slices VOLUMES --out DATA`"
+_NON_2D_FORMATS = {
+    (".nii", ".nii.gz"): f"a NIfTI volume, not a 2D image; {_SLICES}",
+    (".nrrd", ".nhdr", ".mha", ".mhd"): f"a NRRD/MetaImage volume, not a 2D image; convert it to NIfTI (e.g. with "
+                                        f"SimpleITK), then {_SLICES}",
+    (".dcm", ".dicom"): "a DICOM file, which medseg does not read; export the image as PNG or 16-bit TIFF (a DICOM "
+                        f"series: convert it to NIfTI, then {_SLICES})",
+    (".npy", ".npz"): "a NumPy array, which medseg does not read; save it as TIFF (float32 is kept) or PNG",
+}
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """How messages name the mask settings: recipe keys when training, flags in `medseg check-data`."""
+
+    num_classes: str = "model.num_classes"
+    mask_threshold: str = "data.mask_threshold"
+
+
+RECIPE_KEYS = SettingNames()
+
+
+class FileError(MedsegError):
+    """A user error about one file: the message names it, `without_path` is the same message without the name.
+
+    Constructible from the message alone, as a DataLoader worker re-raises it."""
+
+    def __init__(self, message: str, without_path: str | None = None):
+        super().__init__(message)
+        self.without_path = without_path or message
+
+
+def file_error(subject: str, path: Path, rest: str) -> FileError:
+    """FileError("<subject> <path><rest>"), e.g. file_error("mask", path, " is a colour image; ...")."""
+    return FileError(f"{subject} {path}{rest}", f"{subject}{rest}")
 
 
 class MaskValueError(MedsegError):
@@ -44,11 +88,35 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _cannot_read(what: str, path: Path, reason: str) -> MedsegError:
-    return MedsegError(
-        f"cannot read {what} {path}: {reason}; check that the file opens in an image viewer, "
-        f"re-export it, or remove it from the dataset"
-    )
+def non_2d_format(path: str | Path) -> str | None:
+    """What a volume, DICOM or NumPy file is and what to do instead ("a NIfTI volume, not a 2D image; ..."),
+    or None for any other file."""
+    name = Path(path).name.lower()
+    return next((advice for endings, advice in _NON_2D_FORMATS.items() if name.endswith(endings)), None)
+
+
+def _refuse_non_2d(path: Path, what: str) -> None:
+    advice = non_2d_format(path)
+    if advice is not None:
+        raise file_error(f"cannot read {what}", path, f": it is {advice}")
+
+
+def _cannot_read(what: str, path: Path, exc: BaseException) -> FileError:
+    """The error for a file a decoder refused: an empty or unreadable file says so, anything else gets the
+    decoder's reason (without the file name, which the message already has)."""
+    advice = "check that the file opens in an image viewer, re-export it, or remove it from the dataset"
+    if isinstance(exc, PermissionError):
+        reason, advice = "permission denied", "make it readable (chmod a+r) or remove it from the dataset"
+    elif isinstance(exc, IsADirectoryError):
+        reason, advice = "it is a folder, not a file", "give the image files inside it"
+    elif isinstance(exc, FileNotFoundError):
+        reason, advice = "the file does not exist", "check the path (a broken link?)"
+    elif path.is_file() and path.stat().st_size == 0:
+        reason, advice = "the file is empty (0 bytes)", "export it again or remove it from the dataset"
+    else:
+        reason = _one_line(exc).replace(repr(str(path)), "").replace(str(path), "").replace(" :", ":").strip()
+        reason = reason.rstrip(":") or type(exc).__name__
+    return file_error(f"cannot read {what}", path, f": {reason}; {advice}")
 
 
 def _is_tiff(path: Path) -> bool:
@@ -73,9 +141,9 @@ def _tiff_layout(shape: tuple[int, ...], axes: str, path: Path, what: str) -> tu
             return dims, "SYX"
         if dims[2] <= MAX_CHANNELS:
             return dims, "YXS"
-    raise MedsegError(
-        f"cannot read {what} {path}: TIFF of shape {tuple(shape)} (axes {axes}) is a multi-page stack "
-        f"or has more than {MAX_CHANNELS} channels; medseg reads 2D images, save one 2D slice per file"
+    raise file_error(
+        f"cannot read {what}", path, f": TIFF of shape {tuple(shape)} (axes {axes}) is not one 2D image (a multi-page "
+        f"stack, or more than {MAX_CHANNELS} channels); medseg reads 2D images, save one 2D slice per file"
     )
 
 
@@ -92,11 +160,9 @@ def _read_tiff(path: Path, what: str) -> np.ndarray:
     except MedsegError:
         raise
     except Exception as exc:  # tifffile raises many exception types for damaged files
-        raise _cannot_read(what, path, _one_line(exc)) from exc
+        raise _cannot_read(what, path, exc) from exc
     if photometric == tifffile.PHOTOMETRIC.SEPARATED:
-        raise MedsegError(
-            f"cannot read {what} {path}: CMYK TIFF is not supported; convert it to RGB or grayscale"
-        )
+        raise file_error(f"cannot read {what}", path, ": CMYK TIFF is not supported; convert it to RGB or grayscale")
     data = data.reshape(shape)
     if axes == "SYX":
         data = np.moveaxis(data, 0, -1)
@@ -113,7 +179,7 @@ def _open_pillow(path: Path, what: str, reduce_to: tuple[int, int] | None = None
             image = _draft_jpeg(image, path, reduce_to)
         image.load()
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, ... for bad files
-        raise _cannot_read(what, path, _one_line(exc)) from exc
+        raise _cannot_read(what, path, exc) from exc
     return image
 
 
@@ -142,16 +208,16 @@ def _pillow_pixels(image: Image.Image, path: Path, what: str) -> np.ndarray:
     elif mode in _PILLOW_TO_GRAY:
         image = image.convert("L")
     elif mode not in {"1", "L", "RGB", "I", "F"} | _PILLOW_16BIT:
-        raise MedsegError(f"cannot read {what} {path}: unsupported Pillow mode {mode!r}; save it as 8-bit RGB or gray")
+        raise file_error(f"cannot read {what}", path,
+                         f": unsupported Pillow mode {mode!r}; save it as 8-bit RGB or gray")
     pixels = np.asarray(image)
     if mode in _PILLOW_16BIT:
         pixels = pixels.astype(np.uint16)  # also turns big-endian I;16B into native order
     elif mode == "I":
         # Pillow reads 16-bit gray files as 32-bit "I" in some versions; keep them 16-bit.
         if pixels.size and (pixels.min() < 0 or pixels.max() > np.iinfo(np.uint16).max):
-            raise MedsegError(
-                f"cannot read {what} {path}: 32-bit integer pixels outside 0..65535; save it as 8- or 16-bit"
-            )
+            raise file_error(f"cannot read {what}", path,
+                             ": 32-bit integer pixels outside 0..65535; save it as 8- or 16-bit")
         pixels = pixels.astype(np.uint16)
     return pixels
 
@@ -164,6 +230,7 @@ def read_raw_image(path: str | Path, reduce_to: tuple[int, int] | None = None) -
     path = Path(path)
     if reduce_to is not None and (len(reduce_to) != 2 or min(reduce_to) <= 0):
         raise ValueError(f"reduce_to must be two positive sizes (h, w), got {reduce_to}")
+    _refuse_non_2d(path, "image")
     if _is_tiff(path):
         pixels = _read_tiff(path, "image")
         if pixels.ndim == 3:
@@ -174,7 +241,18 @@ def read_raw_image(path: str | Path, reduce_to: tuple[int, int] | None = None) -
         pixels = _pillow_pixels(_open_pillow(path, "image", reduce_to), path, "image")
     if pixels.ndim == 2:
         pixels = pixels[..., None]
+    if pixels.dtype.kind not in "buif":  # complex TIFFs, say: no intensity scale to read them by
+        raise file_error("cannot read image", path, f": pixels of dtype {pixels.dtype}; save it as 8- or 16-bit")
+    if 0 in pixels.shape:
+        raise file_error("cannot read image", path, f": it has no pixels (shape {pixels.shape}); export it again")
     return pixels
+
+
+def count_non_finite(pixels: np.ndarray) -> int:
+    """How many NaN or Inf values a floating-point image holds (0 for integer images, which cannot)."""
+    if not np.issubdtype(pixels.dtype, np.floating):
+        return 0
+    return int(pixels.size - np.count_nonzero(np.isfinite(pixels)))
 
 
 def scale_to_unit(pixels: np.ndarray) -> np.ndarray:
@@ -199,7 +277,11 @@ def read_image(path: str | Path, reduce_to: tuple[int, int] | None = None) -> np
     `reduce_to=(h, w)`: for JPEGs, decode at the smallest power-of-two reduction that is still at least
     (h, w) on both sides (a large speed-up when training at small sizes); other formats ignore it.
     """
-    return scale_to_unit(read_raw_image(path, reduce_to))
+    pixels = read_raw_image(path, reduce_to)
+    bad = count_non_finite(pixels)
+    if bad:  # refused here too, not only by check-data: predict and evaluate read images without a check
+        raise file_error("image", Path(path), f" has {bad} NaN or Inf pixel(s) of {pixels.size}; {NON_FINITE_ADVICE}")
+    return scale_to_unit(pixels)
 
 
 def _single_channel_mask(pixels: np.ndarray, path: Path) -> np.ndarray:
@@ -207,10 +289,8 @@ def _single_channel_mask(pixels: np.ndarray, path: Path) -> np.ndarray:
     colour = pixels[..., :3] if pixels.shape[2] >= 3 else pixels[..., :1]
     first = colour[..., 0]
     if any(not np.array_equal(first, colour[..., c]) for c in range(1, colour.shape[2])):
-        raise MedsegError(
-            f"mask {path} is a colour image; save masks as single-channel label images "
-            f"(0/255 or 0/1 for binary, 0..K-1 for K classes)"
-        )
+        raise file_error("mask", path, " is a colour image; save masks as single-channel label images "
+                         "(0/255 or 0/1 for binary, 0..K-1 for K classes)")
     return first
 
 
@@ -219,12 +299,11 @@ def _integral_mask(pixels: np.ndarray, path: Path) -> np.ndarray:
     if pixels.dtype == np.bool_:
         return pixels.astype(np.uint8)
     if np.issubdtype(pixels.dtype, np.floating):
-        finite = np.isfinite(pixels).all()
-        if not finite or not np.array_equal(pixels, np.round(pixels)) or (pixels.size and pixels.min() < 0):
-            raise MedsegError(
-                f"mask {path} holds fractional or negative floating-point values; "
-                f"save masks as integer label images (0/255 or 0/1 for binary, 0..K-1 for K classes)"
-            )
+        advice = "save masks as integer label images (0/255 or 0/1 for binary, 0..K-1 for K classes)"
+        if count_non_finite(pixels):
+            raise file_error("mask", path, f" holds NaN or Inf values; {advice}")
+        if not np.array_equal(pixels, np.round(pixels)) or (pixels.size and pixels.min() < 0):
+            raise file_error("mask", path, f" holds fractional or negative floating-point values; {advice}")
         top = float(pixels.max()) if pixels.size else 0.0
         return pixels.astype(np.uint8 if top <= 255 else np.uint16 if top <= 65535 else np.uint32)
     return pixels
@@ -233,6 +312,7 @@ def _integral_mask(pixels: np.ndarray, path: Path) -> np.ndarray:
 def read_mask(path: str | Path) -> np.ndarray:
     """A mask as a 2-D integer array of the raw stored values (palette masks give palette indices)."""
     path = Path(path)
+    _refuse_non_2d(path, "mask")
     if _is_tiff(path):
         pixels = _read_tiff(path, "mask")
     else:
@@ -247,12 +327,15 @@ def read_mask(path: str | Path) -> np.ndarray:
             pixels = np.asarray(image.convert("RGB"))
     if pixels.ndim == 3:
         pixels = _single_channel_mask(pixels, path)
+    if pixels.dtype.kind not in "buif":
+        raise file_error("cannot read mask", path, f": values of dtype {pixels.dtype}; save it as 8- or 16-bit")
     return _integral_mask(pixels, path)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file, read from its header without decoding the pixels."""
     path = Path(path)
+    _refuse_non_2d(path, "image")
     try:
         if _is_tiff(path):
             with tifffile.TiffFile(path) as tif:
@@ -265,7 +348,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except MedsegError:
         raise
     except Exception as exc:  # decoders raise many exception types for damaged headers
-        raise _cannot_read("image", path, _one_line(exc)) from exc
+        raise _cannot_read("image", path, exc) from exc
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
@@ -322,17 +405,33 @@ def unexpected_mask_values(raw: np.ndarray, num_classes: int, mask_threshold: in
     return [v for v in values if v < 0 or v >= num_classes]
 
 
-def mask_values_message(path: str | Path | None, values: list[int], num_classes: int) -> str:
-    """The one-line explanation for masks refused by `mask_to_labels` (shared with the checker)."""
+def mask_values_message(path: str | Path | None, values: list[int], num_classes: int,
+                        names: SettingNames = RECIPE_KEYS) -> str:
+    """The one-line explanation for masks refused by `mask_to_labels` (shared with the checker, which names
+    the settings by its flags)."""
     where = f"mask {path}" if path is not None else "mask"
+    return _mask_values_message(where, f"values {_format_values(values)}", num_classes, names)
+
+
+def grouped_mask_values_message(values: list[int], num_classes: int, names: SettingNames) -> tuple[str, str]:
+    """(message, detail) for the checker: a short value set stays in the message (masks with the same values
+    group), a long one (JPEG noise: a different set in every mask) goes to the detail."""
+    if len(values) <= MAX_LISTED_VALUES:
+        return _mask_values_message("mask", f"values {_format_values(values)}", num_classes, names), ""
+    return (_mask_values_message("mask", f"more than {MAX_LISTED_VALUES} distinct values", num_classes, names),
+            f"values {_format_values(values)}")
+
+
+def _mask_values_message(where: str, shown: str, num_classes: int, names: SettingNames) -> str:
+    """`shown`: "values {0, 7}" or "more than 8 distinct values"."""
     if binary_masks(num_classes):
         return (
-            f"{where} has values {_format_values(values)}: binary masks must be 0/255 or 0/1; "
-            f"set data.mask_threshold for noisy masks or model.num_classes (> 2) for label masks"
+            f"{where} has {shown}: binary masks must be 0/255 or 0/1; set {names.mask_threshold} "
+            f"for noisy masks or {names.num_classes} (> 2) for label masks"
         )
     return (
-        f"{where} has values {_format_values(values)} outside the labels 0..{num_classes - 1}; "
-        f"fix the mask or set model.num_classes to the number of classes including background"
+        f"{where} has {shown} outside the labels 0..{num_classes - 1}; "
+        f"fix the mask or set {names.num_classes} to the number of classes including background"
     )
 
 

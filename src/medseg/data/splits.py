@@ -20,8 +20,9 @@ SPLIT_NAMES = ("train", "val", "test")
 def read_splits(path: Path, known: set[str]) -> dict[str, list[str]]:
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MedsegError(f"cannot read {path}: {exc}; it must be JSON with train/val/test stem lists") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        reason = " ".join(str(exc).split())
+        raise MedsegError(f"cannot read {path}: {reason}; it must be JSON with train/val/test stem lists") from None
     if not isinstance(raw, dict) or "train" not in raw or "val" not in raw:
         raise MedsegError(f"{path} must be a JSON object with 'train' and 'val' (and optionally 'test') stem lists")
     return check_splits(raw, known, str(path), "fix the file or run `medseg check-data` on the folder")
