@@ -69,11 +69,11 @@ def test_every_planted_problem_is_reported_with_kind_level_and_file(broken_kvasi
     (values,) = _find(report, "masks/three_values.png")
     assert "{0, 1, 2}" in values.message and "data.mask_threshold" in values.message
     (mismatch,) = _find(report, "masks/mismatch.png")
-    assert "393x622" in mismatch.message and "352x568" in mismatch.message
+    assert "393x622" in mismatch.detail and "352x568" in mismatch.detail  # sizes vary per file: the detail
     (unreadable,) = _find(report, "images/corrupt.jpg")
     assert "cannot read image" in unreadable.message
-    assert "masks/no_mask.png" in _find(report, "images/no_mask.jpg")[0].message
-    assert all("\n" not in p.message for p in report.problems)
+    assert "masks/no_mask.png" in _find(report, "images/no_mask.jpg")[0].detail
+    assert all("\n" not in p.message and p.file not in p.message for p in report.problems)
 
     assert [p.kind for p in report.errors] == ["unreadable", "unpaired-image", "size-mismatch", "mask-values"]
     assert [p.kind for p in report.infos] == ["empty-mask"] and report.warnings == []
@@ -176,7 +176,7 @@ def test_nnunet_channel_problems(tmp_path):
         ("info", "empty-mask", "labelsTs/test.png"),
     }
     (half,) = [p for p in report.problems if p.file == "imagesTr/half_0000.png"]
-    assert "half_0001.png" in half.message
+    assert "half_0001.png" in half.detail and "lacks channel file" in half.message
 
 
 def test_not_a_dataset_is_a_medseg_error(tmp_path):

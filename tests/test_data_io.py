@@ -399,7 +399,7 @@ def test_nnunet_layout_stacks_channel_files(tmp_path):
     assert layout.cases[0].mask == root / "labelsTr" / "case_a.png"
     assert [c.stem for c in layout.test_cases] == ["held"]
     assert layout.unpaired_images == [root / "imagesTr" / "case_c_0000.png"]
-    assert "case_c_0001.png" in layout.notes[root / "imagesTr" / "case_c_0000.png"]
+    assert "case_c_0001.png" in layout.details[root / "imagesTr" / "case_c_0000.png"]
     assert layout.unpaired_masks == [root / "labelsTr" / "case_c.png"]
     assert layout.stem_of(root / "imagesTr" / "case_c_0000.png") == "case_c"
     stacked = load_case(layout.cases[0])

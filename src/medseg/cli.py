@@ -59,23 +59,31 @@ def models_command() -> None:
 @app.command("check-data")
 def check_data_command(
     data: Path = typer.Argument(..., help="data folder (DATA/images + DATA/masks, or nnU-Net raw layout)"),
-    num_classes: int = typer.Option(1, help="1 = binary masks (0/255 or 0/1); >= 2 = integer label masks"),
-    mask_threshold: Optional[int] = typer.Option(None, help="binary: foreground = value > threshold (noisy masks)"),
+    num_classes: int = typer.Option(1, min=1, max=256,
+                                    help="1 = binary masks (0/255 or 0/1); >= 2 = integer label masks"),
+    mask_threshold: Optional[int] = typer.Option(None, min=0,
+                                                 help="binary: foreground = value > threshold (noisy masks)"),
     recipe: Optional[str] = typer.Option(None, help="take num_classes and mask_threshold from this recipe"),
+    all_files: bool = typer.Option(False, "--all", help="one line per file, instead of one per problem with a count "
+                                   "and the first files"),
 ) -> None:
     """Report every problem of a data folder at once: unpaired or unreadable files, size mismatches,
-    unexpected mask values; empty masks as information. Exit code 1 when there are errors.
+    unexpected mask values; empty masks as information. Files sharing a problem share one line (--all: one line
+    per file). Exit code 1 when there are errors.
 
     Example: medseg check-data ../shared/data/kvasir_seg
     """
     from medseg.config import load_recipe
     from medseg.data.check import check_data
+    from medseg.data.io import RECIPE_KEYS, SettingNames
 
+    names = SettingNames(num_classes="--num-classes", mask_threshold="--mask-threshold")
     if recipe:
         chosen = load_recipe(recipe)
         num_classes, mask_threshold = chosen.model.num_classes, chosen.data.mask_threshold
+        names = RECIPE_KEYS  # the settings came from the recipe: fix them there
     with console.status(f"checking {data} ..."):
-        report = check_data(data, num_classes, mask_threshold)
+        report = check_data(data, num_classes, mask_threshold, names=names)
     stats = report.stats
     lines = [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
              f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
@@ -91,9 +99,11 @@ def check_data_command(
     for line in lines:
         console.print(Text(line), soft_wrap=True)
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
-    for p in report.problems:  # one line per problem, so the list can be grepped and diffed
-        line = Text.assemble((f"{p.level:7}", colours[p.level]), f" {p.kind:15} {p.file}: {p.message}")
-        console.print(line, soft_wrap=True)
+    # one line per problem (--all: per file), so the list can be grepped and diffed
+    rows = [(p.level, p.kind, p.line()) for p in report.problems] if all_files else \
+        [(g.level, g.kind, g.line()) for g in report.groups()]
+    for level, kind, text in rows:
+        console.print(Text.assemble((f"{level:7}", colours[level]), f" {kind:15} {text}"), soft_wrap=True)
     console.print(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s), {len(report.infos)} info")
     if report.errors:
         raise typer.Exit(1)

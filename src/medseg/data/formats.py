@@ -1,20 +1,21 @@
 """Finding the image/mask pairs of a dataset: medseg's folder format and nnU-Net's raw 2D layout.
 
-`discover` never raises for problems inside a dataset (unpaired files, duplicate stems): it lists them
-in the `Layout`, so that `check-data` can report all of them at once. It raises only when the folder is
-not a dataset at all.
+`discover` never raises for problems inside a dataset (unpaired files, duplicate stems, broken links,
+files it cannot use): it lists them in the `Layout`, so that `check-data` can report all of them at once.
+It raises only when the folder is not a dataset at all, or cannot be listed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medseg.data.io import IMAGE_EXTENSIONS, read_image
+from medseg.data.io import IMAGE_EXTENSIONS, non_2d_format, read_image
 from medseg.errors import MedsegError
 
 FOLDER = "folder"
@@ -22,6 +23,12 @@ NNUNET = "nnunet"
 NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 # nnU-Net names channel files <case>_<NNNN><file_ending>, NNNN being the 4-digit channel index.
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+# What else a data folder may hold besides its data files (Layout.strays): entries a user may have meant as data.
+BROKEN_LINK = "broken-link"  # a symbolic link whose target does not exist
+SUBFOLDER = "subfolder"  # medseg reads only the files directly in a data folder
+NOT_2D = "not-2d"  # a volume, DICOM or NumPy file (io.non_2d_format says which and what to do)
+OTHER_FILE = "other-file"  # any other file: not an image format medseg reads, or not the dataset's file_ending
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,12 @@ class Layout:
     unpaired_masks: list[Path]
     duplicate_stems: dict[str, list[Path]]
     labels: dict[str, int] | None
-    # Why each unpaired file is unpaired (e.g. which nnU-Net channel file is missing), for the report.
+    # Why each unpaired file is unpaired, in words shared by every file with that reason ("image has no mask"),
+    # and the file's own specifics ("no masks/a.png"), so the report can group files with one reason.
     notes: dict[Path, str] = field(default_factory=dict)
+    details: dict[Path, str] = field(default_factory=dict)
+    # Entries of the data folders that are not data files: path -> BROKEN_LINK, SUBFOLDER, NOT_2D or OTHER_FILE.
+    strays: dict[Path, str] = field(default_factory=dict)
 
     def stem_of(self, path: Path) -> str:
         """The case stem a file belongs to (nnU-Net channel files drop their _NNNN suffix)."""
@@ -57,13 +68,36 @@ class Layout:
         return stem
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder` (extension case-insensitive), hidden files skipped, sorted."""
-    return sorted(
-        entry
-        for entry in folder.iterdir()
-        if entry.is_file() and not entry.name.startswith(".") and entry.suffix.lower() in IMAGE_EXTENSIONS
-    )
+def _is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _scan(folder: Path, is_data_name) -> tuple[list[Path], dict[Path, str]]:
+    """The data files directly in `folder` (sorted; hidden entries skipped) and its strays (see BROKEN_LINK).
+
+    A broken link or a sub-folder is a stray even when named like a data file: it cannot be read."""
+    try:
+        entries = sorted(entry for entry in folder.iterdir() if not entry.name.startswith("."))
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else " ".join(str(exc).split())
+        raise MedsegError(f"cannot list the data folder {folder}: {reason}; make it readable (chmod a+rx)") from exc
+    files, strays = [], {}
+    for entry in entries:
+        if entry.is_symlink() and not entry.exists():
+            strays[entry] = BROKEN_LINK
+        elif entry.is_dir():
+            strays[entry] = SUBFOLDER
+        elif entry.is_file() and is_data_name(entry.name):
+            files.append(entry)
+        else:
+            strays[entry] = NOT_2D if non_2d_format(entry) else OTHER_FILE
+    return files, strays
+
+
+def _blocked(strays: dict[Path, str], is_data_name) -> list[Path]:
+    """Broken links and folders named like a data file: the stray is the problem to report, so its partner is
+    not reported again as unpaired."""
+    return [path for path, kind in strays.items() if kind in (BROKEN_LINK, SUBFOLDER) and is_data_name(path.name)]
 
 
 def _by_stem(files: list[Path]) -> dict[str, list[Path]]:
@@ -74,8 +108,12 @@ def _by_stem(files: list[Path]) -> dict[str, list[Path]]:
 
 
 def _discover_folder(root: Path) -> Layout:
-    images = _by_stem(_image_files(root / "images"))
-    masks = _by_stem(_image_files(root / "masks"))
+    image_files, strays = _scan(root / "images", _is_image_name)
+    mask_files, mask_strays = _scan(root / "masks", _is_image_name)
+    images, masks = _by_stem(image_files), _by_stem(mask_files)
+    missing_image_ok = {path.stem for path in _blocked(strays, _is_image_name)}
+    missing_mask_ok = {path.stem for path in _blocked(mask_strays, _is_image_name)}
+    strays.update(mask_strays)
     duplicates: dict[str, list[Path]] = {}
     for grouped in (images, masks):
         for stem, files in grouped.items():
@@ -87,10 +125,14 @@ def _discover_folder(root: Path) -> Layout:
         for stem in sorted(images.keys() & masks.keys())
         if stem not in duplicates
     ]
-    unpaired_images = [files[0] for stem, files in images.items() if stem not in masks and stem not in duplicates]
-    unpaired_masks = [files[0] for stem, files in masks.items() if stem not in images and stem not in duplicates]
-    notes = {path: f"no mask masks/{path.stem}.png for this image" for path in unpaired_images}
-    notes.update({path: f"no image images/{path.stem}.* for this mask" for path in unpaired_masks})
+    unpaired_images = [files[0] for stem, files in images.items()
+                       if stem not in masks and stem not in duplicates and stem not in missing_mask_ok]
+    unpaired_masks = [files[0] for stem, files in masks.items()
+                      if stem not in images and stem not in duplicates and stem not in missing_image_ok]
+    notes = {path: "image has no mask" for path in unpaired_images}
+    notes.update({path: "mask has no image" for path in unpaired_masks})
+    details = {path: f"no masks/{path.stem}.png" for path in unpaired_images}
+    details.update({path: f"no images/{path.stem}.*" for path in unpaired_masks})
     return Layout(
         root=root,
         kind=FOLDER,
@@ -101,6 +143,8 @@ def _discover_folder(root: Path) -> Layout:
         duplicate_stems={stem: sorted(files) for stem, files in sorted(duplicates.items())},
         labels=None,
         notes=notes,
+        details=details,
+        strays=strays,
     )
 
 
@@ -120,9 +164,10 @@ def _read_dataset_json(root: Path) -> dict:
         )
     ending = str(meta["file_ending"])
     if ending.lower() not in IMAGE_EXTENSIONS:
+        hint = " (a 3D dataset: `medseg slices` turns it into 2D slices)" if non_2d_format(f"x{ending}") else ""
         raise MedsegError(
             f"{path} has file_ending {ending!r}; medseg reads 2D nnU-Net datasets stored as "
-            f"{', '.join(IMAGE_EXTENSIONS)}"
+            f"{', '.join(IMAGE_EXTENSIONS)}{hint}"
         )
     labels = meta["labels"]
     if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
@@ -136,63 +181,85 @@ def _read_dataset_json(root: Path) -> dict:
     return meta
 
 
+@dataclass
+class _Split:
+    """One imagesXx/labelsXx folder pair, paired (see `_nnunet_split`)."""
+
+    cases: list[Case] = field(default_factory=list)
+    unpaired_images: list[Path] = field(default_factory=list)
+    unpaired_labels: list[Path] = field(default_factory=list)
+    notes: dict[Path, str] = field(default_factory=dict)
+    details: dict[Path, str] = field(default_factory=dict)
+    strays: dict[Path, str] = field(default_factory=dict)
+
+
 def _nnunet_split(
     images_dir: Path, labels_dir: Path, channel_ids: list[int], ending: str, unlabelled_ok: bool
-) -> tuple[list[Case], list[Path], list[Path], dict[Path, str]]:
-    """Pair one imagesXx/labelsXx folder pair: (cases, unpaired images, unpaired labels, notes).
+) -> _Split:
+    """Pair one imagesXx/labelsXx folder pair.
 
     `unlabelled_ok`: in imagesTs, images without labels are ordinary inference inputs, not problems.
     """
-    def files(folder: Path) -> list[Path]:
-        if not folder.is_dir():
-            return []
-        return sorted(
-            entry
-            for entry in folder.iterdir()
-            if entry.is_file() and not entry.name.startswith(".") and entry.name.lower().endswith(ending.lower())
-        )
+    def is_data_name(name: str) -> bool:
+        return name.lower().endswith(ending.lower())
+
+    def scan(folder: Path) -> tuple[list[Path], dict[Path, str]]:
+        return _scan(folder, is_data_name) if folder.is_dir() else ([], {})
+
+    def case_of(path: Path) -> str | None:
+        match = _NNUNET_CHANNEL.match(path.name[: -len(ending)])
+        return match["case"] if match else None
+
+    split = _Split()
+    image_files, split.strays = scan(images_dir)
+    label_files, label_strays = scan(labels_dir)
+    split.strays.update(label_strays)
+    # A broken link or folder named like a case's file is reported itself, not again as an incomplete case.
+    blocked_cases = {case_of(path) for path in _blocked(split.strays, is_data_name) if path.parent == images_dir}
+    blocked_labels = {path.name[: -len(ending)] for path in _blocked(split.strays, is_data_name)
+                      if path.parent == labels_dir}
 
     channel_files: dict[str, dict[int, Path]] = {}
-    unpaired_images: list[Path] = []
-    notes: dict[Path, str] = {}
-    for path in files(images_dir):
+    for path in image_files:
         match = _NNUNET_CHANNEL.match(path.name[: -len(ending)])
         if match is None or int(match["channel"]) not in channel_ids:
-            unpaired_images.append(path)
-            notes[path] = (
+            split.unpaired_images.append(path)
+            split.notes[path] = (
                 f"not named <case>_NNNN{ending} with NNNN one of the channels "
                 f"{', '.join(f'{c:04d}' for c in channel_ids)} in dataset.json"
             )
             continue
         channel_files.setdefault(match["case"], {})[int(match["channel"])] = path
-    labels = {path.name[: -len(ending)]: path for path in files(labels_dir)}
+    labels = {path.name[: -len(ending)]: path for path in label_files}
 
-    cases: list[Case] = []
     for name, found in sorted(channel_files.items()):
         missing = [c for c in channel_ids if c not in found]
         label = labels.get(name)
+        if name in blocked_cases:
+            continue
         if missing:
-            reason = f"case {name} lacks channel file(s) {', '.join(f'{name}_{c:04d}{ending}' for c in missing)}"
+            reason, detail = "case lacks channel file(s)", ", ".join(f"no {name}_{c:04d}{ending}" for c in missing)
         elif label is None:
-            if unlabelled_ok:
+            if unlabelled_ok or name in blocked_labels:
                 continue
-            reason = f"no label {labels_dir.name}/{name}{ending} for this case"
+            reason, detail = "case has no label", f"no {labels_dir.name}/{name}{ending}"
         else:
-            cases.append(Case(name, tuple(found[c] for c in channel_ids), label))
+            split.cases.append(Case(name, tuple(found[c] for c in channel_ids), label))
             continue
         for path in found.values():
-            unpaired_images.append(path)
-            notes[path] = reason
-    paired = {case.stem for case in cases}
-    unpaired_labels = [path for name, path in sorted(labels.items()) if name not in paired]
-    for path in unpaired_labels:
-        stem = path.name[: -len(ending)]
-        notes[path] = (
-            f"case {stem} is incomplete (see its image files)"
-            if stem in channel_files
-            else f"no image {images_dir.name}/{stem}_NNNN{ending} for this label"
-        )
-    return cases, sorted(unpaired_images), unpaired_labels, notes
+            split.unpaired_images.append(path)
+            split.notes[path], split.details[path] = reason, detail
+    paired = {case.stem for case in split.cases}
+    for name, path in sorted(labels.items()):
+        if name in paired or name in blocked_cases:
+            continue
+        split.unpaired_labels.append(path)
+        if name in channel_files:
+            split.notes[path] = "case is incomplete (see its image files)"
+        else:
+            split.notes[path], split.details[path] = "label has no image", f"no {images_dir.name}/{name}_NNNN{ending}"
+    split.unpaired_images.sort()
+    return split
 
 
 def _discover_nnunet(root: Path) -> Layout:
@@ -205,23 +272,20 @@ def _discover_nnunet(root: Path) -> Layout:
             )
     ending = str(meta["file_ending"])
     channel_ids = sorted(int(key) for key in meta["channel_names"])
-    cases, unpaired_images, unpaired_masks, notes = _nnunet_split(
-        root / "imagesTr", root / "labelsTr", channel_ids, ending, unlabelled_ok=False
-    )
-    test_cases, test_unpaired_images, test_unpaired_masks, test_notes = _nnunet_split(
-        root / "imagesTs", root / "labelsTs", channel_ids, ending, unlabelled_ok=True
-    )
-    notes.update(test_notes)
+    train = _nnunet_split(root / "imagesTr", root / "labelsTr", channel_ids, ending, unlabelled_ok=False)
+    test = _nnunet_split(root / "imagesTs", root / "labelsTs", channel_ids, ending, unlabelled_ok=True)
     return Layout(
         root=root,
         kind=NNUNET,
-        cases=cases,
-        test_cases=test_cases,
-        unpaired_images=sorted(unpaired_images + test_unpaired_images),
-        unpaired_masks=sorted(unpaired_masks + test_unpaired_masks),
+        cases=train.cases,
+        test_cases=test.cases,
+        unpaired_images=sorted(train.unpaired_images + test.unpaired_images),
+        unpaired_masks=sorted(train.unpaired_labels + test.unpaired_labels),
         duplicate_stems={},
         labels=dict(meta["labels"]),
-        notes=notes,
+        notes={**train.notes, **test.notes},
+        details={**train.details, **test.details},
+        strays={**train.strays, **test.strays},
     )
 
 
@@ -235,6 +299,10 @@ def discover(root: str | Path) -> Layout:
         return _discover_nnunet(root)
     if (root / "images").is_dir() and (root / "masks").is_dir():
         return _discover_folder(root)
+    for needed in ("images", "masks"):
+        if (root / needed).is_symlink() and not (root / needed).exists():
+            raise MedsegError(f"{root / needed} is a broken link to {os.readlink(root / needed)} (its target does not "
+                              "exist); fix the link or put the folder itself there")
     raise MedsegError(
         f"{root} is not a dataset: expected DATA/images + DATA/masks, or nnU-Net's dataset.json + imagesTr + labelsTr"
     )

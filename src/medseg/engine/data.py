@@ -120,7 +120,7 @@ def check_folder(layout: Layout, recipe: Recipe) -> None:
     report = check_data(layout.root, recipe.model.num_classes, recipe.data.mask_threshold)
     if report.errors:
         first = report.errors[0]
-        raise MedsegError(f"{layout.root}: {first.file}: {first.message} — run `medseg check-data {layout.root}` "
+        raise MedsegError(f"{layout.root}: {first.line()} — run `medseg check-data {layout.root}` "
                           f"to see all {len(report.errors)} problem(s)")
 
 
