@@ -83,9 +83,9 @@ def new_run_dir(out: Path, base: str) -> Path:
     return out / (base if not taken else f"{base}-{taken[-1][0] + 1}")
 
 
-def latest_run_dir(out: Path, base: str) -> Path | None:
-    taken = _numbered(out, base)
-    return taken[-1][1] if taken else None
+def numbered_run_dirs(out: Path, base: str) -> list[Path]:
+    """OUT/base, OUT/base-2, ... that exist, in number order."""
+    return [path for _, path in _numbered(out, base)]
 
 
 def versions() -> dict[str, str]:
