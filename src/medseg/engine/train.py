@@ -268,7 +268,7 @@ def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, 
                      "git_commit": git_commit(), "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None,
                      "weights": weights, "numeric": mode.to_dict()}
     if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
-        previous = yaml.safe_load(run.config_file.read_text()).get("run", {})
+        previous = run.config()["run"]
         config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
         if previous.get("numeric") != mode.to_dict():  # e.g. resumed on another machine
             config["run"]["numeric_on_resume"] = mode.to_dict()
