@@ -223,10 +223,17 @@ def read_recipe_yaml(name_or_path: str | Path) -> tuple[str, dict[str, Any]]:
     """(recipe name, raw mapping) for a built-in name or a YAML file path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise MedsegError(f"recipe {path} is a folder; give a recipe YAML file or a built-in name "
+                              f"({', '.join(list_recipes())})")
         if not path.is_file():
             raise MedsegError(f"recipe file {path} does not exist; give a built-in name "
                               f"({', '.join(list_recipes())}) or a YAML path")
-        text, name = path.read_text(), path.stem
+        try:
+            text, name = path.read_text(encoding="utf-8"), path.stem
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MedsegError(f"recipe file {path} cannot be read as text ({exc.__class__.__name__}); give a "
+                              "recipe YAML file") from None
     else:
         resource = resources.files("medseg") / "recipes" / f"{name_or_path}.yaml"
         if not resource.is_file():

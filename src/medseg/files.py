@@ -1,7 +1,8 @@
 """Writing outputs whole or not at all: a file or a folder is built under a hidden temporary name beside its
 final place and renamed when complete, so a crash or a user error never leaves a half-written file, run,
 model or data folder behind. The temporary sits in the same folder: a rename is atomic only within one
-filesystem.
+filesystem. A writer killed with -9 cannot clean up: its temporary carries its pid, and the next writer of
+the same output deletes temporaries whose process is gone.
 
 Every writer of medseg goes through `atomic_file` (or `write_text_atomic`) and `atomic_folder`.
 """
@@ -17,8 +18,34 @@ from typing import Iterator
 
 
 def _temporary(final: Path, kind: str) -> Path:
-    """A hidden unique name beside `final`: .NAME.<random>.KIND"""
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.{kind}")
+    """A hidden unique name beside `final`: .NAME.<pid>-<random>.KIND (the pid tells a stale one)."""
+    return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Delete the temporaries of `final` left by killed writers (their process is gone) and return them; those
+    of a writer still running are kept."""
+    removed = []
+    for candidate in final.parent.glob(f".{glob_escape(final.name)}.*-*.*"):
+        pid = candidate.name[len(final.name) + 2:].split("-", 1)[0]
+        if candidate.suffix in (".tmp", ".old") and pid.isdigit() and not _alive(int(pid)):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def _remove(path: Path) -> None:
@@ -39,6 +66,7 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     The temporary name ends in `.tmp`, not in `final`'s suffix: write through a stream or name the format."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = _temporary(final, "tmp")
     try:
         yield tmp
@@ -62,6 +90,7 @@ def atomic_folder(final: str | Path, replace: bool = False) -> Iterator[Path]:
     once the new folder is in place (put back if that rename fails)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = _temporary(final, "tmp")
     tmp.mkdir()
     try:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from medseg.data.formats import Case
+from medseg.files import atomic_file
 
 FORMAT_VERSION = 1
 SCALE = 65535.0
@@ -95,11 +95,5 @@ class DecodedCache:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary, temporary.open("wb") as stream:
+        np.save(stream, array)

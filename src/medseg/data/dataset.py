@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from medseg.data.amplify import AmplifiedCase
 from medseg.data.amplify import apply as amplify_view
@@ -63,19 +63,54 @@ def intensity_statistics(cases: list[Case], preprocessing: Preprocessing,
     return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
 
 
+def keyed_seed(*keys: int) -> int:
+    """A random seed that is a function of the integer `keys` alone (seed, epoch[, index])."""
+    entropy = [key % 2**64 for key in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class EpochShuffle(Sampler):
+    """A training order that is a function of (seed, epoch) alone, yielding (epoch, index) keys so that
+    `SegmentationDataset` draws each item's augmentation from (seed, epoch, index) too.
+
+    Why: with the loader's usual RandomSampler and worker-seeded augmentation, what epoch e sees depends on
+    every random draw before it (and on the loader workers' states), so a run resumed from a checkpoint
+    trains on other batches than the uninterrupted run. Keyed draws make kill -9 + `--resume` reproduce the
+    uninterrupted run exactly, whatever the number of loader workers. Lightning calls `set_epoch` before each
+    epoch; where nobody does (DDP wraps the sampler), each pass advances the epoch itself.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int = 0):
+        self.size, self.seed, self.epoch = size, seed, epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        self.epoch += 1
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(keyed_seed(self.seed, epoch)))
+        return iter([(epoch, index) for index in order.tolist()])
+
+
 class SegmentationDataset(Dataset):
     """(image, mask) pairs resized to the training size, augmented when `augment` is given; amplified
     views (STS-Net) are derived from their source case on the fly.
 
     Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}. With `cache`, cases are
-    decoded and resized once (`medseg.data.cache`).
+    decoded and resized once (`medseg.data.cache`). Indexed by an (epoch, index) key (`EpochShuffle`), an
+    item also has "seed" and its augmentation is drawn from that seed, leaving the process's RNG as it was.
     """
 
     def __init__(self, cases: list[Case | AmplifiedCase], preprocessing: Preprocessing, num_classes: int,
                  mask_threshold: int | None = None, augment: list[Any] | None = None,
-                 cache: DecodedCache | None = None):
+                 cache: DecodedCache | None = None, seed: int = 0):
         self.cases = cases
         self.cache = cache
+        self.seed = seed
         self.preprocessing = preprocessing
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
@@ -94,7 +129,15 @@ class SegmentationDataset(Dataset):
                 if not isinstance(case, AmplifiedCase):
                     self.cache.get(case, self._decode)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):
+            seed = keyed_seed(self.seed, *key)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return {**self._item(key[1]), "seed": seed}
+        return self._item(key)
+
+    def _item(self, index: int) -> dict[str, Any]:
         item = self.cases[index]
         if isinstance(item, AmplifiedCase):
             # An amplified view's pixel boxes refer to the full-size image, so it is decoded in full.
@@ -153,15 +196,17 @@ def collate_inference(items: list[dict[str, Any]]) -> dict[str, Any]:
 class MultiScaleCollate:
     """Collate a training batch, then resize it to a size drawn per batch (M2SNet's multi-scale training).
 
-    Images are resized bilinearly, masks with nearest neighbour. Python's `random` is seeded per
-    worker by Lightning's `seed_everything(workers=True)`, so the draws are reproducible.
+    Images are resized bilinearly, masks with nearest neighbour. The size is drawn from the first item's
+    seed (`EpochShuffle` keys), so a batch's size depends on (seed, epoch, batch) alone; items without one
+    (no keyed sampler) draw from Python's `random`.
     """
 
     def __init__(self, sizes: list[int]):
         self.sizes = list(sizes)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        size = random.choice(self.sizes)
+        chooser = random.Random(items[0]["seed"]) if "seed" in items[0] else random
+        size = chooser.choice(self.sizes)
         images = torch.stack([i["image"] for i in items])
         masks = torch.stack([i["mask"] for i in items])
         if images.shape[-1] != size or images.shape[-2] != size:

@@ -8,6 +8,9 @@
 - `EpochSummary`: the console's one-line epoch summary and, without a progress bar, progress lines; it logs
   each epoch's wall time as `seconds`.
 - `FreezeGroups`: `train.freeze` on Lightning's BaseFinetuning.
+- `RandomStates`: the process's random states (torch, CUDA, NumPy, Python) saved in every checkpoint and
+  restored on resume, so a resumed run draws what the uninterrupted one would (dropout, say).
+- `FiniteLoss`: stops training with one clear line when the training loss stops being a number.
 
 Console lines come from rank zero only (`say`).
 """
@@ -19,12 +22,14 @@ import importlib
 import io
 import logging
 import math
+import random
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.loggers import CSVLogger, Logger
@@ -305,3 +310,42 @@ class FreezeGroups(BaseFinetuning):
         if frozen != self._frozen:
             say(f"epoch {epoch + 1}: {', '.join(self.groups)} {'frozen' if frozen else 'trainable from now on'}")
         self._frozen = frozen
+
+
+class RandomStates(L.Callback):
+    """Save the random states in each checkpoint and restore them on resume (see the module docstring). Stored
+    as tensors and plain numbers, so checkpoints still load with `weights_only=True`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, cached = np.random.get_state()
+        version, python_state, gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                          "has_gauss": int(has_gauss), "cached": float(cached)},
+                "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64),
+                           "gauss": gauss}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        numpy_state = state["numpy"]
+        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                             numpy_state["has_gauss"], numpy_state["cached"]))
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss"]))
+
+
+class FiniteLoss(L.Callback):
+    """Refuse to go on training once the loss is NaN or infinite: every later step would only spread it through
+    the weights, and the run would end "finished" with a network that predicts nothing."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        if loss is not None and not torch.isfinite(loss.detach()).all():
+            raise MedsegError(
+                f"the training loss became {float(loss.detach().float())} at epoch {trainer.current_epoch + 1}, "
+                f"batch {batch_idx + 1}; training stopped: lower optim.lr or set train.gradient_clip, and run "
+                "`medseg check-data` on the data")

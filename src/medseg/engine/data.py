@@ -23,10 +23,10 @@ from medseg.data.amplify import manifest as amplify_manifest
 from medseg.data.amplify import plan as plan_amplification
 from medseg.data.cache import DecodedCache, default_cache_folder
 from medseg.data.check import check_data
-from medseg.data.dataset import MultiScaleCollate, SegmentationDataset, intensity_statistics
+from medseg.data.dataset import EpochShuffle, MultiScaleCollate, SegmentationDataset, intensity_statistics
 from medseg.data.formats import Layout, discover
 from medseg.data.splits import cases_for, check_splits, make_splits
-from medseg.data.transforms import Preprocessing
+from medseg.data.transforms import Preprocessing, build_augmentation
 from medseg.engine.callbacks import say
 from medseg.errors import MedsegError
 
@@ -81,8 +81,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.amplification: dict | None = None  # RUN/amplify.json's record
         if recipe.data.amplify:
             self.views, self.amplification = amplified_views(self.layout, self.splits, recipe)
+        build_augmentation(recipe.data.augment, recipe.data.hw)  # a mistake in data.augment stops train here
         self.train_set: SegmentationDataset | None = None
         self.val_set: SegmentationDataset | None = None
+        self.first_epoch = 0  # the 0-based epoch training starts at (a resumed run's next epoch)
+
+    def training_images(self) -> int:
+        """Images of one training epoch: the training split plus amplified views."""
+        return len(self.splits["train"]) + len(self.views)
 
     def counts(self) -> str:
         return " / ".join(f"{len(self.splits[name])} {name}" for name in ("train", "val", "test"))
@@ -91,19 +97,25 @@ class SegmentationDataModule(L.LightningDataModule):
         common = {"preprocessing": preprocessing_of(self.recipe), "num_classes": self.recipe.model.num_classes,
                   "mask_threshold": self.recipe.data.mask_threshold, "cache": decoded_cache(self.recipe)}
         self.train_set = SegmentationDataset([*cases_for(self.layout, self.splits["train"]), *self.views],
-                                             augment=self.recipe.data.augment, **common)
+                                             augment=self.recipe.data.augment, seed=self.recipe.train.seed, **common)
         self.val_set = SegmentationDataset(cases_for(self.layout, self.splits["val"]), **common)
 
     def _loader_options(self) -> dict:
         workers = self.recipe.data.num_workers if self.recipe.data.num_workers is not None else default_workers()
+        # a loader generator of its own: starting workers must not draw from the global RNG, which a resumed run
+        # restores from its checkpoint (dropout and the like draw from it)
         return {"batch_size": self.recipe.train.batch_size, "num_workers": workers, "persistent_workers": workers > 0,
-                "pin_memory": torch.cuda.is_available()}
+                "pin_memory": torch.cuda.is_available(), "generator": torch.Generator().manual_seed(0)}
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._built(self.train_set)
         multiscale = self.recipe.data.multiscale
+        # the order and the augmentation of epoch e depend on (seed, e) alone: a resumed run trains on the batches
+        # the uninterrupted run would have (EpochShuffle). Lightning asks for this loader (and a multi-worker
+        # loader draws its first indices) before it restores the epoch or calls set_epoch: `first_epoch` says it.
+        sampler = EpochShuffle(len(dataset), self.recipe.train.seed, self.first_epoch)
         # a last batch of one image would break BatchNorm: dropped whenever the split fills more than one batch
-        return DataLoader(dataset, shuffle=True, drop_last=len(dataset) > self.recipe.train.batch_size,
+        return DataLoader(dataset, sampler=sampler, drop_last=len(dataset) > self.recipe.train.batch_size,
                           collate_fn=MultiScaleCollate(multiscale) if multiscale else None, **self._loader_options())
 
     def val_dataloader(self) -> DataLoader:

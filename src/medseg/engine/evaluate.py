@@ -49,12 +49,16 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
     return cases_for(layout, stems), split
 
 
-def evaluate(run_path: str | Path, data: str | Path, protocol: str | None = None, split: str = "auto",
+def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
              level: int | None = None, precision: str = "auto") -> Path:
-    """Score the run's saved model on `data` (pruned to `level` if given); returns the eval folder."""
+    """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
+    returns the eval folder."""
     run = Run(run_path).require()
-    data = Path(data)
+    data = Path(data) if data is not None else run.data_root()
+    if not data.is_dir():
+        raise MedsegError(f"data folder {data} does not exist" + ("" if data != run.data_root() else
+                          " (the run was trained on it; give --data where it is now)"))
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     predictor = Predictor(run.path, device, level, precision)
@@ -124,10 +128,10 @@ def _write_per_case(path: Path, stems: list[str], sizes: list[tuple[int, int]], 
 def _overlay_cases(stems: list[str], scores: list[float] | None, count: int) -> list[str]:
     """The `count` cases to picture: half the worst and half the best by the protocol's main score
     (all when count < 0)."""
-    if count < 0 or count >= len(stems):
-        return list(stems)
     ranked = [(-1.0 if math.isnan(v) else v) for v in (scores or [0.0] * len(stems))]
-    order = sorted(range(len(stems)), key=lambda i: (ranked[i], stems[i]))
+    order = sorted(range(len(stems)), key=lambda i: (ranked[i], stems[i]))  # worst first
+    if count < 0 or count >= len(stems):
+        return [stems[i] for i in order]
     worst, best = order[: (count + 1) // 2], order[len(order) - count // 2:]
     return [stems[i] for i in dict.fromkeys(worst + best)]
 

@@ -7,11 +7,17 @@ backbone). Parameters in no named group train at the base lr.
 Schedules: `step` (x gamma every step_size epochs), `cosine` (to min_lr), `poly` ((1 - t/T)^power),
 `plateau` (ReduceLROnPlateau on a logged metric), `warmup_linear` (linear rise to the peak, then linear
 decay: with the default peak at (T + 1) / 2 it is M2SNet's triangle lr_e = lr (1 - |2(e+1)/(T+1) - 1|)).
+
+Every schedule with a horizon (cosine, poly, warmup_linear) is a closed-form factor of (step, T) on LambdaLR,
+whose saved state holds no horizon: a run resumed with more (or fewer) `train.epochs` follows the schedule
+planned for the new length from the step it stopped at, exactly as a run trained for that length from the
+start would. (CosineAnnealingLR would restore its old T_max and, being recursive, stay at min_lr.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -80,6 +86,13 @@ def warmup_linear_factor(unit: int, total: int, peak: float) -> float:
     return max(0.0, (total + 1 - position) / (total + 1 - peak))
 
 
+def cosine_factor(base_lr: float, min_lr: float, total: int) -> Callable[[int], float]:
+    """lr factor of cosine annealing from `base_lr` to `min_lr` over `total` units (CosineAnnealingLR's closed
+    form, eta_min absolute as there)."""
+    floor = min_lr / base_lr if base_lr else 0.0
+    return lambda unit: floor + (1 - floor) * (1 + math.cos(math.pi * min(unit, total) / total)) / 2
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, epochs: int,
                     steps_per_epoch: int) -> dict[str, Any] | None:
     """A Lightning lr_scheduler config, or None for a constant lr."""
@@ -93,7 +106,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
             raise MedsegError("schedule step counts epochs; set schedule.interval: epoch")
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
     elif name == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=schedule.min_lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [cosine_factor(group["lr"], schedule.min_lr, total) for group in optimizer.param_groups])
     elif name == "poly":
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1 - u / total) ** schedule.power)
     elif name == "warmup_linear":

@@ -50,7 +50,18 @@ class Run:
         return self
 
     def config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.require().config_file.read_text())
+        """config.yaml as a mapping with a `run:` record; a damaged file is named in one line."""
+        path = self.require().config_file
+        try:
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MedsegError(f"{path} is not a readable run config ({problem}); medseg writes plain YAML "
+                              "there: restore the file or train the run again") from None
+        if not isinstance(config, dict) or not isinstance(config.get("run"), dict):
+            raise MedsegError(f"{path} is not a medseg run config (no `run:` section); restore the file or train "
+                              "the run again")
+        return config
 
     def recipe(self, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
         return recipe_from_dict(self.config(), overrides)
@@ -61,7 +72,14 @@ class Run:
     def splits(self) -> dict[str, list[str]]:
         if not self.splits_file.is_file():
             raise MedsegError(f"{self.splits_file} is missing; the run folder is incomplete")
-        return json.loads(self.splits_file.read_text())
+        try:
+            splits = json.loads(self.splits_file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            splits = None
+        if not isinstance(splits, dict) or not all(isinstance(splits.get(k), list) for k in ("train", "val", "test")):
+            raise MedsegError(f"{self.splits_file} is damaged (medseg writes JSON lists of train / val / test stems "
+                              "there); restore the file or train the run again")
+        return splits
 
 
 def slug(text: str) -> str:
@@ -83,9 +101,9 @@ def new_run_dir(out: Path, base: str) -> Path:
     return out / (base if not taken else f"{base}-{taken[-1][0] + 1}")
 
 
-def latest_run_dir(out: Path, base: str) -> Path | None:
-    taken = _numbered(out, base)
-    return taken[-1][1] if taken else None
+def numbered_run_dirs(out: Path, base: str) -> list[Path]:
+    """OUT/base, OUT/base-2, ... that exist, in number order."""
+    return [path for _, path in _numbered(out, base)]
 
 
 def versions() -> dict[str, str]:

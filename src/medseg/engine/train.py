@@ -43,7 +43,9 @@ from medseg.data.splits import differing_splits
 from medseg.engine.callbacks import (
     EpochCSVLogger,
     EpochSummary,
+    FiniteLoss,
     FreezeGroups,
+    RandomStates,
     ResumeMetricsTable,
     build_loggers,
     check_loggers,
@@ -54,7 +56,7 @@ from medseg.engine.data import SegmentationDataModule, preprocessing_of
 from medseg.engine.data import default_workers as default_workers  # re-exported: evaluate and predict import it here
 from medseg.engine.module import SegmentationModule
 from medseg.engine.precision import NumericMode, choose_numeric_mode
-from medseg.engine.run import Run, git_commit, latest_run_dir, new_run_dir, now, slug, versions
+from medseg.engine.run import Run, git_commit, new_run_dir, now, numbered_run_dirs, slug, versions
 from medseg.errors import MedsegError
 from medseg.files import write_text_atomic
 from medseg.models import save_model
@@ -87,13 +89,19 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     else:
         datamodule = prepare_data(recipe, data, stored)
     recipe = datamodule.recipe
+    check_processes(datamodule, devices)
     module = build_module(recipe)
-    if recipe.model.weights and not resume:
+    from_checkpoint = resume and run.last_checkpoint.is_file()  # else a new run, or one started again
+    if recipe.model.weights and not from_checkpoint:
         load_initial_weights(module, recipe)
-    weights = [] if resume else report_weights(module)
+    weights = [] if from_checkpoint else report_weights(module)
     mode = choose_mode(recipe, module)
+    if from_checkpoint:
+        datamodule.first_epoch = checkpoint_epoch(run.last_checkpoint) + 1
+    elif resume:
+        run.metrics_file.unlink(missing_ok=True)  # rows of the attempt that never reached a checkpoint
     write_run_files(run, datamodule, devices, weights, mode)
-    trainer = fit(module, datamodule, run, devices, callbacks, progress, resume, mode)
+    trainer = fit(module, datamodule, run, devices, callbacks, progress, from_checkpoint, mode)
     export(trainer, run, recipe, data)
     return run
 
@@ -103,16 +111,21 @@ def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume:
                 ) -> tuple[Run, Recipe, dict[str, list[str]] | None]:
     """(run, recipe to train, the run's stored splits or None for a new run). A DDP child joins rank 0's run with
     the recipe and splits rank 0 stored; a resumed run takes its stored recipe with `overrides` on top and its
-    splits, and refuses caller-given `splits` that differ from them."""
+    splits, and refuses caller-given `splits` that differ from them. `--resume` takes the `--name` run or the
+    latest run of this recipe and data that has a checkpoint; a run that died before its first checkpoint is
+    started again from its first epoch in its own folder."""
     if rank_zero_only.rank > 0 and os.environ.get(RUN_DIR_ENV):
         run = Run(os.environ[RUN_DIR_ENV])
         return run, run.recipe(), run.splits()
+    check_out_folder(out)
+    if name is not None:
+        check_run_name(name)
     base = name or f"{slug(recipe.name)}-{slug(data.name)}"
     if resume:
-        path = out / name if name else latest_run_dir(out, base)
-        if path is None or not (path / "checkpoints" / "last.ckpt").is_file():
-            raise MedsegError(f"nothing to resume: no {out / base}*/checkpoints/last.ckpt; train first or pass --name")
-        run = Run(path)
+        run = Run(out / name) if name else resumable_run(out, base)
+        if run is None or not run.config_file.is_file():
+            raise MedsegError(f"nothing to resume: no run folder {out / base}* with a config.yaml; train first "
+                              "(without --resume)")
         stored = run.config()["run"]
         if Path(stored["data"]) != data:
             raise MedsegError(f"{run.path} was trained on {stored['data']}, not {data}; resume with the same --data")
@@ -121,10 +134,53 @@ def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume:
         if differ:
             raise MedsegError(f"{run.path} was trained with other {'/'.join(differ)} stems than the splits given; "
                               "resume it without splits (its splits.json is kept) or train a new run under a new name")
-        return run, run.recipe(list(overrides)), own
+        resumed = run.recipe(list(overrides))
+        announce_resume(run, run.recipe(), resumed)
+        return run, resumed, own
     if name and (out / name).exists():
-        raise MedsegError(f"run folder {out / name} exists; choose another --name, or add --resume to continue it")
+        died = (out / name / "config.yaml").is_file() and not Run(out / name).last_checkpoint.is_file()
+        raise MedsegError(f"run folder {out / name} exists" + (" (it stopped before its first checkpoint)" if died
+                                                               else "") +
+                          "; add --resume to continue it, or choose another --name")
     return Run(new_run_dir(out, base)), recipe, None
+
+
+def check_out_folder(out: Path) -> None:
+    """`--out` can hold run folders: not a file, and writable where it exists."""
+    if out.exists() and not out.is_dir():
+        raise MedsegError(f"--out {out} is a file, not a folder; give a folder for the run folders")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise MedsegError(f"--out {out}: {existing} is not writable; give a folder you can write to")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder name inside `--out`: no separators, no `..`, not hidden."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+        raise MedsegError(f"--name {name!r} must be a plain folder name inside --out (no '/', '..' or leading '.')")
+
+
+def resumable_run(out: Path, base: str) -> Run | None:
+    """The latest numbered run `base`, `base-2`, ... that has a checkpoint; else the latest with a config.yaml
+    (a run stopped before its first checkpoint), else None."""
+    runs = [Run(path) for path in numbered_run_dirs(out, base) if (path / "config.yaml").is_file()]
+    with_checkpoint = [run for run in runs if run.last_checkpoint.is_file()]
+    return (with_checkpoint or runs or [None])[-1]
+
+
+def announce_resume(run: Run, before: Recipe, after: Recipe) -> None:
+    """Say what a resume does: where it continues, and how a changed `train.epochs` changes the schedule."""
+    if not run.last_checkpoint.is_file():
+        say(f"{run.path} stopped before its first checkpoint: training it again from its first epoch")
+        return
+    say(f"resuming {run.path} from {run.last_checkpoint}")
+    old, new = before.train.epochs, after.train.epochs
+    if old != new:
+        horizon = after.schedule.name in ("cosine", "poly", "warmup_linear")
+        say(f"train.epochs {old} -> {new}: " + (
+            f"the {after.schedule.name} schedule is re-planned for {new} epochs; from here on the learning rate is "
+            f"what a {new}-epoch run has at each epoch" if horizon else
+            f"the {after.schedule.name} schedule has no horizon and goes on unchanged"))
 
 
 def prepare_data(recipe: Recipe, data: Path, splits: dict[str, list[str]] | None,
@@ -134,6 +190,28 @@ def prepare_data(recipe: Recipe, data: Path, splits: dict[str, list[str]] | None
     return SegmentationDataModule(recipe, data, splits, given_source)
 
 
+def checkpoint_epoch(path: Path) -> int:
+    """The 0-based epoch a Lightning checkpoint was saved in (memory-mapped: the weights are not read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise MedsegError(f"{path} cannot be read ({type(exc).__name__}: truncated, or not a Lightning checkpoint); "
+                          "it cannot be resumed: train again under a new --name") from None
+
+
+def check_processes(datamodule: SegmentationDataModule, devices: int) -> None:
+    """With DDP each process trains on its share of the training images: every share must fill a batch, or a
+    process has nothing to train on and no checkpoint is ever written."""
+    if devices < 2:
+        return
+    images = datamodule.training_images()
+    share, batch = -(-images // devices), datamodule.recipe.train.batch_size
+    if share < batch:
+        raise MedsegError(f"--devices {devices} gives each process {share} of the {images} training images, fewer "
+                          f"than one batch (train.batch_size {batch}); use fewer --devices or a smaller "
+                          "train.batch_size")
+
+
 def build_module(recipe: Recipe) -> SegmentationModule:
     """The LightningModule, seeded by the recipe; its optimiser, schedule and freeze groups are tried once and the
     packages of the optional loggers looked for, so those mistakes stop training before the run folder exists."""
@@ -141,7 +219,18 @@ def build_module(recipe: Recipe) -> SegmentationModule:
     module = SegmentationModule(recipe.to_dict())
     module.check_training_setup()
     check_loggers(recipe.train.loggers)
+    check_training_sizes(recipe, module.model.card.size_multiple)
     return module
+
+
+def check_training_sizes(recipe: Recipe, multiple: int) -> None:
+    """data.size (and every multi-scale size) must be a multiple the network takes, or the first batch fails."""
+    sizes = [*recipe.data.hw, *(recipe.data.multiscale or [])]
+    bad = sorted({size for size in sizes if size % multiple})
+    if bad:
+        fitting = ", ".join(str(size - size % multiple or multiple) for size in bad)
+        raise MedsegError(f"{recipe.model.name} takes sizes that are multiples of {multiple}, not {bad}; set "
+                          f"data.size (and data.multiscale) to multiples, e.g. {fitting}")
 
 
 def choose_mode(recipe: Recipe, module: SegmentationModule) -> NumericMode:
@@ -179,7 +268,7 @@ def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, 
                      "git_commit": git_commit(), "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None,
                      "weights": weights, "numeric": mode.to_dict()}
     if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
-        previous = yaml.safe_load(run.config_file.read_text()).get("run", {})
+        previous = run.config()["run"]
         config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
         if previous.get("numeric") != mode.to_dict():  # e.g. resumed on another machine
             config["run"]["numeric_on_resume"] = mode.to_dict()
@@ -236,7 +325,8 @@ def build_trainer(recipe: Recipe, run: Run, mode: NumericMode, devices: int = 1,
     loggers = build_loggers(train.loggers, run.path)
     table = next(logger for logger in loggers if isinstance(logger, EpochCSVLogger))
     all_callbacks: list[L.Callback] = [ResumeMetricsTable(table), LearningRateMonitor(logging_interval="epoch"),
-                                       EpochSummary(progress_lines=not show_bar), *callbacks, checkpoint]
+                                       EpochSummary(progress_lines=not show_bar), FiniteLoss(), RandomStates(),
+                                       *callbacks, checkpoint]
     if train.freeze:
         all_callbacks.append(FreezeGroups(train.freeze.groups, train.freeze.epochs))
     if train.early_stopping:
