@@ -68,7 +68,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
     if report.errors:
         first = report.errors[0]
-        raise MedsegError(f"{data}: {first.file}: {first.message} — run `medseg check-data {data}` to see all problems")
+        raise MedsegError(f"{data}: {first.line()} — run `medseg check-data {data}` to see all problems")
 
     dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
