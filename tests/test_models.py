@@ -84,3 +84,11 @@ def test_weights_file_initialises_the_network_and_reports_the_reinitialised_head
     assert len(target.load_reports) == 2
     with pytest.raises(MedsegError, match="does not exist"):
         load_network_weights(target, tmp_path / "nope.pth")
+
+
+def test_the_shipped_catalogue_is_the_registry_table():
+    """`medseg models` prints catalogue.json without building networks; it must equal what the registry builds.
+    When this fails after a network change: python -m medseg.models.catalogue"""
+    from medseg.models.catalogue import CATALOGUE, catalogue_rows, render
+
+    assert CATALOGUE.read_text() == render(catalogue_rows())

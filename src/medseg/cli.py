@@ -40,19 +40,18 @@ def models_command() -> None:
 
     Example: medseg models
     """
-    from medseg.config import list_recipes
-    from medseg.models import create_model, list_models, model_info
+    import json
+    from importlib import resources
 
-    recipes = set(list_recipes())
+    # The table is data written by `python -m medseg.models.catalogue` (a test keeps it current): no torch here.
+    rows = json.loads((resources.files("medseg") / "models" / "catalogue.json").read_text())
     table = Table(title="medseg networks")
     for column in ("name", "paper", "params", "in->out", "default size", "size multiple", "recipe"):
         table.add_column(column)
-    for name in list_models():
-        info = model_info(name)
-        params = sum(p.numel() for p in create_model(name, 3, info.paper_num_classes).parameters())
-        table.add_row(name, info.paper, f"{params:,}", f"3->{info.paper_num_classes}", str(info.default_size),
-                      str(info.size_multiple),
-                      name if name in recipes else "-")
+    for row in rows:
+        table.add_row(row["name"], row["paper"], f"{row['params']:,}", f"{row['in_channels']}->{row['out_channels']}",
+                      str(row["default_size"]), str(row["size_multiple"]),
+                      row["recipe"] or "-")
     console.print(table)
 
 
