@@ -40,7 +40,10 @@ def decoded_cache(recipe: Recipe) -> DecodedCache | None:
 
 
 def default_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Loader workers when the recipe leaves `data.num_workers` unset: one core left to the main process.
+    Cores are those this process may run on (a container's or `taskset`'s share), not the machine's."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, usable - 1))
 
 
 def preprocessing_of(recipe: Recipe) -> Preprocessing:
