@@ -52,7 +52,7 @@ class Predictor:
             raise MedsegError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = pick_device(device)  # the cheap refusals before the weights are read
         self.folder = model_folder(path)
-        self.config = read_model_config(self.folder)
+        self.config = read_model_config(self.folder, for_inference=True)
         self.model: SegmentationNetwork = prune_to(load_model(self.folder), level).to(self.device)
         # the choice training makes (medseg.engine.precision): bf16 + channels_last on a CPU with BF16 instructions
         self.mode = choose_numeric_mode(precision, self.model.card, self.device.type)

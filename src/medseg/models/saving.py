@@ -48,16 +48,17 @@ RESTORE = "copy the model folder again from where it came, or train the run agai
 NORMALISATIONS = ("imagenet", "per_image", "none")
 
 
-def read_model_config(path: str | Path) -> dict[str, Any]:
+def read_model_config(path: str | Path, for_inference: bool = False) -> dict[str, Any]:
     """The config.json of a model folder, or of `RUN/model/` when given a run folder; a damaged or wrongly shaped
-    file is named in one line."""
+    file is named in one line. `for_inference` also requires the preprocessing that predict and evaluate apply
+    (a folder saved by `save_model` without it rebuilds the network, but cannot feed it images)."""
     file = model_folder(path) / CONFIG_NAME
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         problem = " ".join(str(exc).split()) or type(exc).__name__
         raise MedsegError(f"{file} is not valid JSON ({problem}); {RESTORE}") from None
-    problem = config_problem(config)
+    problem = config_problem(config, for_inference)
     if problem:
         raise MedsegError(f"{file} is damaged: {problem}; {RESTORE}")
     return config
@@ -72,9 +73,10 @@ def _numbers(value: Any) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
-def config_problem(config: Any) -> str | None:
-    """What is wrong with a model folder's config.json (None when it can build and feed the network): the keys
-    predict and evaluate read, with their types, and a normalisation that cannot turn pixels into NaN or Inf."""
+def config_problem(config: Any, for_inference: bool = False) -> str | None:
+    """What is wrong with a model folder's config.json (None when it can build, and `for_inference` feed, the
+    network): the keys predict and evaluate read, with their types, and a normalisation that cannot turn pixels
+    into NaN or Inf."""
     if not isinstance(config, dict):
         return f"it holds a JSON {type(config).__name__}, not an object"
     if not isinstance(config.get("name"), str) or not config["name"]:
@@ -87,6 +89,8 @@ def config_problem(config: Any) -> str | None:
     threshold = config.get("mask_threshold")
     if threshold is not None and not (isinstance(threshold, int) and not isinstance(threshold, bool)):
         return f"`mask_threshold` is {threshold!r}, not an integer or null"
+    if not for_inference:  # rebuilding the network needs no preprocessing (save_model's `extra` may lack it)
+        return None
     prep = config.get("preprocessing")
     if not isinstance(prep, dict):
         return "no `preprocessing` object (the input size and normalisation the network was trained with)"
