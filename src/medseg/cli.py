@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from medseg.errors import MedsegError, user_message
+from medseg.files import check_output_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="2D medical image segmentation: five papers and their baselines, side by side.")
@@ -141,7 +142,8 @@ def evaluate_command(
                                         "default, from the run's config.yaml) or another one"),
     protocol: Optional[str] = typer.Option(None, help="metric protocol: paper, nnunet, pooled (default: the recipe's)"),
     split: str = typer.Option("auto", help="auto (test split of the training folder, else all), all, train, val, test"),
-    overlays: int = typer.Option(8, help="overlay pictures in the report (worst and best cases); -1 for all"),
+    overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
+                                 "none, -1 for all"),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first "
@@ -174,7 +176,8 @@ def predict_command(
     overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
     probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255)"),
     native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
-    threshold: float = typer.Option(0.5, help="binary decision threshold on the probability"),
+    threshold: float = typer.Option(0.5, help="binary decision threshold on the probability, strictly between 0 "
+                                    "and 1"),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto"),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
@@ -182,16 +185,23 @@ def predict_command(
                                         "<stem>_attention_*.png"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="predict the good inputs and list the bad ones (default: "
+                                  "refuse, naming every bad input, before writing anything)"),
 ) -> None:
-    """Predict masks for images of any size; masks are written at each input's size.
+    """Predict masks for images of any size; masks are written at each input's size. Every input is checked
+    first; OUT/predict.json lists inputs, outputs, skipped inputs and settings, and says "complete": true only
+    when every output is written.
 
     Example: medseg predict runs/unet-kvasir_seg photo.jpg scans/ --out predictions --overlay
     """
-    from medseg.engine.predict import predict
+    from medseg.engine.predict import MANIFEST, predict
 
-    written = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
-                      save_attention, precision)
-    console.print(f"wrote {len(written)} mask(s) to [bold]{out}[/]")
+    manifest = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
+                       save_attention, precision, skip_bad)
+    masks = len(manifest["inputs"])
+    console.print(Text(f"wrote {masks} mask(s) to {out}; manifest {out / MANIFEST}"), soft_wrap=True)
+    for skipped in manifest["skipped"]:
+        console.print(Text(f"skipped {skipped['input']}: {skipped['reason']}"), soft_wrap=True)
 
 
 benchmark_app = typer.Typer()  # help: the callback's docstring
@@ -236,6 +246,8 @@ def benchmark_command(
     """
     if ctx.invoked_subcommand is not None:
         return
+    if json_out:
+        check_output_file(json_out, "--json")  # before minutes of measuring, not after
     if train:
         _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, data,
                             json_out, markdown)
@@ -337,6 +349,8 @@ def fovea_pool_command(
 
     Example: medseg benchmark fovea-pool --size 512 --repeats 3 --json fovea_pool.json
     """
+    if json_out:
+        check_output_file(json_out, "--json")
     _benchmark_fovea_pool(size, device, repeats, json_out)
 
 
@@ -508,14 +522,34 @@ def demo_command(
 
 
 def main() -> None:
+    """Run the command line: a user error (a MedsegError, or a usage mistake click finds: an unknown option, a
+    missing argument, a value of the wrong type) is one `error:` line and exit status 2, never a traceback or a
+    boxed panel. click runs outside its standalone mode so that its usage errors reach this function."""
+    try:  # typer >= 0.22 carries its own copy of click; older ones use the click package
+        from typer._click import exceptions as click
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import exceptions as click  # type: ignore[no-redef]
+
     try:
-        app()
+        code = app(standalone_mode=False)  # --help and --version return 0; `raise typer.Exit(n)` returns n
     except MedsegError as exc:
         print(f"error: {user_message(exc)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.NoArgsIsHelpError as exc:  # `medseg` or `medseg analyze` alone: the help, as before
+        if exc.format_message().strip():  # rich help is printed while the error is made; plain help is its text
+            print(exc.format_message())
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path if exc.ctx else 'medseg'} --help`)"
+        print(f"error: {' '.join(exc.format_message().split())}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

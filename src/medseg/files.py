@@ -4,17 +4,22 @@ model or data folder behind. The temporary sits in the same folder: a rename is 
 filesystem. A writer killed with -9 cannot clean up: its temporary carries its pid, and the next writer of
 the same output deletes temporaries whose process is gone.
 
-Every writer of medseg goes through `atomic_file` (or `write_text_atomic`) and `atomic_folder`.
+Every writer of medseg goes through `atomic_file` (or `write_text_atomic`) and `atomic_folder`; every command
+checks its output paths with `check_output_folder` / `check_output_file` before any work.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from medseg.errors import MedsegError
 
 
 def _temporary(final: Path, kind: str) -> Path:
@@ -108,3 +113,90 @@ def atomic_folder(final: str | Path, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, final)
     finally:
         _remove(tmp)
+
+
+# errno values of a write that fails for a reason outside medseg (full disk, quota, permissions, read-only mount):
+# the user's to fix, so the CLI names them in one line instead of a traceback.
+USER_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def final_name(path: str | Path) -> Path:
+    """The output a temporary of `atomic_file` / `atomic_folder` stands for (.NAME.<pid>-<hex>.tmp -> NAME); any
+    other path unchanged. An error message names the file the user asked for, not its hidden temporary."""
+    path = Path(path)
+    match = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]{12}\.(?:tmp|old)", path.name)
+    return path.with_name(match.group(1)) if match else path
+
+
+def write_error_message(exc: OSError) -> str:
+    """One line for a failed write: which output, why, what to do."""
+    where = f" {final_name(exc.filename)}" if exc.filename else ""
+    reason = exc.strerror or type(exc).__name__
+    advice = {errno.ENOSPC: "free disk space or write elsewhere", errno.EDQUOT: "free quota or write elsewhere",
+              errno.EFBIG: "write elsewhere"}.get(exc.errno, "choose a folder you can write to")
+    return f"cannot write{where}: {reason}; {advice}"
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    return next((p for p in [path, *path.parents] if p.exists()), None)
+
+
+def _check_writable_place(path: Path, start: Path, flag: str, what: str) -> None:
+    """The nearest existing one of `start` and its parents is a folder that can be written (probed: `os.access`
+    says yes to root on a read-only or virtual filesystem); `path` is what the message names."""
+    existing = _nearest_existing(start)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise MedsegError(f"{flag} {path}: {existing} is a file, not a folder; give {what} in a folder")
+    problem = None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "permission denied"
+    else:
+        probe = _temporary(existing / ".medseg-write-test", "tmp")
+        try:
+            probe.touch(exist_ok=False)
+        except OSError as exc:
+            problem = exc.strerror or type(exc).__name__
+        else:
+            probe.unlink(missing_ok=True)
+    if problem:
+        raise MedsegError(f"{flag} {path}: {existing} is not writable ({problem}); give {what} you can write to")
+
+
+def check_output_folder(path: str | Path, flag: str = "--out", advice: str = "give a folder (it is created when "
+                        "missing)") -> Path:
+    """Refuse, before any work, an output folder that cannot be: an existing file, below a file, or in a place
+    that cannot be written. It may exist (its files are replaced) or not (it is created). `flag` names it in the
+    message (e.g. "--out"); `advice` is what to do when it is a file or a broken link."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise MedsegError(f"{flag} {path} is a broken link (to {os.readlink(path)}); {advice}")
+    if path.exists() and not path.is_dir():
+        raise MedsegError(f"{flag} {path} is a file, not a folder; {advice}")
+    _check_writable_place(path, path, flag, "a folder")  # the folder, or its nearest existing parent, is written
+    return path
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output file that cannot be written: an existing folder, a path below a file, a
+    read-only place."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise MedsegError(f"{flag} {path} is a broken link (to {os.readlink(path)}); fix the link or give a file")
+    if path.is_dir():
+        raise MedsegError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    _check_writable_place(path, path.parent, flag, "a file")
+    return path
+
+
+@contextmanager
+def user_write_errors() -> Iterator[None]:
+    """Turn a write that fails for a reason outside medseg (full disk, quota, permissions, read-only mount) into a
+    one-line user error naming the output; atomic writers have already removed their temporaries."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in USER_WRITE_ERRNOS:
+            raise
+        raise MedsegError(write_error_message(exc)) from None

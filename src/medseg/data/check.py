@@ -111,11 +111,16 @@ class DataReport:
 
     def groups(self) -> list[ProblemGroup]:
         """The problems grouped by (level, kind, message): errors first, then warnings, then infos."""
-        grouped: dict[tuple[str, str, str], list[Problem]] = {}
-        for problem in self.problems:
-            grouped.setdefault((problem.level, problem.kind, problem.message), []).append(problem)
-        groups = [ProblemGroup(*key, tuple(problems)) for key, problems in grouped.items()]
-        return sorted(groups, key=lambda g: (LEVELS.index(g.level), g.kind, g.problems[0].file, g.message))
+        return group_problems(self.problems)
+
+
+def group_problems(problems: list[Problem]) -> list[ProblemGroup]:
+    """Problems grouped by (level, kind, message): errors first, then warnings, then infos."""
+    grouped: dict[tuple[str, str, str], list[Problem]] = {}
+    for problem in problems:
+        grouped.setdefault((problem.level, problem.kind, problem.message), []).append(problem)
+    groups = [ProblemGroup(*key, tuple(members)) for key, members in grouped.items()]
+    return sorted(groups, key=lambda g: (LEVELS.index(g.level), g.kind, g.problems[0].file, g.message))
 
 
 @dataclass
@@ -360,3 +365,31 @@ def check_data(
     problems += _channel_problems(findings)
     problems.sort(key=lambda p: (p.file, p.kind, p.message))
     return DataReport(root=layout.root, kind=layout.kind, n_cases=len(cases), problems=problems, stats=_stats(findings))
+
+
+def _check_input_image(path: Path, in_channels: int) -> list[Problem]:
+    """Why one image cannot be fed to a network of `in_channels` channels (an empty list when it can)."""
+    try:
+        pixels = read_raw_image(path)
+    except MedsegError as exc:
+        return [_unreadable(exc, str(path))]
+    non_finite = count_non_finite(pixels)
+    if non_finite:
+        return [Problem(ERROR, "non-finite", str(path), f"floating-point image has NaN or Inf pixels; "
+                        f"{NON_FINITE_ADVICE}", f"{non_finite} NaN or Inf pixel(s) of {pixels.size}")]
+    have = pixels.shape[2]
+    if have != in_channels and {have, in_channels} != {1, 3}:
+        return [Problem(ERROR, "channels", str(path), f"image has {have} channel(s) but the network takes "
+                        f"{in_channels}, and medseg converts only between gray (1) and RGB (3); give images with "
+                        f"{in_channels} channel(s)")]
+    return []
+
+
+def check_images(paths: list[Path], in_channels: int, workers: int | None = None) -> list[Problem]:
+    """Every reason the images `paths` cannot be fed to a network of `in_channels` input channels (unreadable,
+    empty, a volume, NaN pixels, a channel count medseg cannot convert), each image decoded in full in a thread
+    pool, as `check_data` does; problems name the paths as given. What `medseg predict` checks before it writes."""
+    n_workers = workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        found = list(pool.map(lambda path: _check_input_image(path, in_channels), paths))
+    return [problem for problems in found for problem in problems]

@@ -25,7 +25,7 @@ from medseg.data.formats import discover
 from medseg.data.io import write_image_atomic
 from medseg.engine.inference import Predictor, heat_map
 from medseg.errors import MedsegError
-from medseg.files import atomic_file
+from medseg.files import atomic_file, check_output_file
 from medseg.models.base import NamedFeatureLayers
 
 
@@ -67,9 +67,13 @@ def linear_cka_matrix(features: torch.Tensor) -> torch.Tensor:
 
 def cka(run: str | Path, data: str | Path, layer: str | None = None, out: str | Path | None = None,
         images: int = 32, device: str = "auto", cell: int = 8) -> tuple[Path, float]:
+    if out:
+        check_output_file(out, "--out")
     predictor = Predictor(run, device)
     model = predictor.model.eval()
     layer = choose_layer(model, predictor.config["name"], layer)
+    target = Path(out) if out else Path(run) / "analysis" / f"cka-{layer}.png"
+    check_output_file(target, "--out")  # before the forward passes, not after
     cases = discover(Path(data)).cases[:images]
     if len(cases) < 2:
         raise MedsegError(f"{data}: CKA needs at least 2 images; found {len(cases)}")
@@ -99,7 +103,6 @@ def cka(run: str | Path, data: str | Path, layer: str | None = None, out: str | 
     matrix = linear_cka_matrix(features)
     off_diagonal = matrix[~torch.eye(len(matrix), dtype=torch.bool)]
     mean = float(off_diagonal.nanmean()) if off_diagonal.numel() else 1.0
-    target = Path(out) if out else Path(run) / "analysis" / f"cka-{layer}.png"
     cell = max(cell, 256 // len(matrix))  # at least about 256 px wide
     picture = heat_map(matrix.float()).repeat(cell, axis=0).repeat(cell, axis=1)
     write_image_atomic(target, picture)

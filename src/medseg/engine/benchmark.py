@@ -27,7 +27,7 @@ from medseg.engine.evaluate import evaluate
 from medseg.engine.inference import pick_device, prune_to
 from medseg.engine.run import versions
 from medseg.errors import MedsegError
-from medseg.files import write_text_atomic
+from medseg.files import user_write_errors, write_text_atomic
 from medseg.models import create_model, load_model
 from medseg.models.saving import read_model_config
 
@@ -192,7 +192,10 @@ def _report(results: list[dict[str, Any]], size: tuple[int, int], batch: int, de
 
 
 def write_json(report: dict[str, Any], path: str | Path) -> None:
-    write_text_atomic(Path(path), json.dumps(report, indent=2) + "\n")
+    """The report as JSON, whole or not at all; a full disk or a read-only place is one line (`--json`'s path was
+    checked before the measurements, but a disk can fill meanwhile)."""
+    with user_write_errors():
+        write_text_atomic(Path(path), json.dumps(report, indent=2) + "\n")
 
 
 def markdown_table(report: dict[str, Any]) -> str:

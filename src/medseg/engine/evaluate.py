@@ -26,11 +26,12 @@ from medseg.engine.inference import Predictor, overlay, resize_probabilities
 from medseg.engine.run import Run, now, slug
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
-from medseg.files import atomic_folder
+from medseg.files import atomic_folder, check_output_folder, user_write_errors
 from medseg.metrics import get_protocol, predict_labels
 
 SPLITS = ("auto", "all", "train", "val", "test")
 OVERLAY_MIN_SIDE = 256
+MOVE_ASIDE = "move it aside: evaluate writes its results in the run folder's eval/"
 
 
 def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
@@ -61,6 +62,11 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
                           " (the run was trained on it; give --data where it is now)"))
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if overlays < -1:
+        raise MedsegError(f"--overlays takes a count of overlay pictures, 0 for none or -1 for all; got {overlays}")
+    if batch_size < 1:
+        raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
+    check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
     predictor = Predictor(run.path, device, level, precision)
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
@@ -90,8 +96,8 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
-    final = run.eval_dir(name)
-    with atomic_folder(final, replace=True) as tmp:
+    final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
+    with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
         chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         by_stem = {c.stem: c for c in cases}

@@ -3,6 +3,7 @@ multiple, activation, and resizing probabilities back to an image's original siz
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,26 +16,44 @@ from medseg.engine.precision import PRECISIONS, choose_numeric_mode
 from medseg.errors import MedsegError
 from medseg.models import load_model
 from medseg.models.base import Gated, Prunable, SegmentationNetwork
-from medseg.models.saving import read_model_config
+from medseg.models.saving import model_folder, read_model_config
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """--device as a torch device: auto, cpu, cuda, cuda:N or mps, refused in one line when this machine lacks
+    it (torch would fail later with a traceback, or at the first tensor moved there)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MedsegError(f"device {name!r} asked for, but CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match:
+        if not torch.cuda.is_available():
+            raise MedsegError(f"--device {name!r} asked for, but CUDA is not available on this machine; use "
+                              "--device cpu")
+        index, count = int(match.group(1) or 0), torch.cuda.device_count()
+        if index >= count:
+            raise MedsegError(f"--device {name!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+        return torch.device(name)
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise MedsegError("--device 'mps' asked for, but Apple's MPS is not available on this machine; use "
+                              "--device cpu")
+        return torch.device(name)
+    raise MedsegError(f"--device {name!r} is not a device medseg runs on; use auto, cpu, cuda, cuda:N or mps")
 
 
 class Predictor:
     """A saved network ready for inference, with the preprocessing it was trained with."""
 
     def __init__(self, path: str | Path, device: str = "auto", level: int | None = None, precision: str = "auto"):
-        self.config = read_model_config(path)
-        self.device = pick_device(device)
-        self.model: SegmentationNetwork = prune_to(load_model(path), level).to(self.device)
         if precision not in PRECISIONS:
             raise MedsegError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.device = pick_device(device)  # the cheap refusals before the weights are read
+        self.folder = model_folder(path)
+        self.config = read_model_config(self.folder, for_inference=True)
+        self.model: SegmentationNetwork = prune_to(load_model(self.folder), level).to(self.device)
         # the choice training makes (medseg.engine.precision): bf16 + channels_last on a CPU with BF16 instructions
         self.mode = choose_numeric_mode(precision, self.model.card, self.device.type)
         if self.mode.channels_last:
@@ -74,6 +93,8 @@ def prune_to(model: SegmentationNetwork, level: int | None) -> SegmentationNetwo
         return model
     if not isinstance(model, Prunable):
         raise MedsegError(f"network {model.spec.name!r} has no pruning levels; drop --level")
+    if level < 1:
+        raise MedsegError(f"--level {level}: pruning levels start at 1 (ANU-Net L1, the smallest network)")
     return model.prune(level).eval()
 
 

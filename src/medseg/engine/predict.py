@@ -6,77 +6,194 @@ Either way the input is padded to the network's size multiple and the output cro
 OUT/<stem>.png (0/255 binary, label values multi-class), <stem>_prob.png (foreground probability x 255;
 one <stem>_prob_c<k>.png per class for three classes or more), <stem>_overlay.png, and with `--save-attention`
 <stem>_attention_<gate>.png heat maps of a gated network's first-layer attention coefficients.
+
+Every input is checked before anything is written (unreadable, empty, a volume, NaN pixels, a channel count the
+network cannot take): the bad ones are named together in one line, or skipped with `skip_bad`. OUT/predict.json
+records the inputs, the outputs, what was skipped and why, and the settings; it says `"complete": false` from
+the first output on and `true` only once every output is written, so a killed predict is recognisable.
 """
 
 from __future__ import annotations
 
 import glob
+import json
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from medseg.data.check import ERROR, Problem, check_images, group_problems
 from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor
 from medseg.data.formats import Case
-from medseg.data.io import IMAGE_EXTENSIONS, write_image_atomic
+from medseg.data.io import IMAGE_EXTENSIONS, non_2d_format, write_image_atomic
 from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
+from medseg.engine.run import now
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
+from medseg.files import check_output_folder, user_write_errors, write_text_atomic
 from medseg.metrics import predict_labels
 
+MANIFEST = "predict.json"
+# How many bad inputs the one-line refusal names per problem (the rest are counted).
+SHOWN = 3
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images, not recursive) and glob patterns -> image files, in order."""
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[Problem]]:
+    """Files, folders (their images, not recursive) and glob patterns -> (image files in order, problems of the
+    inputs that name no image: a missing path, an empty folder, a pattern matching nothing)."""
     found: list[Path] = []
+    problems: list[Problem] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir()
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            images = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not images:
+                problems.append(Problem(ERROR, "no-images", item, _no_images(entries)))
+            found += images
         elif path.is_file():
             found.append(path)
+        elif path.is_symlink():
+            problems.append(Problem(ERROR, "broken-link", item, "broken symbolic link: its target does not exist; "
+                                    "fix the link", f"-> {path.readlink()}"))
         elif any(ch in item for ch in "*?["):
-            found += sorted(Path(p) for p in glob.glob(item) if Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            matches = sorted(Path(p) for p in glob.glob(item))
+            images = [p for p in matches if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            if not images:
+                problems.append(Problem(ERROR, "no-images", item, f"pattern matches no images; {_no_images(matches)}"
+                                        if matches else "pattern matches no files"))
+            found += images
         else:
-            raise MedsegError(f"input {item} does not exist; give image files, folders or glob patterns")
-    if not found:
-        raise MedsegError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {' '.join(inputs)}")
+            problems.append(Problem(ERROR, "missing", item, "does not exist; give image files, folders or glob "
+                                    "patterns"))
     stems: dict[str, Path] = {}
     for path in found:
         if path.stem in stems and stems[path.stem] != path:
             raise MedsegError(f"two inputs share the name {path.stem!r} ({stems[path.stem]} and {path}); "
                               "their outputs would overwrite each other — predict them into different --out folders")
         stems[path.stem] = path
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), problems
+
+
+def _no_images(entries: list[Path]) -> str:
+    """Why a folder or pattern gave no images: volumes are pointed at `medseg slices`."""
+    volume = next((p for p in entries if non_2d_format(p)), None)
+    if volume is not None:
+        return f"no 2D images ({', '.join(IMAGE_EXTENSIONS)}), only files like {volume.name}, {non_2d_format(volume)}"
+    return f"no images ({', '.join(IMAGE_EXTENSIONS)})"
+
+
+def problems_line(problems: list[Problem], total: int) -> str:
+    """'2 of 5 inputs cannot be predicted: a.png: reason; 3 files (b, c, d, ...): reason' (grouped as
+    check-data groups its findings)."""
+    bad = len({p.file for p in problems})
+    groups = "; ".join(group.line(SHOWN) for group in group_problems(problems))
+    return f"{bad} of {total} input(s) cannot be predicted: {groups}"
+
+
+def check_threshold(threshold: float) -> None:
+    """A decision threshold outside (0, 1) makes every mask empty (or full): refused, NaN included."""
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 < threshold < 1):
+        raise MedsegError(f"--threshold must be a probability strictly between 0 and 1 (e.g. 0.5), got {threshold}; "
+                          "outside that range every mask would be empty or full")
+
+
+def output_names(stems: list[str], num_classes: int, overlay_images: bool, probabilities: bool) -> dict[str, str]:
+    """Every file predict writes (attention maps aside) -> the stem it belongs to; two inputs whose outputs share
+    a name ('a' with --overlay and an input 'a_overlay') are refused."""
+    names: dict[str, str] = {MANIFEST: ""}
+    for stem in stems:
+        own = [f"{stem}.png"]
+        if probabilities:
+            own += ([f"{stem}_prob.png"] if num_classes <= 2
+                    else [f"{stem}_prob_c{k}.png" for k in range(1, num_classes)])
+        if overlay_images:
+            own.append(f"{stem}_overlay.png")
+        for name in own:
+            if name in names:
+                other = names[name] or "the manifest"
+                raise MedsegError(f"inputs {other!r} and {stem!r} would both write {name}; rename one of them or "
+                                  "predict them into different --out folders")
+            names[name] = stem
+    return names
 
 
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
             probabilities: bool = False, native: bool = False, threshold: float = 0.5, batch_size: int = 8,
             device: str = "auto", level: int | None = None, save_attention: bool = False,
-            precision: str = "auto") -> list[Path]:
-    """Predict every input image; returns the mask files written. `level` prunes a deeply supervised
-    network (ANU-Net L_N); `save_attention` writes its first-layer attention coefficients as heat maps."""
+            precision: str = "auto", skip_bad: bool = False) -> dict[str, Any]:
+    """Predict every input image; returns the manifest written to OUT/predict.json (outputs, skipped inputs with
+    their reasons, settings). `level` prunes a deeply supervised network (ANU-Net L_N); `save_attention` writes
+    its first-layer attention coefficients as heat maps. Every input is checked first: bad ones are refused in
+    one line naming them all, or with `skip_bad` left out and listed."""
+    check_threshold(threshold)
+    if batch_size < 1:
+        raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
+    out = check_output_folder(out, "--out")
     predictor = Predictor(model_path, device, level, precision)
     if save_attention:
         predictor.record_attention()
-    out = Path(out)
-    cases = [Case(p.stem, (p,), None) for p in expand_inputs(inputs)]
-    written = []
-    for case, probs, attention in _probabilities(predictor, cases, native, batch_size):
-        labels = predict_labels(probs[None], threshold)[0]
-        target = out / f"{case.stem}.png"
-        write_image_atomic(target, label_image(labels, predictor.num_classes))
-        written.append(target)
-        if probabilities:
-            _write_probabilities(out, case.stem, probs)
-        for name, coefficients in attention.items():
-            resized = resize_probabilities(coefficients, tuple(probs.shape[-2:]))[0]
-            write_image_atomic(out / f"{case.stem}_attention_{name}.png", heat_map(resized))
-        if overlay_images:
-            image = load_image_tensor(case, predictor.preprocessing, reduce=False).permute(1, 2, 0).numpy()
-            write_image_atomic(out / f"{case.stem}_overlay.png", overlay(image, labels.numpy()))
-    return written
+    paths, problems = expand_inputs(inputs)
+    problems += check_images(paths, predictor.preprocessing.in_channels)
+    bad = {p.file for p in problems}
+    good = [p for p in paths if str(p) not in bad]
+    total = len(paths) + len({p.file for p in problems if p.kind in ("missing", "no-images", "broken-link")})
+    if problems and not skip_bad:
+        raise MedsegError(f"{problems_line(problems, total)} — fix or remove them, or give --skip-bad to predict "
+                          "the rest")
+    if not good:
+        raise MedsegError(problems_line(problems, total) if problems else
+                          f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {' '.join(inputs)}")
+    names = output_names([p.stem for p in good], predictor.num_classes, overlay_images, probabilities)
+    inputs_resolved = {p.resolve(): p for p in good}
+    for name in names:
+        if (out / name).resolve() in inputs_resolved:
+            raise MedsegError(f"--out {out} would overwrite the input {inputs_resolved[(out / name).resolve()]} with "
+                              f"{name}; give another --out folder")
+    manifest = {
+        "complete": False,
+        "started": now(),
+        "finished": None,
+        "model": str(predictor.folder.resolve()),
+        "settings": {"threshold": threshold, "native": native, "overlay": overlay_images,
+                     "probabilities": probabilities, "level": level, "save_attention": save_attention,
+                     "precision": precision, "device": str(predictor.device), "batch_size": batch_size},
+        "inputs": [str(p) for p in good],
+        "outputs": [],
+        "skipped": [{"input": p.file, "reason": p.message + (f" [{p.detail}]" if p.detail else "")}
+                    for p in problems],
+    }
+    with user_write_errors():
+        out.mkdir(parents=True, exist_ok=True)
+        _write_manifest(out, manifest)  # "complete": false before the first output
+        cases = [Case(p.stem, (p,), None) for p in good]
+        written = manifest["outputs"]
+        for case, probs, attention in _probabilities(predictor, cases, native, batch_size):
+            labels = predict_labels(probs[None], threshold)[0]
+            _write(out / f"{case.stem}.png", label_image(labels, predictor.num_classes), written)
+            if probabilities:
+                _write_probabilities(out, case.stem, probs, written)
+            for name, coefficients in attention.items():
+                resized = resize_probabilities(coefficients, tuple(probs.shape[-2:]))[0]
+                _write(out / f"{case.stem}_attention_{name}.png", heat_map(resized), written)
+            if overlay_images:
+                image = load_image_tensor(case, predictor.preprocessing, reduce=False).permute(1, 2, 0).numpy()
+                _write(out / f"{case.stem}_overlay.png", overlay(image, labels.numpy()), written)
+        manifest.update(complete=True, finished=now())
+        _write_manifest(out, manifest)
+    return manifest
+
+
+def _write(path: Path, picture: np.ndarray, written: list[str]) -> None:
+    write_image_atomic(path, picture)
+    written.append(path.name)
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_size: int):
@@ -99,10 +216,10 @@ def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_
             yield by_stem[stem], resize_probabilities(prob, size), attention
 
 
-def _write_probabilities(out: Path, stem: str, probs: torch.Tensor) -> None:
+def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:
     scaled = (probs.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
     if probs.shape[0] <= 2:  # binary: the foreground probability (the last channel of a two-class head)
-        write_image_atomic(out / f"{stem}_prob.png", np.ascontiguousarray(scaled[-1]))
+        _write(out / f"{stem}_prob.png", np.ascontiguousarray(scaled[-1]), written)
         return
     for k in range(1, probs.shape[0]):
-        write_image_atomic(out / f"{stem}_prob_c{k}.png", np.ascontiguousarray(scaled[k]))
+        _write(out / f"{stem}_prob_c{k}.png", np.ascontiguousarray(scaled[k]), written)

@@ -67,7 +67,11 @@ class Run:
         return recipe_from_dict(self.config(), overrides)
 
     def data_root(self) -> Path:
-        return Path(self.config()["run"]["data"])
+        data = self.config()["run"].get("data")
+        if not isinstance(data, str) or not data:
+            raise MedsegError(f"{self.config_file} does not record the data folder the run was trained on "
+                              "(`run.data`); restore the file or train the run again")
+        return Path(data)
 
     def splits(self) -> dict[str, list[str]]:
         if not self.splits_file.is_file():

@@ -58,7 +58,7 @@ from medseg.engine.module import SegmentationModule
 from medseg.engine.precision import NumericMode, choose_numeric_mode
 from medseg.engine.run import Run, git_commit, new_run_dir, now, numbered_run_dirs, slug, versions
 from medseg.errors import MedsegError
-from medseg.files import write_text_atomic
+from medseg.files import check_output_folder, write_text_atomic
 from medseg.models import save_model
 from medseg.models.pretrained import load_network_weights
 from medseg.models.registry import model_info
@@ -117,7 +117,7 @@ def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume:
     if rank_zero_only.rank > 0 and os.environ.get(RUN_DIR_ENV):
         run = Run(os.environ[RUN_DIR_ENV])
         return run, run.recipe(), run.splits()
-    check_out_folder(out)
+    check_output_folder(out, "--out")  # the one check of every command's output folder (medseg.files)
     if name is not None:
         check_run_name(name)
     base = name or f"{slug(recipe.name)}-{slug(data.name)}"
@@ -143,15 +143,6 @@ def resolve_run(recipe: Recipe, data: Path, out: Path, name: str | None, resume:
                                                                else "") +
                           "; add --resume to continue it, or choose another --name")
     return Run(new_run_dir(out, base)), recipe, None
-
-
-def check_out_folder(out: Path) -> None:
-    """`--out` can hold run folders: not a file, and writable where it exists."""
-    if out.exists() and not out.is_dir():
-        raise MedsegError(f"--out {out} is a file, not a folder; give a folder for the run folders")
-    existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise MedsegError(f"--out {out}: {existing} is not writable; give a folder you can write to")
 
 
 def check_run_name(name: str) -> None:

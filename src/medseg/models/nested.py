@@ -103,8 +103,10 @@ class NestedUNet(Prunable, Gated, SegmentationNetwork):
     def pruned_options(self, level: int) -> dict[str, int | bool]:
         """ANU-Net L_level keeps the nodes with i + j <= level, their gates and up-convs, and head `level`."""
         if f"y{level}" not in self.heads:
-            raise MedsegError(f"cannot prune to level {level}: the network has heads {sorted(self.heads)} "
-                              "(pruning needs deep supervision, and a pruned network cannot grow back)")
+            levels = sorted(int(name[1:]) for name in self.heads if name[1:].isdigit())
+            raise MedsegError(f"cannot prune to level {level}: this network has levels "
+                              f"{', '.join(map(str, levels)) or 'none'} (pruning needs deep supervision, and a pruned "
+                              "network cannot grow back); choose --level among them")
         return {"level": level, "pruned": True}
 
     def first_layer_gates(self) -> dict[str, AttentionGate]:
