@@ -8,6 +8,7 @@ silently ignored), except under `model:` where extra keys are the network's own 
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -62,6 +63,16 @@ class ModelConfig(BaseModel):
 class NormalizeStats(Strict):
     mean: list[float]
     std: list[float]
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, values: list[float], info) -> list[float]:
+        # a std of 0 or NaN would divide every image into NaN or Inf and train a network of NaN weights
+        if not values or any(math.isnan(v) or math.isinf(v) for v in values):
+            raise ValueError(f"{info.field_name} must be a non-empty list of finite numbers")
+        if info.field_name == "std" and any(v <= 0 for v in values):
+            raise ValueError("std must be positive (one value per channel)")
+        return values
 
 
 class SplitConfig(Strict):
@@ -289,7 +300,10 @@ def validate_recipe(name: str, raw: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate({**raw, "name": raw.get("name", name)})
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # a mapping given for a name-or-mapping setting (data.normalize): its own problem, not "not a name"
+        first = next((e for e in errors if not (e["type"] == "literal_error" and isinstance(e["input"], dict))),
+                     errors[0])
         # the union members pydantic names in a location (literal[...], NormalizeStats) are not recipe keys
         where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p[:1].isupper())))
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
