@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one torch thread each (and in the commands they start), set
+    # before any test module imports torch, so the workers do not fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MEDSEG = [sys.executable, "-m", "medseg"]
 # Tiny settings that keep a training test to seconds on 2 CPU cores.

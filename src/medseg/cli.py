@@ -525,10 +525,7 @@ def main() -> None:
     """Run the command line: a user error (a MedsegError, or a usage mistake click finds: an unknown option, a
     missing argument, a value of the wrong type) is one `error:` line and exit status 2, never a traceback or a
     boxed panel. click runs outside its standalone mode so that its usage errors reach this function."""
-    try:  # typer >= 0.22 carries its own copy of click; older ones use the click package
-        from typer._click import exceptions as click
-    except ImportError:  # pragma: no cover - depends on the installed typer
-        from click import exceptions as click  # type: ignore[no-redef]
+    from typer._click import exceptions as click  # typer (>= 0.29, pyproject) carries its own copy of click
 
     try:
         code = app(standalone_mode=False)  # --help and --version return 0; `raise typer.Exit(n)` returns n
