@@ -101,6 +101,15 @@ class CliResult:
         return errors[0]
 
 
+def refused(result: CliResult, *fragments: str) -> str:
+    """The error line of a command refused as a user error (exit 2), holding every fragment."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = result.error_line()
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
 def medseg_inprocess(*args: str) -> CliResult:
     """Run `medseg ARGS` inside this process (what `main()` does: one line and exit 2 for a user error), for the
     many fast cases of the reliability catalogue. An unexpected exception is returned as exit 1 with its

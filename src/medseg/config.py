@@ -8,7 +8,6 @@ silently ignored), except under `model:` where extra keys are the network's own 
 
 from __future__ import annotations
 
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -16,7 +15,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medseg.data.transforms import NORMALIZATIONS, build_augmentation
+from medseg.data.transforms import NORMALIZATIONS, build_augmentation, statistics_problem
 from medseg.errors import MedsegError
 from medseg.losses.registry import check_loss_options
 from medseg.metrics.protocols import PROTOCOLS
@@ -64,15 +63,12 @@ class NormalizeStats(Strict):
     mean: list[float]
     std: list[float]
 
-    @field_validator("mean", "std")
-    @classmethod
-    def _finite(cls, values: list[float], info) -> list[float]:
-        # a std of 0 or NaN would divide every image into NaN or Inf and train a network of NaN weights
-        if not values or any(math.isnan(v) or math.isinf(v) for v in values):
-            raise ValueError(f"{info.field_name} must be a non-empty list of finite numbers")
-        if info.field_name == "std" and any(v <= 0 for v in values):
-            raise ValueError("std must be positive (one value per channel)")
-        return values
+    @model_validator(mode="after")
+    def _usable(self) -> "NormalizeStats":
+        problem = statistics_problem(self.mean, self.std)  # a std of 0 or NaN would train a network of NaN weights
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class SplitConfig(Strict):

@@ -23,17 +23,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import leftovers, medseg_inprocess, snapshot
+from conftest import leftovers, medseg_inprocess, refused, snapshot
 
 STEM = "phantom_0000"
-
-
-def refused(result, *fragments: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    line = result.error_line()
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 @pytest.fixture

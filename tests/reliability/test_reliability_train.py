@@ -16,21 +16,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY, leftovers, medseg_inprocess, snapshot
+from conftest import TINY, leftovers, medseg_inprocess, refused, snapshot
 
 TINY_SET = [item for pair in (("--set", value) for value in TINY) for item in pair]
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--recipe", "unet", "--data", str(data), "--out", str(out), *TINY_SET, *extra]
-
-
-def refused(result, *fragments: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    line = result.error_line()
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 @pytest.fixture
@@ -57,9 +49,9 @@ REFUSED_BEFORE_THE_RUN_FOLDER = {
     "rot90 on a rectangle": (["--set", "data.size=[64,128]", "--set", "data.augment=[rot90]"], "square"),
     "empty validation split": (["--set", "data.split.val=0"], "validation split is empty"),
     "normalisation std of zero": (["--set", "data.normalize={mean: [0.5, 0.5, 0.5], std: [0.2, 0, 0.2]}"],
-                                  "data.normalize.std: std must be positive"),
+                                  "data.normalize: std [0.2, 0.0, 0.2] must be positive"),
     "normalisation mean NaN": (["--set", "data.normalize={mean: [.nan, 0.5, 0.5], std: [0.2, 0.2, 0.2]}"],
-                               "data.normalize.mean: mean must be a non-empty list of finite numbers"),
+                               "data.normalize: mean [nan, 0.5, 0.5] must be a non-empty list of finite numbers"),
     "devices share below a batch": (["--devices", "2", "--set", "train.batch_size=16"], "fewer than one batch"),
     "name with a separator": (["--name", "a/b"], "plain folder name"),
     "name escaping --out": (["--name", "../escaped"], "plain folder name"),

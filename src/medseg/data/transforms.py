@@ -10,6 +10,7 @@ model's config.json so inference uses exactly what training used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +27,18 @@ IMAGENET_GRAY = (sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3)
 
 
 NORMALIZATIONS = ("imagenet", "per_image", "dataset", "none")  # named normalisations; or {mean, std}
+
+
+def statistics_problem(mean: list[float], std: list[float]) -> str | None:
+    """Why {mean, std} cannot normalise images (None when they can): a mean that is not finite, or a std that
+    is not a finite positive number, turns every pixel into NaN or Inf and trains (or predicts) nothing.
+    The one rule for a recipe's `data.normalize` and a model folder's stored preprocessing."""
+    if not mean or not all(math.isfinite(v) for v in mean):
+        return f"mean {mean} must be a non-empty list of finite numbers"
+    if not std or not all(math.isfinite(v) and v > 0 for v in std):
+        return f"std {std} must be positive (one finite value per channel): zero, negative or NaN makes every " \
+               "pixel NaN or Inf"
+    return None
 
 
 @dataclass(frozen=True)

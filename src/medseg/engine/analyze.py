@@ -73,7 +73,8 @@ def cka(run: str | Path, data: str | Path, layer: str | None = None, out: str | 
     model = predictor.model.eval()
     layer = choose_layer(model, predictor.config["name"], layer)
     target = Path(out) if out else Path(run) / "analysis" / f"cka-{layer}.png"
-    check_output_file(target, "--out")  # before the forward passes, not after
+    if not out:  # the default picture in the run folder, checked before the forward passes (--out was above)
+        check_output_file(target, "--out")
     cases = discover(Path(data)).cases[:images]
     if len(cases) < 2:
         raise MedsegError(f"{data}: CKA needs at least 2 images; found {len(cases)}")

@@ -10,7 +10,6 @@ file for training, `encoder_weights` or a recipe's `model.weights`, is `medseg.m
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
+from medseg.data.transforms import NORMALIZATIONS, statistics_problem
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder
 from medseg.models.base import SegmentationNetwork
@@ -45,7 +45,7 @@ def save_model(model: SegmentationNetwork, folder: str | Path, extra: dict[str, 
 
 # What to do about a damaged model folder: it is written whole by `medseg train`, so it was damaged afterwards.
 RESTORE = "copy the model folder again from where it came, or train the run again"
-NORMALISATIONS = ("imagenet", "per_image", "none")
+NORMALISATIONS = tuple(n for n in NORMALIZATIONS if n != "dataset")  # stored ones: `dataset` became {mean, std}
 
 
 def read_model_config(path: str | Path, for_inference: bool = False) -> dict[str, Any]:
@@ -108,12 +108,8 @@ def config_problem(config: Any, for_inference: bool = False) -> str | None:
     if not (isinstance(norm, dict) and _numbers(norm.get("mean")) and _numbers(norm.get("std"))
             and len(norm["mean"]) in channels and len(norm["std"]) in channels):
         return "`preprocessing.normalize` is not {mean: [...], std: [...]} with one number or one per channel"
-    if not all(math.isfinite(v) for v in norm["mean"]):
-        return f"stored normalisation mean {norm['mean']} is not finite: every pixel would become NaN"
-    if not all(math.isfinite(v) and v > 0 for v in norm["std"]):
-        return (f"stored normalisation std {norm['std']} is zero, negative or not finite: every pixel would become "
-                "NaN or Inf and every mask empty")
-    return None
+    problem = statistics_problem(norm["mean"], norm["std"])
+    return f"stored normalisation {problem}" if problem else None
 
 
 def model_folder(path: str | Path) -> Path:
