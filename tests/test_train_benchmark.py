@@ -17,15 +17,26 @@ def test_the_recipe_is_the_networks_own_single_scale_with_the_precision():
     assert borrowed.model.in_channels == 1
 
 
-def test_engine_and_bare_loop_throughput_are_reported_per_precision(tmp_path):
+def test_engine_and_bare_loop_throughput_are_reported_per_precision(tmp_path, monkeypatch):
+    from medseg.engine import train_benchmark
+
+    order = []
+    for kind in ("engine_steps", "bare_steps"):
+        real = getattr(train_benchmark, kind)
+        monkeypatch.setattr(train_benchmark, kind, lambda *a, _real=real, _kind=kind, **k: order.append(_kind)
+                            or _real(*a, **k))
     report = benchmark_training(["unet:base_channels=4"], size=32, batch=2, precisions=("32", "bf16-mixed"),
-                                warmup=1, steps=2)
+                                warmup=1, steps=2, rounds=3)
+    # ABBA: the order alternates round by round, so drift of the machine does not favour one side
+    assert order == ["engine_steps", "bare_steps", "bare_steps", "engine_steps", "engine_steps", "bare_steps"] * 2
+    assert report["rounds"] == 3
     first, second = report["results"]
     assert (first["precision"], first["memory_format"]) == ("32-true", "contiguous")
     assert (second["precision"], second["memory_format"]) == ("bf16-mixed", "channels_last")
     for result in report["results"]:
         assert result["train_img_s"] > 0 and result["raw_img_s"] > 0
         assert result["ratio"] == pytest.approx(result["train_img_s"] / result["raw_img_s"])
+        assert result["train_img_s"] == pytest.approx(2 / result["engine_step_s"])
         assert result["params"] > 0 and result["gflops"] > 0
 
 

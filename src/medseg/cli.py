@@ -233,6 +233,8 @@ def benchmark_command(
     precisions: str = typer.Option("32,bf16-mixed", help="with --train: precisions to measure (auto, 32, "
                                    "bf16-mixed, 16-mixed)"),
     steps: int = typer.Option(6, min=1, help="with --train: timed steps (after --warmup ones)"),
+    rounds: int = typer.Option(2, min=1, help="with --train: rounds of engine and bare loop, alternating which "
+                               "goes first (ABBA), steps pooled: keeps machine drift out of the ratio"),
 ) -> None:
     """Parameters, GFLOPs (GMACs = GFLOPs / 2), latency and throughput at batch 1 and N, peak memory;
     per pruning level with --levels, and with --run RUN --data DATA each level's Dice and IoU.
@@ -249,8 +251,8 @@ def benchmark_command(
     if json_out:
         check_output_file(json_out, "--json")  # before minutes of measuring, not after
     if train:
-        _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, in_channels, data,
-                            json_out, markdown)
+        _benchmark_training(models, size or 128, batch, device, precisions, warmup, steps, rounds, in_channels,
+                            data, json_out, markdown)
         return
     from medseg.engine.benchmark import benchmark, benchmark_run, markdown_table, parse_model_spec
     from medseg.models import model_info
@@ -308,7 +310,8 @@ def _show_report(table: Table, report: dict, note: str, json_out: Optional[Path]
 
 
 def _benchmark_training(models: str, size: int, batch: int, device: str, precisions: str, warmup: int, steps: int,
-                        in_channels: int, data: Optional[Path], json_out: Optional[Path], markdown: bool) -> None:
+                        rounds: int, in_channels: int, data: Optional[Path], json_out: Optional[Path],
+                        markdown: bool) -> None:
     from medseg.engine.benchmark import parse_model_spec
     from medseg.engine.precision import PRECISIONS
     from medseg.engine.train_benchmark import benchmark_training, training_markdown
@@ -321,7 +324,7 @@ def _benchmark_training(models: str, size: int, batch: int, device: str, precisi
     unknown = [p for p in chosen if p not in PRECISIONS]
     if unknown or not chosen:
         raise MedsegError(f"--precisions: {', '.join(unknown) or 'none given'}; choose from {', '.join(PRECISIONS)}")
-    table = Table(title=f"training, batch {batch}, {size}x{size}, median of {steps} steps")
+    table = Table(title=f"training, batch {batch}, {size}x{size}, median of {rounds} x {steps} steps (ABBA rounds)")
     for column in ("model", "precision", "memory format", "engine img/s", "bare img/s", "engine/bare"):
         table.add_column(column, justify="right")
 
@@ -331,7 +334,7 @@ def _benchmark_training(models: str, size: int, batch: int, device: str, precisi
 
     with console.status("training ..."):
         report = benchmark_training(names, size, batch, device, chosen, max(1, warmup), steps, in_channels, data,
-                                    on_result=add)
+                                    rounds, on_result=add)
     source = f"{data}'s training loader, cache filled" if data else "synthetic batches"
     _show_report(table, report, source, json_out, training_markdown(report) if markdown else None)
 

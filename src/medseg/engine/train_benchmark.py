@@ -9,15 +9,19 @@ optimiser and tensors are trained twice:
 - bare: `for batch: SegmentationModule.training_loss, zero_grad, backward, step` under the same autocast and
   memory format (the same loss terms as `training_step`, without Lightning, callbacks or logging).
 
-Both take the median over `steps` timed steps after `warmup` untimed ones; `ratio` = engine / bare (1.0 =
-the engine costs nothing). Data: synthetic batches (random images, random binary or label masks) of the
-recipe's size by default. With `data` (a folder `medseg train` accepts), the engine is fed by the real
-training loader of `medseg train` (splits, decoded-data cache, augmentation, loader workers), and the bare
-loop trains on batches drawn from that loader beforehand and held in memory: the ratio then charges the
-engine with everything an epoch costs besides compute. The decoded-data cache is filled before timing (the
-steady state of the second and later epochs; `cache_fill_s` says what the first epoch pays once).
-The recipe is the network's own (`recipes/<name>.yaml`), or the `unet` recipe with the network swapped in
-for a network without one; multi-scale training is switched off so every step has the same size.
+Both take the median over `steps` timed steps after `warmup` untimed ones, pooled over `rounds` rounds run
+in the order engine, bare | bare, engine | ... (ABBA): on a shared or thermally drifting machine the same
+loop's step time moves by 10-20 % within minutes, and alternating the order keeps that drift out of the
+ratio. `ratio` = engine / bare throughput (1.0 = the engine costs nothing).
+
+Data: synthetic batches (random images, random binary or label masks) of the recipe's size by default. With `data`
+(a folder `medseg train` accepts), the engine is fed by the real training loader of `medseg train` (splits,
+decoded-data cache, augmentation, loader workers), and the bare loop trains on batches drawn from that loader
+beforehand and held in memory: the ratio then charges the engine with everything an epoch costs besides compute.
+The decoded-data cache is filled before timing (the steady state of the second and later epochs; `cache_fill_s`
+says what the first epoch pays once). The recipe is the network's own (`recipes/<name>.yaml`), or the `unet` recipe
+with the network swapped in for a network without one; multi-scale training is switched off so every step has the
+same size.
 """
 
 from __future__ import annotations
@@ -169,7 +173,7 @@ class FolderBatches:
 
 def benchmark_training(models: list[str], size: int = 128, batch: int = 8, device: str = "auto",
                        precisions: tuple[str, ...] = ("32", "bf16-mixed"), warmup: int = 2, steps: int = 6,
-                       in_channels: int = 3, data: Path | None = None,
+                       in_channels: int = 3, data: Path | None = None, rounds: int = 2,
                        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Engine and bare-loop training throughput per network and precision (see the module docstring)."""
     quiet_lightning()
@@ -185,18 +189,20 @@ def benchmark_training(models: list[str], size: int = 128, batch: int = 8, devic
             mode = choose_numeric_mode(precision, probe.model.card, dev.type)
             params = sum(p.numel() for p in probe.model.parameters())
             flops = count_flops(probe.model.eval(), torch.randn(1, in_channels, size, size))
-            if folder is None:
-                batches = synthetic_batches(recipe, warmup + steps)
-                engine = statistics.median(engine_steps(recipe, mode, batches, warmup, dev))
-            else:
-                batches = folder.batches(warmup + steps)
-                engine = statistics.median(engine_steps(recipe, mode, batches, warmup, dev, loader=folder.loader))
-            bare = statistics.median(bare_steps(recipe, mode, batches, warmup, dev))
+            batches = synthetic_batches(recipe, warmup + steps) if folder is None else folder.batches(warmup + steps)
+            loader = folder.loader if folder is not None else None
+            timed: dict[str, list[float]] = {"engine": [], "bare": []}
+            for round_index in range(rounds):
+                for kind in ("engine", "bare") if round_index % 2 == 0 else ("bare", "engine"):
+                    timed[kind] += (engine_steps(recipe, mode, batches, warmup, dev, loader=loader) if kind == "engine"
+                                    else bare_steps(recipe, mode, batches, warmup, dev))
+            engine, bare = statistics.median(timed["engine"]), statistics.median(timed["bare"])
             result = {"model": spec, "input": f"{in_channels}x{size}x{size}", "params": params,
                       "gflops": flops / 1e9, "gmacs": flops / 2e9, "batch": batch, "precision": mode.precision,
                       "memory_format": "channels_last" if mode.channels_last else "contiguous",
                       "mode": mode.describe(), "recipe": recipe.name, "train_img_s": batch / engine,
                       "raw_img_s": batch / bare, "ratio": bare / engine,
+                      "engine_step_s": engine, "bare_step_s": bare, "rounds": rounds,
                       "data": str(data) if data is not None else "synthetic",
                       "loader_workers": folder.loader.num_workers if folder is not None else 0,
                       "cache_fill_s": folder.cache_fill_s if folder is not None else None}
@@ -204,7 +210,7 @@ def benchmark_training(models: list[str], size: int = 128, batch: int = 8, devic
             if on_result:
                 on_result(result)
     return {"date": date.today().isoformat(), "device": str(dev), "machine": machine(), "size": [size, size],
-            "batch": batch, "warmup": warmup, "steps": steps, "results": results}
+            "batch": batch, "warmup": warmup, "steps": steps, "rounds": rounds, "results": results}
 
 
 def training_markdown(report: dict[str, Any]) -> str:
