@@ -28,6 +28,8 @@ def _lrs(schedule: ScheduleConfig, epochs: int, steps: int = 1) -> list[float]:
 
 def test_schedules_follow_their_formulas():
     assert _lrs(ScheduleConfig(name="step", step_size=2, gamma=0.5), 5) == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    multistep = ScheduleConfig(name="multistep", milestones=[2, 4], gamma=0.5)
+    assert _lrs(multistep, 6) == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     assert _lrs(ScheduleConfig(name="poly", power=1.0), 4) == pytest.approx([0.1, 0.075, 0.05, 0.025])
     cosine = _lrs(ScheduleConfig(name="cosine", min_lr=0.0), 4)
     assert cosine[0] == pytest.approx(0.1) and cosine[2] == pytest.approx(0.05)
@@ -54,3 +56,15 @@ def test_group_lr_multiplies_named_groups():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
     with pytest.raises(MedsegError, match="unknown groups"):
         build_optimizer(model, OptimConfig(group_lr={"backbone": 0.1}))
+
+
+def test_multistep_milestones_must_be_increasing_epochs():
+    from pydantic import ValidationError
+
+    for bad in ([], [0], [30, 30], [60, 30]):
+        with pytest.raises(ValidationError, match="milestones must be increasing epochs >= 1"):
+            ScheduleConfig(name="multistep", milestones=bad)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1))
+    with pytest.raises(MedsegError, match="schedule multistep counts epochs"):
+        build_scheduler(optimizer, ScheduleConfig(name="multistep", interval="step"), 10, 5)

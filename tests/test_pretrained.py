@@ -15,6 +15,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 import medseg
+from conftest import run_cli
 from medseg.errors import MedsegError
 from medseg.losses import create_loss
 from medseg.models import save_model
@@ -33,16 +34,26 @@ def files(tmp_path_factory) -> dict[str, Path]:
     }
     for name, state in states.items():
         torch.save(state, folder / name)
-    smp_state = get_encoder("mobilenet_v2", in_channels=3, weights=None).state_dict()
-    save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / "mobilenet_v2.safetensors"))
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), folder / "resnet50.pth")
+    for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
+        smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
+        save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
     return {path.stem: path for path in folder.iterdir()}
 
 
-CASES = {  # id: (network, options, its encoder file, another architecture's file)
+SWAPPED = {"nhsic": False}  # Fovea-UNet's nHSIC is defined on Ghost modules only
+CASES = {  # id: (network, options, its encoder file, another architecture's file): every slot `weights list` names
     "m2snet": ("m2snet", {}, "res2net50d", "resnext50_32x4d"),
+    "msnet": ("msnet", {}, "res2net50d", "resnet50"),
     "stsnet": ("stsnet", {}, "resnext50_32x4d", "res2net50d"),
+    "stsnet_resnet50": ("stsnet", {"encoder": "resnet50"}, "resnet50", "dpn68"),
+    "stsnet_mobilenet_v2": ("stsnet", {"encoder": "mobilenet_v2"}, "mobilenet_v2", "efficientnet-b0"),
+    "stsnet_efficientnet": ("stsnet", {"encoder": "efficientnet-b0"}, "efficientnet-b0", "mobilenet_v2"),
+    "stsnet_dpn68": ("stsnet", {"encoder": "dpn68"}, "dpn68", "resnet50"),
     "fovea_ghostnet": ("fovea_unet", {}, "ghostnet_100", "mobilenet_v2"),
-    "fovea_mobilenet_v2": ("fovea_unet", {"encoder": "mobilenet_v2", "nhsic": False}, "mobilenet_v2", "ghostnet_100"),
+    "fovea_vgg16": ("fovea_unet", {"encoder": "vgg16", **SWAPPED}, "vgg16", "resnet50"),
+    "fovea_resnet50": ("fovea_unet", {"encoder": "resnet50", **SWAPPED}, "resnet50", "vgg16"),
+    "fovea_mobilenet_v2": ("fovea_unet", {"encoder": "mobilenet_v2", **SWAPPED}, "mobilenet_v2", "ghostnet_100"),
 }
 
 
@@ -211,3 +222,62 @@ def test_a_run_prints_and_stores_what_its_weights_file_loaded(phantom, tmp_path,
     assert report.loaded == len(again.state_dict()) and not report.reinitialised
     trained = medseg.load_model(run.path)  # exported from best.ckpt, which may be an earlier epoch
     assert set(again.state_dict()) == set(trained.state_dict())
+
+
+def test_random_init_where_the_paper_is_pretrained_is_warned_and_a_random_backbone_is_not_frozen():
+    from medseg.config import load_recipe
+    from medseg.engine.module import SegmentationModule
+    from medseg.engine.train import initialisation_notes
+
+    recipe = load_recipe("fovea_unet", ["model.decoder_widths=[16,16,8,8]"])
+    trained, notes = initialisation_notes(recipe, SegmentationModule(recipe.to_dict()))
+    assert notes[0].startswith("fovea_unet starts from random weights, the paper from an ImageNet GhostNet backbone")
+    assert notes[1].startswith("train.freeze skipped: encoder would be frozen at random init for 30 epochs")
+    assert trained.train.freeze is None and recipe.train.freeze is not None  # the recipe given is left alone
+    assert trained.schedule == recipe.schedule  # the lr still drops to 1e-5 after epoch 30, as the paper's does
+    unet = load_recipe("unet", ["model.base_channels=4"])  # its paper trains from scratch: nothing to say
+    assert initialisation_notes(unet, SegmentationModule(unet.to_dict())) == (unet, [])
+
+
+def test_every_slot_weights_list_names_has_a_loading_test():
+    from medseg.engine.weight_files import weight_slots
+
+    tested = {medseg.create_model(name, 1, 2, **options).card.encoder.label for name, options, _, _ in CASES.values()}
+    listed = {slot.card.label for slot in weight_slots() if slot.used_by != ("lossnet",)}
+    assert listed == tested
+
+
+def test_weights_list_gives_the_line_that_saves_each_file():
+    result = run_cli("weights", "list")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "timm res2net50d: m2snet, msnet  (model.encoder_weights)" in out
+    assert "timm.create_model('res2net50d', pretrained=True).state_dict(), 'res2net50d.pth')" in out
+    assert "smp dpn68: stsnet encoder=dpn68" in out and "get_encoder('dpn68', weights='imagenet')" in out
+    assert "torchvision vgg16: lossnet  (loss.N.vgg_weights" in out and "vgg16(weights='IMAGENET1K_V1')" in out
+
+
+def test_weights_inspect_reports_what_a_file_fits(files, tmp_path):
+    import json
+
+    result = run_cli("weights", "inspect", str(files["res2net50d"]), "--json", str(tmp_path / "r.json"))
+    assert result.returncode == 0, result.stderr
+    assert f"{files['res2net50d']}: state dict, 524 tensors" in result.stdout
+    assert ("full match: timm res2net50d (522 tensors; 2 of the file's unused) -> m2snet, msnet with "
+            "model.encoder_weights") in result.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [m["slot"] for m in report["matches"] if m["status"] == "full"] == ["timm res2net50d"]
+    assert report["prefixes"]["layer1"] == 96 and report["format"] == "state dict"
+    # a file that loading refuses is reported with its closest slot and the first offending tensor
+    state = read_state_dict(files["res2net50d"])
+    state.pop("layer4.2.bn3.weight")
+    torch.save(state, tmp_path / "partial.pth")
+    partial = run_cli("weights", "inspect", str(tmp_path / "partial.pth"))
+    assert "partial: timm res2net50d, 521 of 522 tensors; first problem layer4.2.bn3.weight: absent" in partial.stdout
+    assert "full match" not in partial.stdout
+    # a model folder's weights are matched against the network its config.json names
+    folder = save_model(medseg.create_model("unet", 1, 2, base_channels=4), tmp_path / "unet")
+    saved = run_cli("weights", "inspect", str(folder / "model.safetensors"))
+    assert f"full match: network unet (from {folder})" in saved.stdout, saved.stdout
+    missing = run_cli("weights", "inspect", str(tmp_path / "nope.pth"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

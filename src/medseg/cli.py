@@ -380,6 +380,65 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
         raise MedsegError(f"{option} takes comma-separated integers, e.g. 1,2,3,4; got {text!r}") from None
 
 
+weights_app = typer.Typer(no_args_is_help=True, help="Local pretrained weight files: which to bring, what one holds.")
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("list")
+def weights_list_command() -> None:
+    """For each pretrained slot (an encoder, LossNet's VGG-16): the networks that take it, the recipe key that
+    names the file, and the one Python line that saves the file on a machine with internet.
+
+    Example: medseg weights list
+    """
+    from medseg.engine.weight_files import weight_slots
+
+    for slot in weight_slots():
+        console.print(f"[bold]{slot.card.label}[/bold]: {', '.join(slot.used_by)}  ({slot.key})", highlight=False)
+        print(f"  {slot.save_line}")
+
+
+@weights_app.command("inspect")
+def weights_inspect_command(
+    file: Path = typer.Argument(..., help="a .safetensors, .pth or .ckpt file"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the report as JSON"),
+) -> None:
+    """What a local weights file holds (format, tensors, parameters) and which medseg slots or networks it fits,
+    matched by name and shape by the rule loading applies: "full" means loading it will succeed.
+
+    Example: medseg weights inspect res2net50d.pth
+    """
+    from medseg.engine.benchmark import write_json
+    from medseg.engine.weight_files import inspect_file
+
+    if json_out:
+        check_output_file(json_out, "--json")
+    report = inspect_file(file)
+    prefixes = ", ".join(f"{k} ({n})" for k, n in list(report["prefixes"].items())[:12])
+    more = len(report["prefixes"]) - 12
+    console.print(f"{report['file']}: {report['format']}, {report['tensors']} tensors, "
+                  f"{report['parameters']:,} values in floating-point tensors ({', '.join(report['dtypes'])})\n"
+                  f"top-level names: {prefixes}{f' and {more} more' if more > 0 else ''}", highlight=False)
+    full = [m for m in report["matches"] if m["status"] == "full"]
+    # without a full match, the closest partial ones say what is wrong with the file
+    fits = full or sorted((m for m in report["matches"] if m["status"] == "partial"),
+                          key=lambda m: -m["matched"] / m["needed"])[:3]
+    for match in fits:
+        if match["status"] == "full":
+            line = (f"full match: {match['slot']} ({match['matched']} tensors; {match['unused']} of the file's "
+                    f"unused) -> {', '.join(match['used_by'])} with {match['key']}")
+        else:
+            line = (f"partial: {match['slot']}, {match['matched']} of {match['needed']} tensors; first problem "
+                    f"{match['first_problem']} (loading refuses it)")
+        console.print(line, highlight=False)
+    if not fits:
+        console.print("fits none of medseg's slots: no tensor matches by name and shape (`medseg weights list` "
+                      "says which file each slot takes)", highlight=False)
+    if json_out:
+        write_json(report, json_out)
+        console.print(f"results: {json_out}")
+
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Look inside a trained network.")
 app.add_typer(analyze_app, name="analyze")
 

@@ -141,10 +141,11 @@ class OptimConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    name: Literal["none", "step", "cosine", "poly", "plateau", "warmup_linear"] = "none"
+    name: Literal["none", "step", "multistep", "cosine", "poly", "plateau", "warmup_linear"] = "none"
     interval: Literal["epoch", "step"] = "epoch"  # when cosine / poly / warmup_linear advance
     step_size: int = 30  # step
-    gamma: float = 0.1  # step
+    gamma: float = 0.1  # step, multistep
+    milestones: list[int] = Field(default_factory=lambda: [30])  # multistep: epochs after which lr x gamma
     min_lr: float = 0.0  # cosine
     power: float = 0.9  # poly
     warmup_epochs: float | None = None  # warmup_linear: peak position; None = (epochs + 1) / 2, a triangle
@@ -155,6 +156,13 @@ class ScheduleConfig(Strict):
     monitor: str = "val/loss"  # plateau
     mode: Literal["min", "max"] = "min"  # plateau
 
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: list[int]) -> list[int]:
+        if not milestones or milestones[0] < 1 or any(b <= a for a, b in zip(milestones, milestones[1:])):
+            raise ValueError(f"milestones must be increasing epochs >= 1, e.g. [30] or [30, 60]; got {milestones}")
+        return milestones
 
 class EarlyStopping(Strict):
     patience: int = Field(ge=1)

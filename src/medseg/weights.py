@@ -39,6 +39,12 @@ DDP_PREFIX = "module."
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local .safetensors file or a .pt/.pth state dict (read with weights_only: no pickle code)."""
+    return read_weights_file(path)[0]
+
+
+def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, what kind of file held them): "safetensors", "state dict", "checkpoint" (a `state_dict` entry,
+    e.g. Lightning's), each with ", DDP-wrapped" when every key carried DistributedDataParallel's prefix."""
     path = Path(path)
     if not path.is_file():
         raise MedsegError(f"weights file {path} does not exist; give a local .safetensors or .pth file "
@@ -47,21 +53,21 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path))
+            state, kind = load_file(str(path)), "safetensors"
         except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
             raise MedsegError(f"cannot read weights file {path}: {exc}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state, kind = torch.load(path, map_location="cpu", weights_only=True), "state dict"
         except Exception as exc:  # noqa: BLE001  (any unreadable file is the user's input error)
             raise MedsegError(f"cannot read weights file {path}: {exc}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        state, kind = state["state_dict"], "checkpoint"
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise MedsegError(f"weights file {path} does not hold a state dict of tensors")
     if all(key.startswith(DDP_PREFIX) for key in state):
-        state = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}
-    return state
+        state, kind = {key.removeprefix(DDP_PREFIX): value for key, value in state.items()}, f"{kind}, DDP-wrapped"
+    return state, kind
 
 
 @dataclass
@@ -96,6 +102,65 @@ class LoadReport:
         return f"loaded {self.loaded} tensors from {self.file} into {self.what}{detail}"
 
 
+@dataclass
+class WeightPlan:
+    """How a file's tensors map onto a target by the module docstring's rule, from shapes alone (no tensor is
+    read or written): `source` {target name: file name} of the matched tensors, `adapted` {target name: "3->1
+    channels"}, the absent optional buffers, the re-initialised tensors, and `problems` [(target name, file
+    shape or None when absent, target shape)]."""
+
+    source: dict[str, str]
+    adapted: dict[str, str]
+    missing_buffers: list[str]
+    reinitialised: list[str]
+    problems: list[tuple[str, tuple[int, ...] | None, tuple[int, ...]]]
+    unused: list[str]
+
+    def refusal(self, path: str | Path, what: str, total: int) -> str | None:
+        """The one-line reason the file does not fit, or None when it does."""
+        if self.problems:
+            name, found, wanted = self.problems[0]
+            has = "absent" if found is None else f"of shape {found}"
+            first = f"first {name!r}: {has} in the file, {what} needs {wanted}"
+            if not self.source:
+                return f"no tensor in {path} matches {what} by name and shape ({first}); is it the right file?"
+            return (f"{path} does not fit {what}: {len(self.problems)} of {total} tensors missing or of another shape, "
+                    f"{first}")
+        if not self.source:
+            return f"no tensor in {path} matches {what} by name and shape; is it the right file?"
+        return None
+
+
+def plan_weights(own: dict[str, tuple[int, ...]], file: dict[str, tuple[int, ...]], *, first_conv: str | None = None,
+                 rename: Iterable[tuple[str, str]] = (), reinit: Iterable[str] = ()) -> WeightPlan:
+    """Match a file's tensor shapes ({name: shape}) to a target's by the module docstring's rule."""
+    rename, reinit = tuple(rename), tuple(reinit)
+    source: dict[str, str] = {}  # target-side name -> file name
+    for key in file:
+        source.setdefault(_renamed(key, rename), key)
+    plan = WeightPlan({}, {}, [], [], [], [])
+    for name, shape in own.items():
+        found = tuple(file[source[name]]) if name in source else None
+        if found is not None and found == tuple(shape):
+            plan.source[name] = source[name]
+        elif found is not None and name == first_conv and _adaptable(found, tuple(shape)):
+            plan.source[name] = source[name]
+            plan.adapted[name] = f"{found[1]}->{shape[1]} channels"
+        elif any(name == prefix or name.startswith(prefix + ".") for prefix in reinit):
+            plan.reinitialised.append(name)
+        elif found is None and name.rsplit(".", 1)[-1] in OPTIONAL_BUFFERS:
+            plan.missing_buffers.append(name)
+        else:
+            plan.problems.append((name, found, tuple(shape)))
+    used = set(plan.source.values())
+    plan.unused = [key for key in file if key not in used]
+    return plan
+
+
+def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
 def load_weights(target: nn.Module, path: str | Path, *, what: str, first_conv: str | None = None,
                  rename: Iterable[tuple[str, str]] = (), reinit: Iterable[str] = ()) -> LoadReport:
     """Load a local weights file into `target` by the module docstring's rule and return the report.
@@ -104,44 +169,21 @@ def load_weights(target: nn.Module, path: str | Path, *, what: str, first_conv: 
     state dict) of the kernel to adapt when the file has another number of input channels; `rename` holds
     (file prefix, target prefix) pairs, the first matching one applies; `reinit` holds target prefixes whose
     tensors may stay at random init. Raises `MedsegError` (one line) when the file does not fit."""
-    rename, reinit = tuple(rename), tuple(reinit)
     state = read_state_dict(path)
-    source: dict[str, str] = {}  # target-side name -> file name
-    for key in state:
-        source.setdefault(_renamed(key, rename), key)
     own = target.state_dict()
-    matched: dict[str, torch.Tensor] = {}
-    adapted: dict[str, str] = {}
-    missing_buffers, reinitialised, problems = [], [], []
-    for name, tensor in own.items():
-        found = state[source[name]] if name in source else None
-        if found is not None and found.shape == tensor.shape:
-            matched[name] = found
-        elif found is not None and name == first_conv and _adaptable(found, tensor):
-            from timm.models import adapt_input_conv
+    plan = plan_weights(shapes(own), shapes(state), first_conv=first_conv, rename=rename, reinit=reinit)
+    refusal = plan.refusal(path, what, len(own))
+    if refusal:
+        raise MedsegError(refusal)
+    matched = {name: state[key] for name, key in plan.source.items()}
+    if plan.adapted:
+        from timm.models import adapt_input_conv
 
-            matched[name] = adapt_input_conv(tensor.shape[1], found, base_chans=found.shape[1])
-            adapted[name] = f"{found.shape[1]}->{tensor.shape[1]} channels"
-        elif any(name == prefix or name.startswith(prefix + ".") for prefix in reinit):
-            reinitialised.append(name)
-        elif found is None and name.rsplit(".", 1)[-1] in OPTIONAL_BUFFERS:
-            missing_buffers.append(name)
-        else:
-            problems.append((name, found, tensor))
-    if problems:
-        name, found, tensor = problems[0]
-        has = "absent" if found is None else f"of shape {tuple(found.shape)}"
-        first = f"first {name!r}: {has} in the file, {what} needs {tuple(tensor.shape)}"
-        if not matched:
-            raise MedsegError(f"no tensor in {path} matches {what} by name and shape ({first}); is it the right file?")
-        raise MedsegError(f"{path} does not fit {what}: {len(problems)} of {len(own)} tensors missing or of another "
-                          f"shape, {first}")
-    if not matched:
-        raise MedsegError(f"no tensor in {path} matches {what} by name and shape; is it the right file?")
+        for name in plan.adapted:
+            matched[name] = adapt_input_conv(own[name].shape[1], matched[name], base_chans=matched[name].shape[1])
     target.load_state_dict(matched, strict=False)
-    used = {source[name] for name in matched}
-    return LoadReport(file=str(path), what=what, loaded=len(matched), missing_buffers=missing_buffers,
-                      reinitialised=reinitialised, unused=[key for key in state if key not in used], adapted=adapted)
+    return LoadReport(file=str(path), what=what, loaded=len(matched), missing_buffers=plan.missing_buffers,
+                      reinitialised=plan.reinitialised, unused=plan.unused, adapted=plan.adapted)
 
 
 def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
@@ -151,6 +193,6 @@ def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
     return key
 
 
-def _adaptable(found: torch.Tensor, wanted: torch.Tensor) -> bool:
-    """A conv kernel that differs from the target's in its input-channel dimension only."""
-    return found.ndim == wanted.ndim == 4 and found.shape[0] == wanted.shape[0] and found.shape[2:] == wanted.shape[2:]
+def _adaptable(found: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """A conv kernel's shape that differs from the target's in its input-channel dimension only."""
+    return len(found) == len(wanted) == 4 and found[0] == wanted[0] and found[2:] == wanted[2:]

@@ -281,7 +281,7 @@ class FreezeGroups(BaseFinetuning):
     """`train.freeze`: the named parameter groups take no gradient and their BatchNorm layers keep their
     running statistics (eval mode) while current_epoch < epochs; from then on they train. Works for any
     network with `param_groups()`; the lr change that usually goes with unfreezing is the schedule's job
-    (e.g. `schedule: {name: step, step_size: 30, gamma: 0.1}`).
+    (e.g. `schedule: {name: multistep, milestones: [30], gamma: 0.1}`).
 
     The optimiser holds the frozen parameters all along, in their recipe group (`optim.group_lr`), so
     unfreezing adds no parameter group and the schedule and a resume see one layout throughout."""

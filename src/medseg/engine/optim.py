@@ -4,9 +4,11 @@ Parameter groups: a network may expose `param_groups() -> {"encoder": [...], "de
 recipe's `optim.group_lr: {encoder: 0.1}` multiplies the base lr of that group (M2SNet's 0.1x
 backbone). Parameters in no named group train at the base lr.
 
-Schedules: `step` (x gamma every step_size epochs), `cosine` (to min_lr), `poly` ((1 - t/T)^power),
-`plateau` (ReduceLROnPlateau on a logged metric), `warmup_linear` (linear rise to the peak, then linear
-decay: with the default peak at (T + 1) / 2 it is M2SNet's triangle lr_e = lr (1 - |2(e+1)/(T+1) - 1|)).
+Schedules: `step` (x gamma every step_size epochs), `multistep` (x gamma once after each epoch of
+`milestones`: Fovea-UNet's 1e-4 for 30 epochs, then 1e-5 to the end), `cosine` (to min_lr), `poly`
+((1 - t/T)^power), `plateau` (ReduceLROnPlateau on a logged metric), `warmup_linear` (linear rise to the
+peak, then linear decay: with the default peak at (T + 1) / 2 it is M2SNet's triangle
+lr_e = lr (1 - |2(e+1)/(T+1) - 1|)).
 
 Every schedule with a horizon (cosine, poly, warmup_linear) is a closed-form factor of (step, T) on LambdaLR,
 whose saved state holds no horizon: a run resumed with more (or fewer) `train.epochs` follows the schedule
@@ -101,10 +103,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
     name = schedule.name
     if name == "none":
         return None
-    if name == "step":
+    if name in ("step", "multistep"):
         if per_step:
-            raise MedsegError("schedule step counts epochs; set schedule.interval: epoch")
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
+            raise MedsegError(f"schedule {name} counts epochs; set schedule.interval: epoch")
+        scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.step_size, gamma=schedule.gamma)
+                     if name == "step" else
+                     torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=schedule.milestones,
+                                                          gamma=schedule.gamma))
     elif name == "cosine":
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, [cosine_factor(group["lr"], schedule.min_lr, total) for group in optimizer.param_groups])

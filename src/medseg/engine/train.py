@@ -9,6 +9,8 @@
     build_module       the LightningModule, with the recipe's optimiser, schedule, freeze groups and loggers
                        checked
     load_initial_weights   a recipe's model.weights file (not on resume: the checkpoint has the weights)
+    initialisation_notes   warnings where the initialisation differs from the paper's (random instead of
+                       pretrained weights); `train.freeze` on a network no file initialised is skipped
     choose_mode        `train.precision` for this machine and network: bf16 + channels_last on a CPU with BF16
                        instructions, mixed precision on CUDA, else fp32 (medseg.engine.precision)
     write_run_files    config.yaml, splits.json, amplify.json (rank 0)
@@ -95,12 +97,16 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     if recipe.model.weights and not from_checkpoint:
         load_initial_weights(module, recipe)
     weights = [] if from_checkpoint else report_weights(module)
+    notes: list[str] = []
+    if not from_checkpoint:  # a resumed run's weights come from its checkpoint; its config.yaml keeps its notes
+        recipe, notes = initialisation_notes(recipe, module)
+        datamodule.recipe = recipe
     mode = choose_mode(recipe, module)
     if from_checkpoint:
         datamodule.first_epoch = checkpoint_epoch(run.last_checkpoint) + 1
     elif resume:
         run.metrics_file.unlink(missing_ok=True)  # rows of the attempt that never reached a checkpoint
-    write_run_files(run, datamodule, devices, weights, mode)
+    write_run_files(run, datamodule, devices, weights, mode, notes)
     trainer = fit(module, datamodule, run, devices, callbacks, progress, from_checkpoint, mode)
     export(trainer, run, recipe, data)
     return run
@@ -234,6 +240,32 @@ def choose_mode(recipe: Recipe, module: SegmentationModule) -> NumericMode:
     return mode
 
 
+def initialisation_notes(recipe: Recipe, module: SegmentationModule) -> tuple[Recipe, list[str]]:
+    """(the recipe to train, warnings for the header and config.yaml) about initialisation the paper does not do:
+    a network whose paper starts from pretrained weights (`card.paper_weights`) or a LossNet without its VGG-16
+    file, at random init; and `train.freeze` on a network no file initialised, which is skipped: holding random
+    weights fixed trains nothing in those epochs (a schedule that lowers the lr at the unfreeze then gives the
+    still-random backbone only the small lr). Refusing instead would make the paper recipes unusable offline."""
+    model, notes = module.model, []
+    from_file = bool(model.load_reports)
+    if model.card.paper_weights and not from_file:
+        notes.append(f"{recipe.model.name} starts from random weights, the paper from {model.card.paper_weights}: "
+                     "give model.encoder_weights=FILE (`medseg weights list` says which file)")
+    for index, term in enumerate(recipe.loss):
+        if term.name == "lossnet" and not (term.model_extra or {}).get("vgg_weights"):
+            notes.append(f"lossnet runs on a random VGG-16, the paper's is ImageNet-trained: give "
+                         f"loss.{index}.vgg_weights=FILE (`medseg weights list`)")
+    freeze = recipe.train.freeze
+    if freeze is not None and not from_file:
+        notes.append(f"train.freeze skipped: {', '.join(freeze.groups)} would be frozen at random init for "
+                     f"{freeze.epochs} epochs, which trains nothing; they train from the first epoch (freeze a "
+                     "pretrained backbone with model.encoder_weights=FILE)")
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"freeze": None})})
+    for note in notes:
+        say(f"warning: {note}")
+    return recipe, notes
+
+
 def load_initial_weights(module: SegmentationModule, recipe: Recipe) -> None:
     load_network_weights(module.model, recipe.model.weights)
 
@@ -248,16 +280,16 @@ def report_weights(module: SegmentationModule) -> list[dict]:
 
 @rank_zero_only
 def write_run_files(run: Run, datamodule: SegmentationDataModule, devices: int, weights: list[dict],
-                    mode: NumericMode) -> None:
-    """config.yaml (the resolved recipe and a `run:` record with the weight-loading reports and the precision
-    chosen; a resume keeps the record and notes the resume), splits.json, and amplify.json when the recipe
-    amplifies."""
+                    mode: NumericMode, notes: Sequence[str] = ()) -> None:
+    """config.yaml (the resolved recipe and a `run:` record with the weight-loading reports, the initialisation
+    warnings and the precision chosen; a resume keeps the record and notes the resume), splits.json, and
+    amplify.json when the recipe amplifies."""
     recipe = datamodule.recipe
     config = recipe.to_dict()
     config["run"] = {"data": str(datamodule.root), "layout": datamodule.layout.kind, "splits": datamodule.split_source,
                      "seed": recipe.train.seed, "devices": devices, "created": now(), "versions": versions(),
                      "git_commit": git_commit(), "command": " ".join(["medseg", *sys.argv[1:]]) if sys.argv else None,
-                     "weights": weights, "numeric": mode.to_dict()}
+                     "weights": weights, "warnings": list(notes), "numeric": mode.to_dict()}
     if run.config_file.is_file():  # resuming: keep the original creation record, note the resume
         previous = run.config()["run"]
         config["run"] = {**previous, "resumed": [*previous.get("resumed", []), now()]}
@@ -351,6 +383,7 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r"lossnet: no vgg_weights")  # the training header says it
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")  # resume
     warnings.filterwarnings("ignore", message=r".*The number of training batches .* is smaller than the logging "

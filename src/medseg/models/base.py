@@ -72,6 +72,9 @@ class NetworkCard:
     paper_num_classes: int = 1  # 1 = sigmoid binary head, 2 = two-class softmax (the paper's configuration)
     head: str = "head"  # module-name prefix of the output layer(s): may be re-initialised when fine-tuning
     encoder: EncoderCard | None = None  # the pretrained encoder slot, if the network has one
+    # the pretrained initialisation the paper (or its authors' code) starts from; training without a local file
+    # for it is said in the training header and config.yaml
+    paper_weights: str | None = None
     # False: bf16 autocast + channels_last does not pay for this network on a CPU (measured), so
     # `train.precision: auto` keeps fp32 for it (medseg.engine.precision)
     fast_path: bool = True

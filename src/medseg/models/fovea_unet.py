@@ -195,6 +195,7 @@ FOVEA_UNET = NetworkCard(
     paper="Liu et al., Fovea-UNet: detection and segmentation of lymph node metastases in colorectal cancer with deep "
           "learning, BioMedical Engineering OnLine 2023",
     size_multiple=8, default_size=512, encoder=H_GHOSTNET,
+    paper_weights="an ImageNet GhostNet backbone (paper, Experiment settings)",
     # its summed-area tables and gathers run in fp32/fp64 whatever the autocast: bf16 made a training step
     # slower (1.8 -> 1.0 img/s, 128 px, issue 13's measurement)
     fast_path=False)

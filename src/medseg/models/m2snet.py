@@ -116,14 +116,15 @@ def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
 
+PAPER_WEIGHTS = "an ImageNet Res2Net-50-v1b (the authors' code loads res2net50_v1b_26w_4s)"
 RES2NET50 = EncoderCard(family="timm", name=ENCODER, module="encoder", first_conv="conv1.0.weight")
 M2SNET = NetworkCard(
     paper="Zhao et al., M2SNet: Multi-scale in Multi-scale Subtraction Network for Medical Image Segmentation, "
           "arXiv:2303.10894, 2023",
-    size_multiple=32, default_size=352, encoder=RES2NET50)
+    size_multiple=32, default_size=352, encoder=RES2NET50, paper_weights=PAPER_WEIGHTS)
 MSNET = NetworkCard(
     paper="Zhao et al., Automatic Polyp Segmentation via Multi-scale Subtraction Network, MICCAI 2021",
-    size_multiple=32, default_size=352, encoder=RES2NET50)
+    size_multiple=32, default_size=352, encoder=RES2NET50, paper_weights=PAPER_WEIGHTS)
 
 
 @register_model("m2snet", M2SNET, multi_scale=True)
