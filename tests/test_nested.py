@@ -1,6 +1,7 @@
 """UNet++ / ANU-Net: parameter counts against the paper, pruning, deep supervision, hybrid loss."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -110,6 +111,16 @@ def test_hybrid_loss_is_finite_for_predictions_0_half_and_1(mode):
     loss = create_loss("anunet_hybrid", mode=mode)(logits, TRUTH)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_hybrid_dice_term_has_the_squared_denominator_of_eq_8():
+    # p = 0.5 on a positive and a negative pixel, s = 1: Eq. 8's Dice (2 * 0.5 + 1) / (0.25 + 0.25 + 1 + 1) = 0.8
+    # (the linear form would give 2 / 3); focal: alpha_t 0.25 and 0.75, (1 - 0.5)^2 ln 2 each, mean over 2 pixels
+    logits, truth = torch.zeros(1, 1, 1, 2), torch.tensor([[[1, 0]]])
+    expected = (1 - 0.8) + (0.25 + 0.75) * 0.25 * math.log(2) / 2
+    assert create_loss("anunet_hybrid")(logits, truth).item() == pytest.approx(expected, abs=1e-6)
+    literal = 1 - (0.25 * math.log(0.5) / 0.05**2 / 2 + 0.8)  # |p - 0.5| clamped at 0.05
+    assert create_loss("anunet_hybrid", mode="literal")(logits, truth).item() == pytest.approx(literal, rel=1e-5)
 
 
 def test_recommended_hybrid_is_soft_dice_plus_focal():

@@ -502,12 +502,14 @@ def slices_command(
     out: Path = typer.Option(..., help="new data folder (images/ + masks/)"),
     window: Optional[str] = typer.Option(None, help="intensity window LO,HI (e.g. -200,200 HU); default "
                                          "per-volume min-max"),
-    mode: str = typer.Option("stack", help="stack: slices (k-1, k, k+1) as 3 channels (paper); sum: their pixel "
-                             "sum (code)"),
+    mode: str = typer.Option("stack", help="stack: slices (k-1, k, k+1) as 3 channels (STS-Net paper); sum: their "
+                             "pixel sum (STS-Net code); single: slice k alone, one gray channel (ANU-Net)"),
+    edge: str = typer.Option("triple", help="2.5D image of the first/last slice: triple: the edge slice three times "
+                             "(STS-Net Fig. 2); repeat: the edge slice twice and its one neighbour"),
     only_lesion: bool = typer.Option(False, help="keep only slices whose label has foreground"),
     keep_labels: bool = typer.Option(False, help="keep integer labels instead of 0/255 masks"),
 ) -> None:
-    """2.5D slices from 3D volumes (STS-Net): one PNG image/mask pair per slice, edges repeated.
+    """Slices from 3D volumes: one PNG image/mask pair per slice, 2.5D (STS-Net) or single (ANU-Net).
 
     Example: medseg slices volumes/ --out slices --window=-200,200 --only-lesion
     """
@@ -521,8 +523,9 @@ def slices_command(
             raise MedsegError(f"--window takes LO,HI, e.g. --window=-200,200; got {window!r}") from None
         bounds = (low, high)
     with console.status(f"slicing {volumes} ..."):
-        record = make_slices(volumes, out, bounds, mode, only_lesion, keep_labels)
-    console.print(f"{record['slices']} slices from {record['volumes']} volumes written to {out} (mode {mode}, "
+        record = make_slices(volumes, out, bounds, mode, only_lesion, keep_labels, edge)
+    edges = f", edges {edge}" if record["edge"] else ""
+    console.print(f"{record['slices']} slices from {record['volumes']} volumes written to {out} (mode {mode}{edges}, "
                   f"window {record['window']}; {record['skipped_without_lesion']} slices without lesion skipped)")
 
 

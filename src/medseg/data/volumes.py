@@ -1,16 +1,25 @@
-"""2.5D slices from 3D volumes (STS-Net, Scientific Reports 2025, Methods and Fig. 2; the authors' code).
+"""Slices from 3D volumes: 2.5D for STS-Net (Scientific Reports 2025, Methods and Fig. 2; the authors' code),
+single slices for ANU-Net (Computers & Graphics 2020, Sec. 4.1).
 
 `medseg slices VOLUMES --out DATA` reads NIfTI image / label volume pairs with nibabel and writes
 medseg's folder format, one PNG pair per axial slice k (the volume's last axis; written as
 array[:, :, k].T, so rows follow the second voxel axis; image and mask get the same transform):
-- `stack` (the paper, default): a 3-channel image of slices (k-1, k, k+1) as (R, G, B); at the first and last
-  slice the missing neighbour is the slice itself (edge slices repeated);
-- `sum` (the authors' code, 2.5D_L.py): one channel, the pixel sum of slices k-1, k, k+1 of the 8-bit
-  intensities clipped at 255 (edges count the slice itself twice); medseg repeats it to 3 channels.
+- `stack` (STS-Net's paper, default): a 3-channel image of slices (k-1, k, k+1) as (R, G, B);
+- `sum` (STS-Net's code, 2.5D_L.py): one channel, the pixel sum of the same three slices of the 8-bit
+  intensities clipped at 255; medseg repeats it to 3 channels;
+- `single` (ANU-Net, Sec. 4.1: networks trained on single CT / MRI slices): one 8-bit gray channel, slice k
+  alone, so an `in_channels: 1` recipe sees the slice itself rather than the luma of a stack.
+The first and last slice have one neighbour; `edge` says what stands in for the missing one:
+- `triple` (default; STS-Net Fig. 2 caption: the first 2.5D image is "the product of tripling the first slice",
+  and likewise the last): the edge slice three times, (0, 0, 0) and (n-1, n-1, n-1);
+- `repeat` (medseg's rule before issue 15): the edge slice stands in for the missing neighbour only,
+  (0, 0, 1) and (n-2, n-1, n-1).
+The authors' code (2.5D_L.py) writes neither at the edges in its sum: it saves the edge slice doubled
+(pixel + pixel, clipped), without the neighbour; medseg keeps one edge rule for both 2.5D modes (ours).
 Intensities become 8-bit either through `window=(lo, hi)` (clip to the window, e.g. HU [-200, 200] for
-liver CT or [0, 1023] for the code's T2 clip, then scale to 0..255) or, without one, per-volume min-max.
-Labels: > 0 becomes 255 (binary), or the integer labels are kept (`keep_labels`). `only_lesion` keeps
-the slices whose label has foreground.
+liver CT (both papers) or [0, 1023] for STS-Net's T2 clip, then scale to 0..255) or, without one, per-volume
+min-max. Labels: > 0 becomes 255 (binary), or the integer labels are kept (`keep_labels`). `only_lesion`
+keeps the slices whose label has foreground.
 
 Pairs: VOLUMES/images/<stem>.nii[.gz] with VOLUMES/labels/<stem>.nii[.gz] (or masks/), or nnU-Net's raw
 3D layout imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz.
@@ -28,6 +37,8 @@ from medseg.errors import MedsegError
 from medseg.files import atomic_folder
 
 NIFTI = (".nii", ".nii.gz")
+MODES = ("stack", "sum", "single")
+EDGES = ("triple", "repeat")
 
 
 def _stem(path: Path) -> str:
@@ -80,21 +91,31 @@ def to_uint8(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarr
     return np.round(scaled).astype(np.uint8)
 
 
-def slice_image(volume: np.ndarray, k: int, mode: str) -> np.ndarray:
-    """The 2.5D image of slice k from an 8-bit volume (X, Y, Z): (H, W, 3) for stack, (H, W) for sum."""
-    last = volume.shape[2] - 1
-    neighbours = [volume[:, :, max(k - 1, 0)], volume[:, :, k], volume[:, :, min(k + 1, last)]]
+def neighbours(k: int, depth: int, edge: str) -> tuple[int, int, int]:
+    """The slice indices (k-1, k, k+1) of slice k in a volume of `depth` slices, edges by the `edge` rule."""
+    if edge == "triple" and k in (0, depth - 1):
+        return k, k, k
+    return max(k - 1, 0), k, min(k + 1, depth - 1)
+
+
+def slice_image(volume: np.ndarray, k: int, mode: str, edge: str = "triple") -> np.ndarray:
+    """The image of slice k from an 8-bit volume (X, Y, Z): (H, W, 3) for stack, (H, W) for sum and single."""
+    if mode == "single":
+        return volume[:, :, k].T
+    slices = [volume[:, :, i] for i in neighbours(k, volume.shape[2], edge)]
     if mode == "stack":
-        return np.stack([n.T for n in neighbours], axis=-1)
-    total = sum(n.astype(np.int32) for n in neighbours)
+        return np.stack([s.T for s in slices], axis=-1)
+    total = sum(s.astype(np.int32) for s in slices)
     return np.clip(total, 0, 255).astype(np.uint8).T
 
 
 def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float] | None = None, mode: str = "stack",
-                only_lesion: bool = False, keep_labels: bool = False) -> dict:
+                only_lesion: bool = False, keep_labels: bool = False, edge: str = "triple") -> dict:
     """Write every slice of every pair to `out` (folder format, atomically); returns what was written."""
-    if mode not in ("stack", "sum"):
-        raise MedsegError(f"--mode must be stack or sum, got {mode!r}")
+    if mode not in MODES:
+        raise MedsegError(f"--mode must be {', '.join(MODES)}, got {mode!r}")
+    if edge not in EDGES:
+        raise MedsegError(f"--edge must be {' or '.join(EDGES)}, got {edge!r}")
     out = Path(out)
     if out.exists():
         raise MedsegError(f"{out} exists; slices writes a new folder, so give another --out or remove it")
@@ -113,7 +134,7 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
                     skipped += 1
                     continue
                 name = f"{stem}_{k:04d}.png"
-                write_image_atomic(tmp / "images" / name, slice_image(image, k, mode))
+                write_image_atomic(tmp / "images" / name, slice_image(image, k, mode, edge))
                 mask = label.astype(np.uint8) if keep_labels else (label > 0).astype(np.uint8) * 255
                 write_image_atomic(tmp / "masks" / name, mask)
                 written += 1
@@ -121,4 +142,5 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
             raise MedsegError(f"no slice was written from {volumes}"
                               + (" (no slice has foreground)" if only_lesion else ""))
     return {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
+            "edge": None if mode == "single" else edge,
             "window": list(window) if window else "per-volume min-max", "out": str(out)}

@@ -3,11 +3,14 @@
 
 Per output (the deep-supervision wrapper sums it over the four heads, weights 1 by default):
 
+- The Dice term, in both modes, is Eq. 8's: D = (2 sum(p g) + s) / (sum(p^2) + sum(g^2) + s), the
+  denominator squared as printed in Eq. 8 ("Y_i^2 + Ybar^2 + s") and in Eq. 5 ("Ybar^2 + Y^2"); the pixel
+  sums run over the whole batch (Eq. 8 has no per-image split). For 0/1 masks g^2 = g, so it differs from
+  the linear soft Dice (sum(p) + sum(g) in the denominator) only through sum(p^2) <= sum(p). No code by the
+  ANU-Net authors was found, so nothing backs the linear form here; the `dice` loss offers it.
 - `mode: recommended` (default) - what the text describes ("soft dice + focal + BCE"):
-  L = (1 - D) + mean_pixels[-alpha_t (1 - p_t)^gamma log p_t], with the squared-denominator soft Dice
-  D = (2 sum(p g) + s) / (sum(p^2) + sum(g^2) + s) of Eq. 5, summed over the whole batch (Eq. 8 sums
-  over pixels without a per-image split), and the RetinaNet focal term (alpha_t = alpha for positives,
-  1 - alpha for negatives; gamma = 2, alpha = 0.25, s = 1).
+  L = (1 - D) + mean_pixels[-alpha_t (1 - p_t)^gamma log p_t], the RetinaNet focal term (alpha_t = alpha
+  for positives, 1 - alpha for negatives; gamma = 2, alpha = 0.25, s = 1).
 - `mode: literal` - Eq. 8 as printed: L = 1 - [alpha g log p / |p - 0.5|^gamma + D], the first term a
   mean over pixels. As printed it only penalises positive pixels and is unbounded at p = 0.5 and p = 0,
   so two documented clamps keep it finite: |p - 0.5| >= 0.05 and p >= 1e-6. Not recommended.
@@ -43,6 +46,7 @@ class ANUNetHybridLoss(nn.Module):
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         truth = binary_target("anunet_hybrid", logits, target)
         probs = torch.sigmoid(logits.float())
+        # Eq. 8: squared denominator, sums over the batch's pixels
         dice = (2 * (probs * truth).sum() + self.smooth) / ((probs * probs).sum() + (truth * truth).sum() + self.smooth)
         if self.mode == "literal":
             log_p = probs.clamp(min=PROBABILITY_FLOOR).log()
