@@ -11,8 +11,9 @@ from PIL import Image
 from conftest import run_cli
 from medseg.config import load_recipe
 from medseg.data.amplify import STANDARD, Thresholds, amplify_folder, compute_thresholds, plan
+from medseg.data.dataset import SegmentationDataset
 from medseg.data.formats import discover
-from medseg.engine.data import amplified_views
+from medseg.engine.data import amplified_views, preprocessing_of
 from medseg.errors import MedsegError
 
 SIDE = 256
@@ -150,6 +151,11 @@ def test_method_1_needs_n1_and_the_recipe_selects_the_method(coded):
     views, record = amplified_views(layout, {"train": sorted(LESIONS), "val": [], "test": []}, recipe)
     assert record["method"] == 3 and record["size"] == [SIDE, SIDE] and record["thresholds"]["n2"] == 1024
     assert len(views) == record["new_images"] == 7 + 5
+    # training derives a view of a view in-line, as `medseg amplify` writes it
+    dataset = SegmentationDataset(views, preprocessing_of(recipe), num_classes=2)
+    item = dataset[next(i for i, v in enumerate(views) if v.stem == "tiny_amp_crop_crop")]
+    assert item["mask"].shape == (SIDE, SIDE)
+    assert np.abs(bbox(item["mask"].numpy()) - expected_bbox("crop_crop", LESIONS["tiny"])).max() <= 1.5
 
 
 def test_with_splits_only_train_images_are_amplified(coded, tmp_path):
