@@ -472,24 +472,32 @@ def amplify_command(
     data: Path = typer.Argument(..., help="data folder (folder format); with splits.json only its train stems "
                                 "are amplified"),
     out: Path = typer.Option(..., help="new folder: the originals plus the amplified views"),
-    n1: Optional[int] = typer.Option(None, help="threshold N1 (reported only; default computed)"),
+    method: int = typer.Option(4, min=1, max=4, help="paper Table 7: 1 = four standard views under N1, 2 = under "
+                               "N2, 3 = 2 plus a further crop of views still under N2, 4 = 2 plus a lesion-centred "
+                               "crop (the paper's STS-Net)"),
+    size: int = typer.Option(512, min=8, help="training size: lesion pixels, N1, N2 and the border are counted "
+                             "on masks resized to SIZE x SIZE"),
+    n1: Optional[int] = typer.Option(None, help="threshold N1 (method 1's limit; default computed)"),
     n2: Optional[int] = typer.Option(None, help="threshold N2: images with 5 < lesion pixels < N2 qualify "
-                                     "(default computed)"),
+                                     "(default computed, or from --n1 by Eq. 2)"),
     seed: int = typer.Option(0),
-    border: int = typer.Option(50, help="border crop in pixels"),
+    border: int = typer.Option(50, help="border crop in training-size pixels"),
 ) -> None:
-    """STS-Net's amplification blocks: five extra views (flips, border crops, a lesion-centred crop) of every
-    image whose lesion is small (5 < pixels < N2, N2 from the training masks). Writes OUT/amplify.json.
+    """STS-Net's amplification blocks (paper Table 7): extra views (flips, border crops, a lesion-centred
+    crop) of every training image whose lesion is small at the training size (5 < pixels < N2, or N1 for
+    method 1; N1 and N2 from the training masks). Writes OUT/amplify.json.
 
     Example: medseg amplify ../shared/data/dsb2018_nuclei --out dsb2018_amplified
+    Example: medseg amplify ../shared/data/dsb2018_nuclei --out dsb2018_m3 --method 3 --size 256
     """
     from medseg.data.amplify import amplify_folder
 
     with console.status(f"amplifying {data} ..."):
-        record = amplify_folder(data, out, n1, n2, seed, border)
+        record = amplify_folder(data, out, n1, n2, seed, border, method, size)
     t = record["thresholds"]
-    console.print(f"N1 {t['n1']}, N2 {t['n2']} ({t['source']}; A = {t['lesion_images']} images with a lesion, "
-                  f"S = {t['lesion_pixels']} lesion pixels)")
+    console.print(f"method {method}: {record['description']}")
+    console.print(f"N1 {t['n1']}, N2 {t['n2']} at {size}x{size} ({t['source']}; A = {t['lesion_images']} images "
+                  f"with a lesion, S = {t['lesion_pixels']} lesion pixels)")
     console.print(f"{record['qualifying_images']} of {record['training_images']} training images qualify "
                   f"({record['rule']}); {record['new_images']} views written; {out} holds "
                   f"{len(list((out / 'images').iterdir()))} images; manifest {out / 'amplify.json'}")

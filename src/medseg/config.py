@@ -78,9 +78,11 @@ class SplitConfig(Strict):
 
 
 class AmplifyConfig(Strict):
-    """STS-Net's amplification blocks on the training split (medseg.data.amplify)."""
+    """STS-Net's amplification blocks on the training split (medseg.data.amplify); lesions are counted at
+    `data.size`."""
 
-    n1: int | None = None  # thresholds: None = computed from the training masks
+    method: Literal[1, 2, 3, 4] = 4  # paper Table 7; 4 is the final STS-Net's
+    n1: int | None = None  # thresholds: None = computed from the training masks (n2 from n1 by Eq. 2 if only n1)
     n2: int | None = None
     border: int = 50
     seed: int = 0

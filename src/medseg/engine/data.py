@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medseg.config import NormalizeStats, Recipe
-from medseg.data.amplify import AmplifiedCase, Thresholds
+from medseg.data.amplify import AmplifiedCase, given_thresholds
 from medseg.data.amplify import manifest as amplify_manifest
 from medseg.data.amplify import plan as plan_amplification
 from medseg.data.cache import DecodedCache, default_cache_folder
@@ -170,9 +170,12 @@ def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[st
 def amplified_views(layout: Layout, splits: dict[str, list[str]], recipe: Recipe) -> tuple[list[AmplifiedCase], dict]:
     """STS-Net amplification of the training split only: the views, and the plan that goes to RUN/amplify.json."""
     cfg = recipe.data.amplify
-    given = Thresholds(cfg.n1, cfg.n2, None, None, "given in the recipe") if cfg.n2 is not None else None
+    given = given_thresholds(cfg.n1, cfg.n2, "given in the recipe")
     thresholds, views, lesions = plan_amplification(layout, splits["train"], given, recipe.model.num_classes,
-                                                    recipe.data.mask_threshold, cfg.seed, cfg.border)
-    say(f"amplification: N1 {thresholds.n1}, N2 {thresholds.n2}; {len({v.case.stem for v in views})} of "
-        f"{len(splits['train'])} training images qualify, {len(views)} views added")
-    return views, amplify_manifest(thresholds, views, lesions, cfg.seed, cfg.border)
+                                                    recipe.data.mask_threshold, cfg.seed, cfg.border, cfg.method,
+                                                    recipe.data.hw)
+    say(f"amplification (method {cfg.method}): N1 {thresholds.n1}, N2 {thresholds.n2} at "
+        f"{recipe.data.hw[0]}x{recipe.data.hw[1]}; "
+        f"{len({v.case.stem for v in views})} of {len(splits['train'])} training images qualify, "
+        f"{len(views)} views added")
+    return views, amplify_manifest(thresholds, views, lesions, cfg.seed, cfg.border, cfg.method, recipe.data.hw)
