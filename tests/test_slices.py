@@ -77,10 +77,13 @@ def test_single_mode_writes_the_windowed_slice_as_one_gray_channel(volumes, tmp_
         assert png.mode == "L"
         np.testing.assert_array_equal(np.array(png), expected[:, :, k].T)
     assert np.array(Image.open(tmp_path / "single" / "images" / "case01_0000.png"))[2, 3] == round(30 / 80 * 255)
-    result = run_cli("slices", str(volumes), "--out", str(tmp_path / "cli"), "--mode", "single")
+    result = run_cli("slices", str(volumes), "--out", str(tmp_path / "cli"), "--single")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(mode single, window" in result.stdout
     assert Image.open(tmp_path / "cli" / "images" / "case01_0003.png").mode == "L"
+    refused = run_cli("slices", str(volumes), "--out", str(tmp_path / "both"), "--single", "--mode", "sum")
+    assert refused.returncode == 2 and "--single writes one-channel slices; it contradicts --mode sum" in refused.stderr
+    assert not (tmp_path / "both").exists()
 
 
 def test_only_lesion_labels_and_cli(volumes, tmp_path):

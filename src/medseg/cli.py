@@ -514,6 +514,7 @@ def slices_command(
                              "pixel sum (STS-Net code); single: slice k alone, one gray channel (ANU-Net)"),
     edge: str = typer.Option("triple", help="2.5D image of the first/last slice: triple: the edge slice three times "
                              "(STS-Net Fig. 2); repeat: the edge slice twice and its one neighbour"),
+    single: bool = typer.Option(False, "--single", help="the same as --mode single"),
     only_lesion: bool = typer.Option(False, help="keep only slices whose label has foreground"),
     keep_labels: bool = typer.Option(False, help="keep integer labels instead of 0/255 masks"),
 ) -> None:
@@ -523,6 +524,9 @@ def slices_command(
     """
     from medseg.data.volumes import make_slices
 
+    if single and mode not in ("stack", "single"):  # stack: the default, not a choice
+        raise MedsegError(f"--single writes one-channel slices; it contradicts --mode {mode}: give one of them")
+    mode = "single" if single else mode
     bounds = None
     if window:
         try:
