@@ -54,6 +54,7 @@ def test_yaml_file_and_run_config_round_trip(tmp_path):
     ("loss.1.smoth=1", "loss.1: loss 'dice' has no option smoth"),
     ("data.augment=[hflipp]", "data: unknown augmentation 'hflipp'"),
     ("train.precision=bf16", "train.precision"),
+    ("train.precision=64", "train.precision: Input should be 'auto', '32', '16-mixed' or 'bf16-mixed', got '64'"),
 ])
 def test_names_are_checked_against_the_registries_when_the_recipe_loads(override, message):
     with pytest.raises(MedsegError, match=message.replace("(", r"\(")):
@@ -70,3 +71,7 @@ def test_a_misspelt_protocol_stops_train_before_any_data_is_read(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "eval.protocol" in lines[0] and "pranett" in lines[0], result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_precision_given_as_a_number_on_the_command_line_is_read_as_its_name():
+    assert load_recipe("unet", ["train.precision=32"]).train.precision == "32"  # YAML reads 32 as an integer

@@ -198,6 +198,12 @@ class TrainConfig(Strict):
     # server). Both are optional extras: pip install 'medseg[tensorboard]' / 'medseg[mlflow]'.
     loggers: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, precision: Any) -> Any:
+        # `--set train.precision=32` reaches here as the YAML integer 32
+        return str(precision) if isinstance(precision, int) and not isinstance(precision, bool) else precision
+
     @field_validator("loggers")
     @classmethod
     def _csv_always(cls, loggers: list[str]) -> list[str]:
