@@ -2,7 +2,7 @@
 file on disk holds and fits.
 
 The papers start from ImageNet weights (M2SNet/MSNet: Res2Net-50-v1b, as the authors' code loads it; Fovea-UNet:
-GhostNet, paper "Experiment settings"; M2SNet's LossNet: VGG-16, paper Sec. 3.4). medseg downloads nothing, so a
+GhostNet, paper "Experiment settings"; M2SNet's LossNet: VGG-16, paper Sec. 3.2). medseg downloads nothing, so a
 user brings each file from a machine with internet. The slots are read from the registry (every network's
 encoder slot, for every value of an `encoder` option) plus LossNet's VGG-16; `SAVE_LINES` gives, per weight
 family, the one Python line that writes the file in the layout the slot reads (timm, smp, torchvision).
