@@ -25,25 +25,36 @@ def count(module: torch.nn.Module) -> int:
 
 
 def test_parameter_counts_pinned():
-    model = create_model("fovea_unet", 3, 1)
-    assert count(model.encoder) == 585_548  # truncated ghostnet_100 (ours, computed)
-    assert count(model.skips) == 390_768 + (8 + 12 + 20 + 56 + 4)  # PSA branches (ours, computed) + the four Z convs
-    assert count(model) == 6_436_193  # ours: decoder widths (512, 256, 128, 64)
+    model = create_model("fovea_unet", 3, 1)  # the paper's layout: stem + four bottlenecks (ours, computed)
+    assert count(model.encoder) == 36_048
+    assert count(model.skips) == 323_444  # PSA branches on 16, 24, 40, 80 channels + the four Z convs
+    assert count(model) == 5_671_813  # ours: decoder widths (512, 256, 128, 64); 21.64 MiB in float32
+    timm_layout = create_model("fovea_unet", 3, 1, encoder="ghostnet")  # stem + blocks 0-6 (11 bottlenecks)
+    assert count(timm_layout.encoder) == 585_548
+    assert count(timm_layout.skips) == 390_768 + (8 + 12 + 20 + 56 + 4)  # PSA branches + the four Z convs
+    assert count(timm_layout) == 6_436_193  # 24.55 MiB in float32
     assert count(create_model("fovea_unet", 3, 1, decoder_widths=[256, 128, 64, 32])) < 3_500_000
 
 
-def test_encoder_outputs_at_half_quarter_eighth_eighth():
-    model = create_model("fovea_unet", 3, 1).eval()
+@pytest.mark.parametrize(("encoder", "f4", "bottlenecks"), [("ghostnet_4b", 80, [1, 1, 1, 1]),
+                                                             ("ghostnet", 112, [1, 2, 2, 6])])
+def test_encoder_outputs_at_half_quarter_eighth_eighth(encoder, f4, bottlenecks):
+    model = create_model("fovea_unet", 3, 1, encoder=encoder).eval()
     with torch.no_grad():
         features = model.encoder(torch.randn(1, 3, 64, 64))
-        assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 8, 8)]
+        assert [tuple(f.shape[1:]) for f in features] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (f4, 8, 8)]
         assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
-    assert len(model.encoder.ghost_modules()) == 22
+    per_stage = [sum(type(m).__name__ == "GhostBottleneck" for m in stage.modules()) for stage in model.encoder.stages]
+    assert per_stage == bottlenecks  # the paper: four bottlenecks of two Ghost modules (four H-Ghost layers) each
+    assert len(model.encoder.ghost_modules()) == 2 * sum(bottlenecks)
     assert isinstance(model, NamedFeatureLayers)
     layers = model.analysis_layers()  # the intrinsic features of paper Fig. 5, in forward order
-    assert len(layers) == 22 and layers[:2] == ["encoder.stages.0.0.ghost1.primary_conv",
-                                                "encoder.stages.0.0.ghost2.primary_conv"]
+    assert len(layers) == 2 * sum(bottlenecks) and layers[:2] == ["encoder.stages.0.0.ghost1.primary_conv",
+                                                                  "encoder.stages.0.0.ghost2.primary_conv"]
+    assert "encoder.stages.1.0.0.ghost1.primary_conv" in layers  # the same names in both layouts
     assert all(isinstance(model.get_submodule(name)[0], torch.nn.Conv2d) for name in layers)
+    with pytest.raises(MedsegError, match="encoder must be one of ghostnet_4b, ghostnet, vgg16"):
+        create_model("fovea_unet", 3, 1, encoder="ghostnet_11")
 
 
 def test_psa_index_reads_the_relative_offset():
@@ -111,20 +122,61 @@ def test_backbone_swaps_keep_the_stage_layout(encoder):
         create_model("fovea_unet", 3, 1, encoder=encoder)
 
 
-def test_nhsic_small_for_independent_and_large_for_duplicated_channels():
+def _nhsic_by_the_equation(features: torch.Tensor, eps: float = 1e-3) -> float:
+    """Paper Eq. 11-13 written out: samples = the images, I_i = channel i's flattened map, Gaussian kernel with
+    the median pairwise squared distance as sigma^2, K~ = K_bar (K_bar + eps s I)^-1, mean of tr(K~_i K~_j)."""
+    x = features.double()
+    s, m = x.shape[:2]
+    centring = torch.eye(s, dtype=torch.float64) - torch.ones(s, s, dtype=torch.float64) / s
+    tildes = []
+    for i in range(m):
+        rows = x[:, i].reshape(s, -1)
+        squared = torch.tensor([[float(((rows[a] - rows[b]) ** 2).sum()) for b in range(s)] for a in range(s)],
+                               dtype=torch.float64)
+        sigma2 = squared[~torch.eye(s, dtype=torch.bool)].median()
+        bar = centring @ torch.exp(-squared / (2 * sigma2)) @ centring
+        tildes.append(bar @ torch.linalg.inv(bar + eps * s * torch.eye(s, dtype=torch.float64)))
+    pairs = [float(torch.trace(tildes[i] @ tildes[j])) for i in range(m) for j in range(m) if i != j]
+    return sum(pairs) / len(pairs)
+
+
+def test_nhsic_is_the_papers_equation_over_the_batch_images():
     torch.manual_seed(0)
-    independent = torch.randn(4, 16, 32, 32)
-    duplicated = independent[:, :1].repeat(1, 16, 1, 1)
-    low, high = nhsic_penalty(independent), nhsic_penalty(duplicated)
-    assert low < 1.0 and high > 4.0 and high > 8 * low
-    capped = nhsic_penalty(torch.randn(2, 100, 16, 16), max_channels=8)
-    assert torch.isfinite(capped)
+    features = torch.randn(5, 3, 2, 3)  # s = 5 images, m = 3 channels of p = 6 neurons
+    features[:, 2] = features[:, 0].tanh() + 0.1 * features[:, 2]  # one dependent pair
+    assert float(nhsic_penalty(features)) == pytest.approx(_nhsic_by_the_equation(features), rel=1e-6)
+    assert float(nhsic_penalty(features, eps=0.05)) == pytest.approx(_nhsic_by_the_equation(features, 0.05), rel=1e-6)
+    # two images by hand: sigma^2 = d^2, k = exp(-1/2), K_bar = (1 - k) P with P the centring projector, so
+    # K~ = (1 - k) / (1 - k + 2 eps) P for any non-constant channel and nHSIC = ((1 - k) / (1 - k + 2 eps))^2
+    k, eps = math.exp(-0.5), 1e-3
+    two = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert float(nhsic_penalty(two, eps=eps)) == pytest.approx(((1 - k) / (1 - k + 2 * eps)) ** 2, rel=1e-9)
+    assert nhsic_penalty(torch.randn(1, 4, 3, 3)) == 0  # one image: no sample pairs
+    dead = two.clone()
+    dead[:, 1:] = 1.0  # channels constant over the images carry no kernel: their pairs add 0
+    assert float(nhsic_penalty(dead)) == pytest.approx(0.0, abs=1e-12)
+    assert torch.isfinite(nhsic_penalty(torch.randn(3, 100, 4, 4), max_channels=8))
+
+
+def test_nhsic_separates_dependence_only_with_many_samples():
+    torch.manual_seed(0)
+    scalar = torch.randn(256, 1, 1, 1)  # 256 images of a 1 x 1 map: one neuron per sample
+    independent = nhsic_penalty(torch.cat([scalar, torch.randn_like(scalar)], dim=1))
+    dependent = nhsic_penalty(torch.cat([scalar, scalar.tanh()], dim=1))
+    identical = nhsic_penalty(torch.cat([scalar, scalar], dim=1))
+    assert independent < 0.5 < 2.0 < dependent < identical  # identical is the maximum (Cauchy-Schwarz)
+    # the paper's batch of 4 images of 32 x 32 maps: K~ is nearly the centring projector, nHSIC near s - 1 = 3
+    # whatever the channels (measured 2.94 both ways), so it hardly tells dependent from independent channels
+    maps = torch.randn(4, 1, 32, 32)
+    small_independent = nhsic_penalty(torch.cat([maps, torch.randn_like(maps)], dim=1))
+    small_identical = nhsic_penalty(torch.cat([maps, maps], dim=1))
+    assert 2.9 < small_independent <= small_identical + 1e-6 < 3 and small_identical - small_independent < 0.01
 
 
 def test_nhsic_is_an_extra_loss_of_training_forwards_only():
     torch.manual_seed(0)
     model = create_model("fovea_unet", 3, 1)
-    model(torch.randn(2, 3, 64, 64))
+    model(torch.randn(4, 3, 64, 64))
     loss = model.extra_losses()["nhsic"]
     assert loss > 0 and loss.requires_grad
     loss.backward()

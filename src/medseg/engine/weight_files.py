@@ -24,15 +24,15 @@ import torch
 
 from medseg.models import create_model, list_models, model_info
 from medseg.models.base import EncoderCard
-from medseg.models.fovea_unet import SWAPPED_ENCODERS
+from medseg.models.fovea_unet import GHOST_LAYOUTS, SWAPPED_ENCODERS
 from medseg.models.pretrained import CHECKPOINT_PREFIX
 from medseg.models.stsnet import ENCODERS as STSNET_ENCODERS
 from medseg.weights import plan_weights, read_weights_file, shapes
 
 # Networks whose `encoder` option swaps the pretrained slot: every value a user may give.
-ENCODER_CHOICES = {"stsnet": STSNET_ENCODERS, "fovea_unet": ("ghostnet", *SWAPPED_ENCODERS)}
+ENCODER_CHOICES = {"stsnet": STSNET_ENCODERS, "fovea_unet": (*GHOST_LAYOUTS, *SWAPPED_ENCODERS)}
 # Options a variant needs to build besides the encoder (Fovea-UNet's nHSIC is defined on Ghost modules only).
-VARIANT_NEEDS = {"fovea_unet": lambda encoder: {} if encoder == "ghostnet" else {"nhsic": False}}
+VARIANT_NEEDS = {"fovea_unet": lambda encoder: {} if encoder in GHOST_LAYOUTS else {"nhsic": False}}
 SAVE_LINES = {
     "timm": "import timm, torch; torch.save(timm.create_model('{name}', pretrained=True).state_dict(), '{name}.pth')",
     "smp": ("import segmentation_models_pytorch as smp, torch; "

@@ -2,12 +2,20 @@
 cancer with deep learning", BioMedical Engineering OnLine 2023); the authors published no code, so where the
 paper is silent the choices are ours (marked).
 
-- Encoder, H-GhostNet ("Overall network architecture", "H-Ghost backbone"): timm `ghostnet_100` truncated to
-  the stem and `blocks[0..6]`, giving F1..F4 at 1/2, 1/4, 1/8, 1/8 (16, 24, 40, 112 channels); the stride 2
-  of `blocks[5][0]` (its depthwise conv and shortcut) is set to 1, since timm builds GhostNet for stride 32
-  only. ImageNet weights only from a local file (`encoder_weights`: a timm ghostnet_100 state dict, whose keys
-  `H_GHOSTNET.rename` maps to the truncated encoder's; blocks 7-9, conv_head and the classifier are unused;
-  loaded by `medseg.models.pretrained`, the first conv adapted by timm's adapt_input_conv for 1-channel input).
+- Encoder, H-GhostNet ("Overall network architecture"): "only one convolution and four bottlenecks ... are
+  retained, where each bottleneck contains four H-Ghost convolution layers", F1..F4 the four bottlenecks'
+  outputs at 1/2, 1/4, 1/8, 1/8. `encoder: ghostnet_4b` (default): timm `ghostnet_100`'s stem and one
+  GhostBottleneck (two Ghost modules = four conv layers, primary + cheap each) per GhostNet stage 1-4, the
+  first of each, `blocks` 0, 1, 3, 5: 16, 24, 40, 80 channels, 8 Ghost modules. Ours: which four bottlenecks
+  (the paper names none; the first of each stage carries the stage's stride and width, and a ghostnet_100
+  file holds every tensor of them). `encoder: ghostnet`: our first reading, stages 1-4 whole (`blocks`
+  0-6, 11 bottlenecks, 16, 24, 40, 112 channels, 22 Ghost modules); it contradicts the four layers per
+  bottleneck. In both, the stride 2 of `blocks[5][0]` (its depthwise conv and shortcut) is set to 1 to keep
+  F4 at 1/8 (timm builds GhostNet for stride 32 only). ImageNet weights only from a local file
+  (`encoder_weights`: a timm ghostnet_100 state dict, whose keys `ghost_card(layout).rename` maps to the
+  encoder's; the blocks a layout drops, conv_head and the classifier are unused; loaded by
+  `medseg.models.pretrained`, the first conv adapted by timm's adapt_input_conv for 1-channel input). With
+  `ghostnet_4b`, blocks 3 and 5 then see inputs their pretrained weights never saw (blocks 2, 4 dropped).
 - Fovea Pooling ("Fovea pooling", Eq. 3-8) replaces each of the four skip identities: an importance-aware
   module (PSANet collect / distribute attention, Eq. 3-5) yields Z in [0, 1] per pixel, and
   `medseg.models.fovea_pooling.fovea_pool` pools each pixel over a window of side 2r - 1, r = floor(exp(varsigma
@@ -16,9 +24,11 @@ paper is silent the choices are ours (marked).
   upsampling; our U-Net-style choice: D4 = block(cat[FP4(F4), FP3(F3)]) at 1/8, then bilinear x2
   and concatenation with FP2(F2), FP1(F1), a last block at full size, 1x1 head; blocks are two bias-free
   conv3x3-BN-ReLU; widths (512, 256, 128, 64) by default (`decoder_widths`).
-- nHSIC ("H-Ghost backbone" Eq. 10-13, "Loss function") on the primary-conv (intrinsic) outputs of the 22 Ghost modules:
-  `extra_losses()["nhsic"]`, weighted by the recipe (0.75). H-GhostNet = `encoder: ghostnet` with nHSIC;
-  plain GhostNet = `nhsic: false`.
+- nHSIC ("H-Ghost backbone" Eq. 10-13, "Loss function") on the primary-conv (intrinsic) outputs of every Ghost
+  module, the batch's images as the samples (`medseg.models.nhsic`, where the readings are set out):
+  `extra_losses()["nhsic"]`, weighted by the recipe (0.75); every channel pair, as the paper's sum
+  (`nhsic_channels` caps the channels per layer). H-GhostNet = a GhostNet layout with nHSIC; plain GhostNet =
+  `nhsic: false`.
 - Ablations by option: `pooling` (Table 4), `boundaries` (Fig. 4), `encoder: vgg16 | resnet50 |
   mobilenet_v2` with `nhsic: false` (Table 5; smp encoders, F4 kept at 1/8).
 
@@ -26,10 +36,13 @@ Other choices where the paper is silent (ours): attention at a working resolutio
 32 x 32 (bilinear, align_corners=True) with Z upsampled back; Z = sigmoid(1x1 conv of [z_collect,
 z_distribute]); soft radius by default; Lp pooling (p = 2) by default.
 
-Size: 6,436,193 parameters with the default decoder (3 in, 1 out; pinned in tests/test_fovea_unet.py):
-backbone 585,548, four importance modules 390,868 (390,768 for the PSA branches plus the four 1x1
-convs that give Z), decoder and head 5,459,777. The paper reports "23.23 MB";
-6.44M float32 parameters are 25.7 MB, so the paper's decoder was probably narrower; its widths are unknown.
+Size (3 in, 1 out, default decoder; pinned in tests/test_fovea_unet.py): `ghostnet_4b` 5,671,813 parameters
+(backbone 36,048, four importance modules 323,444, decoder and head 5,312,321); `ghostnet` 6,436,193 (585,548,
+390,868, 5,459,777). The paper reports "23.23 MB". Read as torchsummary's "Params size (MB)" (parameters x 4
+bytes / 2^20, the size PyTorch users print; the paper used PyTorch 1.8): 21.64 and 24.55 MB, 6.9 % under and
+5.7 % over; read as x 4 / 10^6: 22.69 and 25.74 MB, 2.3 % under and 10.8 % over. Either way the size cannot
+choose the encoder: our decoder, whose widths the paper does not give, is 94 % and 85 % of them. The text
+can, hence the default `ghostnet_4b`.
 """
 
 from __future__ import annotations
@@ -50,7 +63,6 @@ from medseg.models.pretrained import smp_encoder_card
 from medseg.models.registry import register_model
 
 BOUNDARIES = (1 / 8, 1 / 16, 1 / 8, 1 / 8)  # paper Fig. 4: per-stage pooling boundaries s
-ENCODER_CHANNELS = (16, 24, 40, 112)
 
 
 def psa_gather_index(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -121,19 +133,28 @@ class FoveaSkip(nn.Module):
         return self.pool(x, importance)
 
 
-class HGhostNet(nn.Module):
-    """timm ghostnet_100 truncated to the stem and blocks[0..6], outputs at 1/2, 1/4, 1/8, 1/8."""
+GHOST_LAYOUTS = {  # encoder option -> the ghostnet_100 `blocks` indices that make F1..F4 (one group each)
+    "ghostnet_4b": ((0,), (1,), (3,), (5,)),  # the paper's one conv + four bottlenecks: the first of stages 1-4
+    "ghostnet": ((0,), (1, 2), (3, 4), (5, 6)),  # stages 1-4 whole: 11 bottlenecks (our first reading)
+}
+ENCODER_CHANNELS = {"ghostnet_4b": (16, 24, 40, 80), "ghostnet": (16, 24, 40, 112)}
 
-    def __init__(self, in_channels: int = 3):
+
+class HGhostNet(nn.Module):
+    """timm ghostnet_100's stem and the `blocks` of one of GHOST_LAYOUTS, outputs F1..F4 at 1/2, 1/4, 1/8, 1/8.
+    blocks[5][0] (the first bottleneck of stage 4, in both layouts) loses its stride 2 to keep F4 at 1/8. Blocks
+    not in the layout are dropped; module names are the same in both layouts (stage k > 0 a Sequential)."""
+
+    def __init__(self, in_channels: int = 3, layout: str = "ghostnet_4b"):
         super().__init__()
         net = timm.create_model("ghostnet_100", pretrained=False, in_chans=in_channels)
         self.stem = nn.Sequential(net.conv_stem, net.bn1, net.act1)
-        blocks = net.blocks
-        self.stages = nn.ModuleList([blocks[0], nn.Sequential(blocks[1], blocks[2]),
-                                     nn.Sequential(blocks[3], blocks[4]), nn.Sequential(blocks[5], blocks[6])])
-        first = blocks[5][0]  # keep F4 at 1/8
-        first.conv_dw.stride = (1, 1)
-        first.shortcut[0].stride = (1, 1)
+        (first,), *later = GHOST_LAYOUTS[layout]
+        self.stages = nn.ModuleList([net.blocks[first], *(nn.Sequential(*(net.blocks[i] for i in group))
+                                                           for group in later)])
+        stride_two = net.blocks[5][0]  # keep F4 at 1/8
+        stride_two.conv_dw.stride = (1, 1)
+        stride_two.shortcut[0].stride = (1, 1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features, x = [], self.stem(x)
@@ -144,6 +165,16 @@ class HGhostNet(nn.Module):
 
     def ghost_modules(self) -> list[nn.Module]:
         return [m for m in self.modules() if type(m).__name__ == "GhostModule"]
+
+
+def ghost_card(layout: str) -> EncoderCard:
+    """The pretrained slot of a GhostNet layout: a timm ghostnet_100 file, its `blocks.i.` keys renamed to the
+    stage that holds block i; the blocks a layout drops, conv_head and the classifier are unused."""
+    (first,), *later = GHOST_LAYOUTS[layout]
+    rename = [("conv_stem.", "stem.0."), ("bn1.", "stem.1."), (f"blocks.{first}.", "stages.0.")]
+    rename += [(f"blocks.{i}.", f"stages.{k}.{j}.") for k, group in enumerate(later, 1) for j, i in enumerate(group)]
+    return EncoderCard(family="timm", name="ghostnet_100", module="encoder", first_conv="stem.0.weight",
+                       rename=tuple(rename))
 
 
 SWAPPED_ENCODERS = ("vgg16", "resnet50", "mobilenet_v2")  # paper Table 5's other backbones
@@ -186,15 +217,10 @@ class IntrinsicRecorder:
             self.outputs.append(output)
 
 
-H_GHOSTNET = EncoderCard(family="timm", name="ghostnet_100", module="encoder", first_conv="stem.0.weight",
-                         rename=(("conv_stem.", "stem.0."), ("bn1.", "stem.1."), ("blocks.0.", "stages.0."),
-                                 ("blocks.1.", "stages.1.0."), ("blocks.2.", "stages.1.1."),
-                                 ("blocks.3.", "stages.2.0."), ("blocks.4.", "stages.2.1."),
-                                 ("blocks.5.", "stages.3.0."), ("blocks.6.", "stages.3.1.")))
 FOVEA_UNET = NetworkCard(
     paper="Liu et al., Fovea-UNet: detection and segmentation of lymph node metastases in colorectal cancer with deep "
           "learning, BioMedical Engineering OnLine 2023",
-    size_multiple=8, default_size=512, encoder=H_GHOSTNET,
+    size_multiple=8, default_size=512, encoder=ghost_card("ghostnet_4b"),
     paper_weights="an ImageNet GhostNet backbone (paper, Experiment settings)",
     # its summed-area tables and gathers run in fp32/fp64 whatever the autocast: bf16 made a training step
     # slower (1.8 -> 1.0 img/s, 128 px, issue 13's measurement)
@@ -209,15 +235,15 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
                  pooling: str = "lp", hard: bool = False, attention_size: int = 32,
                  decoder_widths: tuple[int, ...] = (512, 256, 128, 64), nhsic: bool = True,
-                 nhsic_channels: int = 64, encoder: str = "ghostnet"):
+                 nhsic_channels: int | None = None, encoder: str = "ghostnet_4b"):
         super().__init__()
         if pooling not in AGGREGATIONS:
             raise MedsegError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
         if len(boundaries) != 4 or len(decoder_widths) != 4:
             raise MedsegError("boundaries and decoder_widths take four values (F1..F4, D4..D1)")
-        if encoder == "ghostnet":
-            self.encoder: nn.Module = HGhostNet(in_channels)
-            channels = ENCODER_CHANNELS
+        if encoder in GHOST_LAYOUTS:
+            self.encoder: nn.Module = HGhostNet(in_channels, encoder)
+            channels = ENCODER_CHANNELS[encoder]
         elif encoder in SWAPPED_ENCODERS:
             if nhsic:
                 raise MedsegError(f"nHSIC acts on Ghost modules; encoder {encoder!r} needs nhsic: false "
@@ -225,7 +251,8 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
             self.encoder = SwappedEncoder(encoder, in_channels)
             channels = self.encoder.channels
         else:
-            raise MedsegError(f"encoder must be ghostnet or one of {SWAPPED_ENCODERS}, got {encoder!r}")
+            raise MedsegError(f"encoder must be one of {', '.join((*GHOST_LAYOUTS, *SWAPPED_ENCODERS))}, "
+                              f"got {encoder!r}")
         self.skips = nn.ModuleList(FoveaSkip(c, s, attention_size, pooling, hard) for c, s in zip(channels, boundaries))
         c1, c2, c3, c4 = channels
         d4, d3, d2, d1 = decoder_widths
@@ -237,9 +264,9 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
 
     @classmethod
     def encoder_card(cls, card: NetworkCard, options: dict[str, Any]) -> EncoderCard | None:
-        """H-GhostNet's slot (the card's) for `encoder: ghostnet`, else the swapped smp encoder's at `encoder.body`."""
-        if options["encoder"] == "ghostnet":
-            return card.encoder
+        """The timm ghostnet_100 slot of a GhostNet layout, else the swapped smp encoder's at `encoder.body`."""
+        if options["encoder"] in GHOST_LAYOUTS:
+            return ghost_card(options["encoder"])
         return smp_encoder_card(options["encoder"], "encoder.body")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
