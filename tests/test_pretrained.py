@@ -273,15 +273,18 @@ def test_weights_inspect_reports_what_a_file_fits(files, tmp_path):
     assert [m["slot"] for m in report["matches"] if m["status"] == "full"] == ["timm res2net50d"]
     assert report["prefixes"]["layer1"] == 96 and report["format"] == "state dict"
     # a file that loading refuses is reported with its closest slot and the first offending tensor
+    from medseg.engine.weight_files import inspect_file
+
     state = read_state_dict(files["res2net50d"])
     state.pop("layer4.2.bn3.weight")
     torch.save(state, tmp_path / "partial.pth")
-    partial = run_cli("weights", "inspect", str(tmp_path / "partial.pth"))
-    assert "partial: timm res2net50d, 521 of 522 tensors; first problem layer4.2.bn3.weight: absent" in partial.stdout
-    assert "full match" not in partial.stdout
+    closest = max(inspect_file(tmp_path / "partial.pth")["matches"], key=lambda m: m["matched"] / m["needed"])
+    assert (closest["slot"], closest["status"], closest["matched"], closest["needed"]) == ("timm res2net50d", "partial",
+                                                                                           521, 522)
+    assert closest["first_problem"] == "layer4.2.bn3.weight: absent in the file, needs (2048,)"
     # a model folder's weights are matched against the network its config.json names
     folder = save_model(medseg.create_model("unet", 1, 2, base_channels=4), tmp_path / "unet")
-    saved = run_cli("weights", "inspect", str(folder / "model.safetensors"))
-    assert f"full match: network unet (from {folder})" in saved.stdout, saved.stdout
-    missing = run_cli("weights", "inspect", str(tmp_path / "nope.pth"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    saved = inspect_file(folder / "model.safetensors")["matches"][-1]
+    assert saved["slot"] == f"network unet (from {folder})" and saved["status"] == "full"
+    with pytest.raises(MedsegError, match="does not exist"):
+        inspect_file(tmp_path / "nope.pth")
