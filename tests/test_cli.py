@@ -3,10 +3,12 @@
 import importlib.metadata
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 
 from conftest import run_cli
@@ -180,3 +182,17 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     folder = demo(tmp_path / "demo", epochs=1, images=24, progress=False)
     assert "SYNTHETIC" in (folder / "report.md").read_text()
     assert "synthetic phantom" in summary_line(folder)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, typer.Abort])
+def test_an_interrupted_command_says_so_in_one_line(stop, monkeypatch, capsys):
+    import medseg.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(cli, "Table", interrupted)  # `medseg models` stopped while it builds its table
+    monkeypatch.setattr(sys, "argv", ["medseg", "models"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "interrupted\n"

@@ -598,6 +598,9 @@ def demo_command(
     console.print(f"report: [bold]{folder / 'report.md'}[/]")
 
 
+INTERRUPTED = 130  # the shell's exit status of a command stopped by Ctrl-C
+
+
 def main() -> None:
     """Run the command line: a user error (a MedsegError, or a usage mistake click finds: an unknown option, a
     missing argument, a value of the wrong type) is one `error:` line and exit status 2, never a traceback or a
@@ -620,9 +623,10 @@ def main() -> None:
     except click.ClickException as exc:
         print(f"error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
+    except (KeyboardInterrupt, typer.Abort):  # typer's own Abort: its copy of click has none
+        code = INTERRUPTED
+    if code == INTERRUPTED:  # typer turns Ctrl-C inside a command into this exit status
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
