@@ -171,6 +171,23 @@ def test_nhsic_separates_dependence_only_with_many_samples():
     small_independent = nhsic_penalty(torch.cat([maps, torch.randn_like(maps)], dim=1))
     small_identical = nhsic_penalty(torch.cat([maps, maps], dim=1))
     assert 2.9 < small_independent <= small_identical + 1e-6 < 3 and small_identical - small_independent < 0.01
+    # the cells reading (an option): 4 x 4 pooled cells of every image as samples separate them at batch 4
+    cells_independent = nhsic_penalty(torch.cat([maps, torch.randn_like(maps)], dim=1), samples="cells")
+    cells_identical = nhsic_penalty(torch.cat([maps, maps], dim=1), samples="cells")
+    assert cells_independent < 1.5 and cells_identical > 4 * cells_independent
+
+
+def test_the_nhsic_samples_option_reaches_the_penalty():
+    x = torch.randn(2, 3, 64, 64)
+    penalties = {}
+    for samples in ("images", "cells"):
+        torch.manual_seed(0)
+        model = create_model("fovea_unet", 3, 1, decoder_widths=(16, 16, 8, 8), nhsic_samples=samples).train()
+        model(x)
+        penalties[samples] = model.extra_losses()["nhsic"].item()
+    assert penalties["images"] != pytest.approx(penalties["cells"])
+    with pytest.raises(MedsegError, match="nhsic_samples must be one of images, cells, got 'pixels'"):
+        create_model("fovea_unet", 3, 1, nhsic_samples="pixels")
 
 
 def test_nhsic_is_an_extra_loss_of_training_forwards_only():

@@ -27,7 +27,9 @@ paper is silent the choices are ours (marked).
 - nHSIC ("H-Ghost backbone" Eq. 10-13, "Loss function") on the primary-conv (intrinsic) outputs of every Ghost
   module, the batch's images as the samples (`medseg.models.nhsic`, where the readings are set out):
   `extra_losses()["nhsic"]`, weighted by the recipe (0.75); every channel pair, as the paper's sum
-  (`nhsic_channels` caps the channels per layer). H-GhostNet = a GhostNet layout with nHSIC; plain GhostNet =
+  (`nhsic_channels` caps the channels per layer; `nhsic_samples: cells` takes 4 x 4 pooled cells of every
+  image as the samples instead, the reading that still separates channels at the paper's batch of 4).
+  H-GhostNet = a GhostNet layout with nHSIC; plain GhostNet =
   `nhsic: false`.
 - Ablations by option: `pooling` (Table 4), `boundaries` (Fig. 4), `encoder: vgg16 | resnet50 |
   mobilenet_v2` with `nhsic: false` (Table 5; smp encoders, F4 kept at 1/8).
@@ -58,6 +60,7 @@ from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, ExtraLosses, NamedFeatureLayers, NetworkCard, SegmentationNetwork
 from medseg.models.blocks import ConvBNReLU, DoubleConv
 from medseg.models.fovea_pooling import AGGREGATIONS, FoveaPooling, fovea_max_radius
+from medseg.models.nhsic import SAMPLES as NHSIC_SAMPLES
 from medseg.models.nhsic import nhsic_penalty
 from medseg.models.pretrained import smp_encoder_card
 from medseg.models.registry import register_model
@@ -235,7 +238,7 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
     def __init__(self, in_channels: int = 3, num_classes: int = 1, boundaries: tuple[float, ...] = BOUNDARIES,
                  pooling: str = "lp", hard: bool = False, attention_size: int = 32,
                  decoder_widths: tuple[int, ...] = (512, 256, 128, 64), nhsic: bool = True,
-                 nhsic_channels: int | None = None, encoder: str = "ghostnet_4b"):
+                 nhsic_channels: int | None = None, encoder: str = "ghostnet_4b", nhsic_samples: str = "images"):
         super().__init__()
         if pooling not in AGGREGATIONS:
             raise MedsegError(f"pooling must be one of {AGGREGATIONS}, got {pooling!r}")
@@ -259,7 +262,9 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
         self.decoder = nn.ModuleList([DoubleConv(c4 + c3, d4), DoubleConv(d4 + c2, d3), DoubleConv(d3 + c1, d2),
                                       DoubleConv(d2, d1)])
         self.head = nn.Conv2d(d1, num_classes, 1)
-        self.nhsic, self.nhsic_channels = nhsic, nhsic_channels
+        if nhsic_samples not in NHSIC_SAMPLES:
+            raise MedsegError(f"nhsic_samples must be one of {', '.join(NHSIC_SAMPLES)}, got {nhsic_samples!r}")
+        self.nhsic, self.nhsic_channels, self.nhsic_samples = nhsic, nhsic_channels, nhsic_samples
         self.recorder = IntrinsicRecorder(self.encoder.ghost_modules())
 
     @classmethod
@@ -288,7 +293,8 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
         outputs, self.recorder.outputs = self.recorder.outputs, []
         if not outputs or not any(p.requires_grad for p in self.encoder.parameters()):
             return {"nhsic": torch.zeros((), device=self.head.weight.device)}
-        return {"nhsic": torch.stack([nhsic_penalty(o, self.nhsic_channels) for o in outputs]).mean()}
+        return {"nhsic": torch.stack([nhsic_penalty(o, self.nhsic_channels, samples=self.nhsic_samples)
+                                      for o in outputs]).mean()}
 
     def analysis_layers(self) -> list[str]:
         """The primary convs of the encoder's Ghost modules (the intrinsic features nHSIC acts on, paper Fig. 5),
