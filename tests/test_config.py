@@ -46,7 +46,8 @@ def test_yaml_file_and_run_config_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("eval.protocol=pranett", "eval.protocol: Input should be 'm2snet', 'nnunet', 'paper', 'pooled' or 'pranet'"),
+    ("eval.protocol=pranett",
+     "eval.protocol: Input should be 'goals', 'infnet', 'm2snet', 'nnunet', 'paper', 'pooled' or 'pranet'"),
     ("data.normalize=imagenett", "data.normalize: Input should be 'imagenet', 'per_image', 'dataset' or 'none'"),
     ("model.depth=5", "model: model 'unet' has no option depth; its options are: base_channels"),
     ("model.name=unett", "model: unknown model 'unett'"),

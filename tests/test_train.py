@@ -79,6 +79,18 @@ def test_resume_continues_from_last_with_the_same_optimiser_state(phantom, tmp_p
     assert (run.model_dir / "model.safetensors").is_file()
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(phantom, tmp_path):
+    # monitor "epoch" in min mode: epoch 0 is the best and no later epoch improves on it
+    recipe = load_recipe("unet", [*TINY, "train.epochs=3", "train.monitor=epoch", "train.monitor_mode=min",
+                                  "eval.checkpoint=last"])
+    run = train(recipe, phantom, out=tmp_path, progress=False)
+    last = torch.load(run.last_checkpoint, map_location="cpu", weights_only=True)
+    best = torch.load(run.best_checkpoint, map_location="cpu", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 2)
+    exported = medseg.load_model(run.model_dir).state_dict()
+    assert all(torch.equal(value, last["state_dict"][f"model.{key}"]) for key, value in exported.items())
+
+
 def test_resume_without_a_run_is_a_clear_error(phantom, tmp_path):
     with pytest.raises(medseg.errors.MedsegError, match="nothing to resume"):
         train(load_recipe("unet", TINY), phantom, out=tmp_path, resume=True)

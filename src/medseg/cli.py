@@ -56,6 +56,24 @@ def models_command() -> None:
     console.print(table)
 
 
+@app.command("recipes")
+def recipes_command() -> None:
+    """Table of built-in recipes: network, classes, epochs, metric protocol, description.
+
+    Example: medseg recipes
+    """
+    from medseg.config import list_recipes, load_recipe
+
+    table = Table(title="medseg recipes (medseg train --recipe NAME)")
+    for column in ("name", "network", "classes", "epochs", "protocol", "description"):
+        table.add_column(column)
+    for name in list_recipes():
+        recipe = load_recipe(name)  # validated: a shipped recipe that does not load fails here, not in training
+        table.add_row(name, recipe.model.name, str(recipe.model.num_classes), str(recipe.train.epochs),
+                      recipe.eval.protocol, recipe.description)
+    console.print(table)
+
+
 @app.command("check-data")
 def check_data_command(
     data: Path = typer.Argument(..., help="data folder (DATA/images + DATA/masks, or nnU-Net raw layout)"),

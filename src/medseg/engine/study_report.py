@@ -19,7 +19,7 @@ What is computed:
 - `paired_tests`: per dataset, each model against the reference, on per-case scores matched on
   (seed, fold, case), pairs kept where both values are not NaN. The difference is always model - reference;
   for a metric where higher is better a positive difference favours the model, for a lower-is-better metric
-  (`mae`, and any name starting with `hd` or `assd`: distances) a negative one does (`higher_is_better`).
+  (`mae`, and any name starting with `hd`, `assd` or `med`: distances) a negative one does (`higher_is_better`).
   The test is the Wilcoxon signed-rank test (two-sided, `scipy.stats.wilcoxon`, zero_method="wilcox": zero
   differences are dropped before ranking, Wilcoxon's original rule, so ties between the models count for
   neither). With fewer than 6 pairs, or fewer than 6 non-zero differences, no p is given (NaN and a reason):
@@ -60,9 +60,10 @@ TEST_SENTENCE = ("Wilcoxon signed-rank test over per-case scores matched on seed
 
 
 def higher_is_better(metric: str) -> bool:
-    """False for distances and errors: `mae` and names starting with `hd` (Hausdorff) or `assd`."""
+    """False for distances and errors: `mae` and names starting with `hd` (Hausdorff), `assd` or `med` (GOALS'
+    layer-edge distance)."""
     name = metric.lower()
-    return not (name == "mae" or name.startswith(("hd", "assd")))
+    return not (name == "mae" or name.startswith(("hd", "assd", "med")))
 
 
 def _number(value: Any) -> float:

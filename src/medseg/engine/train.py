@@ -342,14 +342,17 @@ def build_trainer(recipe: Recipe, run: Run, mode: NumericMode, devices: int = 1,
     """The trainer factory: everything the loop needs comes from the recipe."""
     train = recipe.train
     checkpoint = ModelCheckpoint(dirpath=run.checkpoints, filename="best", monitor=train.monitor,
-                                 mode=train.monitor_mode, save_top_k=1, save_last=True, auto_insert_metric_name=False,
+                                 mode=train.monitor_mode, save_top_k=1, auto_insert_metric_name=False,
                                  enable_version_counter=False)
+    # last.ckpt at every epoch's end, from a callback of its own: Lightning >= 2.6 writes save_last's copy only in
+    # epochs that improve the monitor, so it would be best.ckpt again (eval.checkpoint: last, resume)
+    latest = ModelCheckpoint(dirpath=run.checkpoints, filename="last", save_top_k=1, enable_version_counter=False)
     show_bar = sys.stderr.isatty() if progress is None else progress
     loggers = build_loggers(train.loggers, run.path)
     table = next(logger for logger in loggers if isinstance(logger, EpochCSVLogger))
     all_callbacks: list[L.Callback] = [ResumeMetricsTable(table), LearningRateMonitor(logging_interval="epoch"),
                                        EpochSummary(progress_lines=not show_bar), FiniteLoss(), RandomStates(),
-                                       *callbacks, checkpoint]
+                                       *callbacks, checkpoint, latest]
     if train.freeze:
         all_callbacks.append(FreezeGroups(train.freeze.groups, train.freeze.epochs))
     if train.early_stopping:

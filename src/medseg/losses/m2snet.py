@@ -19,6 +19,17 @@ weight file: all 23 layers' tensors must be there (the `features.` prefix is ren
 layers and the classifier are unused), else a one-line error names the file and the tensor. Without a file
 the VGG is randomly initialised (seeded) and a warning says so, because the loss is then only a
 random-feature loss.
+
+Multi-class outputs (C >= 2 channels, softmax over the classes including background; GOALS' three retinal layers,
+paper Sec. 4.1 and Tab. 5, whose loss the paper does not describe beyond Eq. 4 for every task) - ours, the
+per-class form of the binary losses, chosen so that two classes with logits [0, x] give exactly the binary loss of
+logit x (softmax([0, x])[1] = sigmoid(x)):
+- `structure`: the BCE term becomes the softmax cross-entropy (`reference`: the pixel mean; `weighted`: weighted by
+  the mean over the foreground classes of their boundary weights w_k = 1 + 5 |AvgPool(G_k) - G_k|), and wIoU is
+  computed per foreground class k (probability p_k, one-hot G_k, weights w_k), then averaged over the classes 1..C-1
+  and the batch. Background is left out of wIoU as it is of the Dice loss (`dice`, include_background false).
+- `lossnet`: each foreground class's probability map p_k and one-hot mask G_k go through the VGG as one binary
+  pair does; the MSE then averages over the batch and the classes 1..C-1.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from torch import nn
 from torchvision.models import vgg16
 
 from medseg.errors import MedsegError
-from medseg.losses.basic import binary_target
+from medseg.losses.basic import class_probabilities, label_target
 from medseg.losses.registry import register_loss
 from medseg.weights import LoadReport, load_weights
 
@@ -42,6 +53,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23))  # relu1_2, relu2_2, relu3_3, relu4_3
 LOSSNET_SIZE = 224
 VGG_LABEL = f"torchvision vgg16 features[:{VGG_SLICES[-1][1]}]"
+
+
+def foreground_maps(name: str, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, masks) of the foreground classes, (B, K, H, W): the sigmoid map for one output channel,
+    the softmax maps and one-hot masks of classes 1..C-1 for C >= 2."""
+    probs, truth = class_probabilities(name, logits, target)
+    return (probs, truth) if logits.shape[1] == 1 else (probs[:, 1:], truth[:, 1:])
 
 
 def boundary_weights(truth: torch.Tensor) -> torch.Tensor:
@@ -58,14 +76,17 @@ class StructureLoss(nn.Module):
         self.wbce = wbce
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        truth = binary_target("structure", logits, target)
+        probs, truth = foreground_maps("structure", logits, target)  # (B, K, H, W): K = 1 binary, C - 1 multi-class
         weights = boundary_weights(truth)
-        if self.wbce == "reference":
-            bce = F.binary_cross_entropy_with_logits(logits, truth)
-        else:
+        if logits.shape[1] == 1:
             per_pixel = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
-            bce = ((weights * per_pixel).sum((2, 3)) / weights.sum((2, 3))).mean()
-        probs = torch.sigmoid(logits)
+        else:  # softmax cross-entropy: the binary BCE of logit x is the two-class CE of logits [0, x]
+            per_pixel = F.cross_entropy(logits, label_target("structure", logits, target), reduction="none")[:, None]
+        if self.wbce == "reference":
+            bce = per_pixel.mean()
+        else:
+            pixel_weights = weights.mean(dim=1, keepdim=True)
+            bce = ((pixel_weights * per_pixel).sum((2, 3)) / pixel_weights.sum((2, 3))).mean()
         inter = (weights * probs * truth).sum((2, 3))
         union = (weights * (probs + truth)).sum((2, 3))
         wiou = 1 - (inter + 1) / (union - inter + 1)
@@ -100,11 +121,12 @@ class LossNet(nn.Module):
         return out
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        truth = binary_target("lossnet", logits, target)
+        probs, truth = foreground_maps("lossnet", logits, target)
         if next(self.vgg.parameters()).device != logits.device:
             self.vgg.to(logits.device)
         self.vgg.eval()
+        # each class map is one single-channel image for the VGG: (B, K, H, W) -> (B K, 1, H, W)
         with torch.no_grad():
-            reference = self._features(truth.float())
-        predicted = self._features(torch.sigmoid(logits).float())
+            reference = self._features(truth.float().flatten(0, 1)[:, None])
+        predicted = self._features(probs.float().flatten(0, 1)[:, None])
         return sum(F.mse_loss(p, r) for p, r in zip(predicted, reference))

@@ -2,9 +2,10 @@
 aggregation per image or pooled, the value of an empty mask, background included or not); the named protocols
 reproduce what the papers and the standard toolboxes report (ours).
 
-Two kinds share one interface (`scorer(num_classes)` -> add / per_case / summary, `definition()`,
-`rank_metric`): confusion protocols here (paper, nnunet, pooled) and the polyp map protocols of
-`medseg.metrics.polyp` (pranet, m2snet).
+Three kinds share one interface (`scorer(num_classes)` -> add / per_case / summary, `definition()`,
+`rank_metric`): confusion protocols here (paper, nnunet, pooled), the polyp map protocols of
+`medseg.metrics.polyp` (pranet, m2snet), and combined protocols that report the metrics of several parts side by
+side, as a paper's table does (infnet: M2SNet's COVID-19 Table 3; goals: its OCT-layer Table 5).
 
 `summary.json` always records the protocol with its full definition, so a number can be compared
 with a paper's only when the protocols match.
@@ -20,7 +21,9 @@ import torch
 
 from medseg.errors import MedsegError
 from medseg.metrics.confusion import FOREGROUND_METRICS, MEAN_METRICS, confusion_counts, predict_labels, summary_metrics
-from medseg.metrics.polyp import MAP_PROTOCOLS, MapProtocol
+from medseg.metrics.layers import MED_DEFINITION, layer_distances
+from medseg.metrics.polyp import DEFINITIONS as MAP_DEFINITIONS
+from medseg.metrics.polyp import MAP_PROTOCOLS, MapProtocol, map_protocol
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,65 @@ class Protocol:
                 "resize": "probabilities are resized (bilinear) to each mask's original size before thresholding"}
 
 
-PROTOCOLS: dict[str, Protocol | MapProtocol] = {
+@dataclass(frozen=True)
+class LayerDistance:
+    """The layer-edge distance MED (`medseg.metrics.layers`) on the argmax labels, per image; a part of `goals`."""
+
+    threshold: float = 0.5
+    metrics: tuple[str, ...] = ("med",)
+
+    def scorer(self, num_classes: int) -> "LayerDistanceScorer":
+        return LayerDistanceScorer(self, num_classes)
+
+    def definition(self) -> dict:
+        return {"metrics": list(self.metrics), "definitions": {"med": MED_DEFINITION},
+                "aggregation": "per-image mean; med is the mean over the layers, med_class<k> each layer's"}
+
+
+@dataclass(frozen=True)
+class CombinedProtocol:
+    """The metrics of several parts (confusion, map, layer-distance protocols) side by side, per image."""
+
+    name: str
+    description: str
+    parts: tuple[Protocol | MapProtocol | LayerDistance, ...]
+    definitions: tuple[tuple[str, str], ...]
+    rank_metric: str
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(m for part in self.parts for m in part.metrics)
+
+    def scorer(self, num_classes: int) -> "CombinedScorer":
+        return CombinedScorer([part.scorer(num_classes) for part in self.parts])
+
+    def definition(self) -> dict:
+        return {"name": self.name, "description": self.description, "metrics": list(self.metrics),
+                "definitions": dict(self.definitions), "parts": [part.definition() for part in self.parts]}
+
+
+INFNET = CombinedProtocol(
+    "infnet", "COVID-19 lung infection as M2SNet's Table 3 reports it, following Inf-Net (TMI 2020): Dice (DSC), "
+    "precision and recall at 0.5 per image (an empty denominator scores 1), S-measure and MAE of the probability "
+    "map (pysodmetrics), each the mean over images.",
+    (Protocol("infnet-confusion", "Dice, precision, recall at 0.5 per image", metrics=("dice", "precision",
+                                                                                     "sensitivity")),
+     map_protocol("infnet-maps", "S-measure and MAE of the 8-bit map", ("sm", "mae"), "sm")),
+    (("dice", "Dice (DSC) of probability >= 0.5"), ("precision", "precision at 0.5"),
+     ("sensitivity", "recall at 0.5"), ("sm", MAP_DEFINITIONS["sm"]), ("mae", MAP_DEFINITIONS["mae"])),
+    "dice")
+
+GOALS = CombinedProtocol(
+    "goals", "OCT layer segmentation as the GOALS 2022 challenge and M2SNet's Table 5 report it: Dice and the "
+    "mean Euclidean distance of the edges (MED) of every layer (foreground class), on the argmax labels per image, "
+    "mean over images; an empty denominator scores Dice 1.",
+    (Protocol("goals-dice", "Dice per layer on the argmax labels", metrics=("dice",)), LayerDistance()),
+    (("dice", "Dice on the argmax labels, mean over the layers (dice_class<k>: layer k)"),
+     ("med", MED_DEFINITION + "; mean over the layers (med_class<k>: layer k)")),
+    "dice")
+
+
+PROTOCOLS: dict[str, Protocol | MapProtocol | CombinedProtocol] = {
     p.name: p
     for p in (
         Protocol("paper", "Confusion metrics at threshold 0.5, computed per image and averaged over images; an "
@@ -61,9 +122,10 @@ PROTOCOLS: dict[str, Protocol | MapProtocol] = {
 
 
 PROTOCOLS.update(MAP_PROTOCOLS)
+PROTOCOLS.update({INFNET.name: INFNET, GOALS.name: GOALS})
 
 
-def get_protocol(name: str) -> Protocol | MapProtocol:
+def get_protocol(name: str) -> Protocol | MapProtocol | CombinedProtocol:
     if name not in PROTOCOLS:
         raise MedsegError(f"unknown metric protocol {name!r}; available: {', '.join(sorted(PROTOCOLS))}")
     return PROTOCOLS[name]
@@ -89,6 +151,47 @@ class ConfusionScorer:
         return summarize(torch.stack(self.counts), self.protocol)
 
 
+class LayerDistanceScorer:
+    """Per-case MED of every foreground class; `med` is their mean (NaN-aware), `med_class<k>` each for K > 2."""
+
+    def __init__(self, protocol: LayerDistance, num_classes: int):
+        self.protocol = protocol
+        self.num_classes = num_classes
+        self.values: list[list[float]] = []
+
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
+        labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
+        self.values.append(layer_distances(labels, mask, self.num_classes))
+
+    def _cases(self) -> dict[str, torch.Tensor]:
+        per_class = torch.tensor(self.values, dtype=torch.float64).reshape(len(self.values), -1)
+        out = {"med": per_class.nanmean(dim=1)}
+        if self.num_classes > 2:
+            out.update({f"med_class{k + 1}": per_class[:, k] for k in range(per_class.shape[1])})
+        return out
+
+    def per_case(self) -> dict[str, list[float]]:
+        return {name: values.tolist() for name, values in self._cases().items()}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: per_image_summary(values) for name, values in self._cases().items()}
+
+
+class CombinedScorer:
+    def __init__(self, scorers: list):
+        self.scorers = scorers
+
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
+        for scorer in self.scorers:
+            scorer.add(probabilities, mask)
+
+    def per_case(self) -> dict[str, list[float]]:
+        return {name: values for scorer in self.scorers for name, values in scorer.per_case().items()}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: values for scorer in self.scorers for name, values in scorer.summary().items()}
+
+
 def case_scores(counts: torch.Tensor, protocol: Protocol) -> dict[str, torch.Tensor]:
     """Per-case values (N,) of the protocol's metrics (plus per-class Dice/IoU for multi-class)."""
     values = summary_metrics(counts, protocol.empty)
@@ -103,15 +206,20 @@ def summarize(counts: torch.Tensor, protocol: Protocol) -> dict[str, dict[str, f
         pooled = case_scores(counts.sum(dim=0, keepdim=True), protocol)
         return {m: {"value": _f(v[0]), "n": int(counts.shape[0])} for m, v in pooled.items()}
     for metric, values in case_scores(counts, protocol).items():
-        valid = values[~values.isnan()]
-        out[metric] = {
-            "value": _f(valid.mean()) if valid.numel() else math.nan,
-            "std": _f(valid.std(unbiased=False)) if valid.numel() else math.nan,
-            "median": _f(valid.median()) if valid.numel() else math.nan,
-            "n": int(valid.numel()),
-            "n_nan": int(values.numel() - valid.numel()),
-        }
+        out[metric] = per_image_summary(values)
     return out
+
+
+def per_image_summary(values: torch.Tensor) -> dict[str, float]:
+    """Mean, std, median over the cases that are not NaN, their count and the count of NaN ones."""
+    valid = values[~values.isnan()]
+    return {
+        "value": _f(valid.mean()) if valid.numel() else math.nan,
+        "std": _f(valid.std(unbiased=False)) if valid.numel() else math.nan,
+        "median": _f(valid.median()) if valid.numel() else math.nan,
+        "n": int(valid.numel()),
+        "n_nan": int(values.numel() - valid.numel()),
+    }
 
 
 def _f(value: torch.Tensor) -> float:

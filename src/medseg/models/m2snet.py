@@ -23,6 +23,10 @@ authors' code (Xiaoqi-Zhao-DLUT/MSNet-M2SNet: model/miccai_msnet.py, model/res2n
 
 Parameters (3 in, 1 out): M2SNet 27,692,585, MSNet 27,692,329 (backbone 23,669,352 + head), which is
 the paper's Table 6 "27.7" (its "MB" column counts millions of parameters). Inputs: any multiple of 32.
+
+Multi-class (paper Sec. 1 and 4.1: GOALS' three OCT layers; the released code is binary only): `num_classes` = C
+> 1 changes only the output conv to C channels, read with a softmax over background and the C - 1 classes
+(recipes/m2snet_goals.yaml; the per-class losses are in medseg.losses.m2snet).
 """
 
 from __future__ import annotations
