@@ -158,7 +158,8 @@ def evaluate_command(
     run: Path = typer.Argument(..., help="run folder written by `medseg train`"),
     data: Optional[Path] = typer.Option(None, help="data folder: the training folder (scores its test split; the "
                                         "default, from the run's config.yaml) or another one"),
-    protocol: Optional[str] = typer.Option(None, help="metric protocol: paper, nnunet, pooled (default: the recipe's)"),
+    protocol: Optional[str] = typer.Option(None, help="metric protocol: paper, nnunet, pooled, pranet, m2snet, "
+                                           "infnet, goals (default: the recipe's)"),
     split: str = typer.Option("auto", help="auto (test split of the training folder, else all), all, train, val, test"),
     overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
                                  "none, -1 for all"),
