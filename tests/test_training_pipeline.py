@@ -52,9 +52,15 @@ class RecordFreezing(L.Callback):
 
 @pytest.fixture(scope="module")
 def logged(phantom, tmp_path_factory):
-    """A 2-epoch U-Net on the phantom with every logger, the encoder frozen for the first epoch."""
+    """A 2-epoch U-Net on the phantom with every logger, initialised from a saved U-Net (a freeze applies only to
+    weights that came from a file), the encoder frozen for the first epoch."""
+    from medseg.models import create_model, save_model
+
+    source = save_model(create_model("unet", 3, 1, base_channels=4),
+                               tmp_path_factory.mktemp("source") / "unet")
     recipe = load_recipe("unet", [*TINY, "train.loggers=[csv, tensorboard, mlflow]",
-                                  "train.freeze={groups: [encoder], epochs: 1}"])
+                                  "train.freeze={groups: [encoder], epochs: 1}",
+                                  f"model.weights={source / 'model.safetensors'}"])
     record = RecordFreezing()
     run = train(recipe, phantom, out=tmp_path_factory.mktemp("runs"), callbacks=[record], progress=False)
     return run, record

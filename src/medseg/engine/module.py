@@ -133,3 +133,15 @@ class SegmentationModule(L.LightningModule):
         steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         scheduler = build_scheduler(optimizer, self.recipe.schedule, self.recipe.train.epochs, steps)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_start(self) -> None:
+        """A run resumed with another `train.epochs`: the restored optimiser holds the lr the old plan gave for
+        this step, and LambdaLR recomputes it only at its next step; so the first resumed epoch would train at
+        the old plan's lr (its floor, for a finished cosine run). Recompute it from the new plan now (a no-op
+        for a new run)."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)

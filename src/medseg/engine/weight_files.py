@@ -102,13 +102,13 @@ def slot_shapes(slot: Slot) -> dict[str, tuple[int, ...]]:
 def saved_network(path: Path) -> tuple[str, Any] | None:
     """(where the spec came from, the network built on the meta device) for a file inside a model folder
     (config.json beside it) or a run (RUN/config.yaml above checkpoints/); None otherwise."""
-    from medseg.models.saving import CONFIG_NAME, read_model_config
+    from medseg.models.saving import CONFIG_NAME, read_model_config, saved_options
 
     folder = path.parent
     spec = None
     if (folder / CONFIG_NAME).is_file():
         config = read_model_config(folder)
-        spec, source = (config["name"], config["in_channels"], config["num_classes"], config["kwargs"]), folder
+        spec, source = (config["name"], config["in_channels"], config["num_classes"], saved_options(config)), folder
     elif folder.name == "checkpoints" and (folder.parent / "config.yaml").is_file():
         from medseg.engine.run import Run
 

@@ -25,7 +25,10 @@ from medseg.models.registry import ENCODER_WEIGHTS, create_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Options whose default changed: a folder of format <= N that does not name the option was built with the old
+# value. Format 2: Fovea-UNet's default encoder became the paper's four-bottleneck `ghostnet_4b`.
+CHANGED_DEFAULTS = {1: {"fovea_unet": {"encoder": "ghostnet"}}}
 INITIALISATION_OPTIONS = (ENCODER_WEIGHTS,)
 
 
@@ -128,6 +131,15 @@ def model_folder(path: str | Path) -> Path:
                       f"or in {path / 'model'}; train a run first (`medseg train`)")
 
 
+def saved_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The options that rebuild the network of a model folder's config.json, the defaults of its format included."""
+    old = {}
+    for last_format, changed in sorted(CHANGED_DEFAULTS.items(), reverse=True):  # the oldest format's value wins
+        if config.get("format", FORMAT_VERSION) <= last_format:
+            old.update(changed.get(config["name"], {}))
+    return {**old, **config.get("kwargs", {})}
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationNetwork:
     """Rebuild a saved network (a model folder or a run folder) in eval mode. A weights file that cannot be read,
     does not fit the network, or holds NaN / Inf values is refused in one line that names it."""
@@ -135,7 +147,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Se
     config = read_model_config(folder)
     weights = folder / WEIGHTS_NAME
     try:
-        model = create_model(config["name"], config["in_channels"], config["num_classes"], **config.get("kwargs", {}))
+        model = create_model(config["name"], config["in_channels"], config["num_classes"], **saved_options(config))
     except (MedsegError, TypeError, ValueError) as exc:  # an unknown name or option, a value of the wrong type
         raise MedsegError(f"{folder / CONFIG_NAME} does not build a network ({' '.join(str(exc).split())}); "
                           f"{RESTORE}") from None
