@@ -66,3 +66,26 @@ def test_a_bf16_run_records_its_mode_and_saves_fp32_weights(phantom, tmp_path, c
     folder = evaluate(run.path, phantom, overlays=0, workers=0, precision="32")
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["numeric"]["precision"] == "32-true" and 0 <= summary["metrics"]["dice"]["value"] <= 1
+
+
+def test_the_allocator_is_tuned_on_glibc_unless_the_user_keeps_its_defaults(monkeypatch):
+    import ctypes
+    import sys
+
+    from medseg.engine.allocator import KEEP_DEFAULTS, tune_allocator
+
+    if not sys.platform.startswith("linux"):
+        assert tune_allocator() is False
+        return
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    assert tune_allocator() is True
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB
+    monkeypatch.setenv(KEEP_DEFAULTS, "1")
+    assert tune_allocator() is False and len(calls) == 2

@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medseg.config import Recipe
 from medseg.data.splits import differing_splits
+from medseg.engine.allocator import tune_allocator
 from medseg.engine.callbacks import (
     EpochCSVLogger,
     EpochSummary,
@@ -84,6 +85,7 @@ def train(recipe: Recipe, data: str | Path, out: str | Path = "runs", name: str 
     config.yaml's `run.splits`. A resumed run keeps its own splits.json; splits that differ from it are refused.
     """
     quiet_lightning()
+    tune_allocator()
     data, out = Path(data).resolve(), Path(out)
     run, recipe, stored = resolve_run(recipe, data, out, name, resume, overrides, splits)
     if stored is None and splits is not None:

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medseg.config import Recipe, assign, list_recipes, read_recipe_yaml, validate_recipe
+from medseg.engine.allocator import tune_allocator
 from medseg.engine.benchmark import count_flops, machine, parse_model_spec
 from medseg.engine.data import SegmentationDataModule
 from medseg.engine.inference import pick_device
@@ -177,6 +178,7 @@ def benchmark_training(models: list[str], size: int = 128, batch: int = 8, devic
                        on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Engine and bare-loop training throughput per network and precision (see the module docstring)."""
     quiet_lightning()
+    tune_allocator()  # as `medseg train` does; both loops run in this process
     dev = pick_device(device)
     results = []
     for spec in models:
