@@ -16,6 +16,7 @@ config.json / config.yaml) is also matched against the network it was saved from
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,22 +46,23 @@ LOSSNET = "lossnet"
 
 @dataclass(frozen=True)
 class Slot:
-    """One file layout medseg reads: `card` (family, name, where it goes), the networks and options that take
-    it (`used_by`), the recipe key that names the file, and the line that saves it."""
+    """One file layout medseg reads: `card` (family, name, where it goes), the (network, options) variants that
+    take it (none for LossNet's VGG), the recipe key that names the file, and the line that saves it."""
 
     card: EncoderCard
-    used_by: tuple[str, ...]
+    takers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
     key: str
+
+    @property
+    def used_by(self) -> tuple[str, ...]:
+        """The variants as a user writes them, e.g. "stsnet encoder=resnet50"."""
+        if not self.takers:
+            return (LOSSNET,)
+        return tuple(" ".join([name, *(f"{k}={v}" for k, v in options)]) for name, options in self.takers)
 
     @property
     def save_line(self) -> str:
         return f'python -c "{SAVE_LINES[self.card.family].format(name=self.card.name)}"'
-
-    def example(self) -> tuple[str, dict[str, Any]]:
-        """(network, options) of the first variant that takes this slot (LossNet: the loss)."""
-        name, _, option = self.used_by[0].partition(" ")
-        options = dict(item.split("=", 1) for item in option.split()) if option else {}
-        return name, {**options, **VARIANT_NEEDS.get(name, lambda _: {})(options.get("encoder"))}
 
 
 def variants(name: str) -> list[dict[str, Any]]:
@@ -72,30 +74,31 @@ def weight_slots() -> list[Slot]:
     """Every pretrained slot, in registry order: the networks' encoders, then LossNet's VGG-16."""
     from medseg.losses.m2snet import VGG_SLICES
 
-    found: dict[str, tuple[EncoderCard, list[str]]] = {}
+    found: dict[str, tuple[EncoderCard, list]] = {}
     for name in list_models():
         info = model_info(name)
         for options in variants(name):
             card = info.encoder_card(options)
             if card is not None:
-                label = " ".join([name, *(f"{k}={v}" for k, v in options.items())])
-                found.setdefault(card.label, (card, []))[1].append(label)
-    slots = [Slot(card, tuple(users), "model.encoder_weights") for card, users in found.values()]
+                found.setdefault(card.label, (card, []))[1].append((name, tuple(options.items())))
+    slots = [Slot(card, tuple(takers), "model.encoder_weights") for card, takers in found.values()]
     vgg = EncoderCard(family="torchvision", name="vgg16", module=f"features[:{VGG_SLICES[-1][1]}]",
                       first_conv="0.weight", rename=(("features.", ""),))
-    return [*slots, Slot(vgg, (LOSSNET,), "loss.N.vgg_weights (the lossnet term)")]
+    return [*slots, Slot(vgg, (), "loss.N.vgg_weights (the lossnet term)")]
 
 
 def slot_shapes(slot: Slot) -> dict[str, tuple[int, ...]]:
     """The tensor shapes the slot's target holds, built on the meta device (no memory, no initialisation)."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LossNet's "random VGG" warning: nothing is trained here
-        if slot.used_by == (LOSSNET,):
+        if not slot.takers:
             from medseg.losses import create_loss
 
             return shapes(create_loss(LOSSNET).vgg.state_dict())
-        name, options = slot.example()
-        model = create_model(name, 3, model_info(name).paper_num_classes, **options)
+        name, options = slot.takers[0]
+        options = dict(options)
+        model = create_model(name, 3, model_info(name).paper_num_classes, **options,
+                             **VARIANT_NEEDS.get(name, lambda _: {})(options.get("encoder")))
         return shapes(model.get_submodule(slot.card.module).state_dict())
 
 
@@ -128,9 +131,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state, kind = read_weights_file(path)
     file = shapes(state)
-    prefixes: dict[str, int] = {}
-    for key in state:
-        prefixes[key.split(".", 1)[0]] = prefixes.get(key.split(".", 1)[0], 0) + 1
+    prefixes = dict(Counter(key.split(".", 1)[0] for key in state))
     matches = []
     for slot in weight_slots():
         own = slot_shapes(slot)

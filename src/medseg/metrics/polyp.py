@@ -140,11 +140,11 @@ def map_protocol(name: str, description: str, metrics: tuple[str, ...], rank: st
 
 
 MAP_PROTOCOLS = {
-    "pranet": map_protocol("pranet", "The polyp toolbox of PraNet (MICCAI 2020) as the polyp literature reports it, "
-                        "computed with pysodmetrics.",
-                        ("mean_dice", "mean_iou", "wfm", "sm", "mean_em", "max_em", "mae"), "mean_dice"),
-    "m2snet": map_protocol("m2snet", "The M2SNet authors' test script (test_score.py): soft Dice, IoU at 0.5, adaptive "
-                        "E-measure, weighted F, S-measure, MAE, max and adaptive F; pysodmetrics for the SOD metrics.",
-                        ("soft_dice", "iou", "adaptive_em", "max_em", "wfm", "sm", "mae", "max_f", "adaptive_f"),
-                        "soft_dice"),
+    "pranet": map_protocol(
+        "pranet", "The polyp toolbox of PraNet (MICCAI 2020) as the polyp literature reports it, computed with "
+        "pysodmetrics.", ("mean_dice", "mean_iou", "wfm", "sm", "mean_em", "max_em", "mae"), "mean_dice"),
+    "m2snet": map_protocol(
+        "m2snet", "The M2SNet authors' test script (test_score.py): soft Dice, IoU at 0.5, adaptive E-measure, "
+        "weighted F, S-measure, MAE, max and adaptive F; pysodmetrics for the SOD metrics.",
+        ("soft_dice", "iou", "adaptive_em", "max_em", "wfm", "sm", "mae", "max_f", "adaptive_f"), "soft_dice"),
 }

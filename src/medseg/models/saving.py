@@ -136,8 +136,8 @@ def saved_options(config: dict[str, Any]) -> dict[str, Any]:
     old = {}
     for last_format, changed in sorted(CHANGED_DEFAULTS.items(), reverse=True):  # the oldest format's value wins
         if config.get("format", FORMAT_VERSION) <= last_format:
-            old.update(changed.get(config["name"], {}))
-    return {**old, **config.get("kwargs", {})}
+            old |= changed.get(config["name"], {})
+    return old | config.get("kwargs", {})
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SegmentationNetwork:
