@@ -210,9 +210,18 @@ class TrainConfig(Strict):
         return list(dict.fromkeys(["csv", *loggers]))
 
 
+class PostprocessConfig(Strict):
+    """Post-processing of predicted labels (medseg.engine.postprocess), used by evaluate and predict."""
+
+    largest_component: bool = False
+    min_size: int = Field(0, ge=0)  # components smaller than this many pixels are dropped
+    fill_holes: bool = False
+
+
 class EvalConfig(Strict):
     protocol: ProtocolName = "paper"  # a metric protocol of medseg.metrics.protocols
     checkpoint: Literal["best", "last"] = "best"  # which weights the run exports to model/
+    postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
 
 
 class Recipe(Strict):

@@ -139,10 +139,12 @@ class ConfusionScorer:
         self.num_classes = num_classes
         self.counts: list[torch.Tensor] = []
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
-        """probabilities (K, H, W) at the mask's size; mask (H, W) labels."""
-        labels = predict_labels(probabilities[None], self.protocol.threshold)
-        self.counts.append(confusion_counts(labels, mask[None], self.num_classes)[0])
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """probabilities (K, H, W) at the mask's size; mask (H, W) labels; `labels` (H, W), when given, the
+        already-decided prediction (tuned threshold, post-processing) used instead of thresholding."""
+        if labels is None:
+            labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
+        self.counts.append(confusion_counts(labels[None], mask[None], self.num_classes)[0])
 
     def per_case(self) -> dict[str, list[float]]:
         return {name: values.tolist() for name, values in case_scores(torch.stack(self.counts), self.protocol).items()}
@@ -159,8 +161,9 @@ class LayerDistanceScorer:
         self.num_classes = num_classes
         self.values: list[list[float]] = []
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
-        labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if labels is None:
+            labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
         self.values.append(layer_distances(labels, mask, self.num_classes))
 
     def _cases(self) -> dict[str, torch.Tensor]:
@@ -181,9 +184,9 @@ class CombinedScorer:
     def __init__(self, scorers: list):
         self.scorers = scorers
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor) -> None:
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         for scorer in self.scorers:
-            scorer.add(probabilities, mask)
+            scorer.add(probabilities, mask, labels)
 
     def per_case(self) -> dict[str, list[float]]:
         return {name: values for scorer in self.scorers for name, values in scorer.per_case().items()}
