@@ -100,8 +100,7 @@ def check_data_command(
         chosen = load_recipe(recipe)
         num_classes, mask_threshold = chosen.model.num_classes, chosen.data.mask_threshold
         names = RECIPE_KEYS  # the settings came from the recipe: fix them there
-    with console.status(f"checking {data} ..."):
-        report = check_data(data, num_classes, mask_threshold, names=names)
+    report = check_data(data, num_classes, mask_threshold, names=names, progress=True)
     stats = report.stats
     lines = [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
              f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
@@ -153,6 +152,12 @@ def train_command(
                       f"next: medseg evaluate {run.path} --data {data}")
 
 
+LARGEST_HELP = "keep only the largest connected component (8-connected) of each class"
+MIN_SIZE_HELP = "drop connected components smaller than this many pixels"
+FILL_HOLES_HELP = "fill holes inside predicted objects"
+RECIPE_DEFAULT = " (default: the recipe's eval.postprocess, else off)"
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: Path = typer.Argument(..., help="run folder written by `medseg train`"),
@@ -169,14 +174,29 @@ def evaluate_command(
                                         "(ANU-Net L1-L4)"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
+    threshold: Optional[float] = typer.Option(None, help="binary decision threshold of the label metrics (default: "
+                                              "the one `medseg tune-threshold` stored in the model folder, else the "
+                                              "protocol's 0.5)"),
+    largest_component: Optional[bool] = typer.Option(None, "--largest-component/--no-largest-component",
+                                                     help=LARGEST_HELP + RECIPE_DEFAULT),
+    min_size: Optional[int] = typer.Option(None, min=0, help=MIN_SIZE_HELP + RECIPE_DEFAULT),
+    fill_holes: Optional[bool] = typer.Option(None, "--fill-holes/--no-fill-holes",
+                                              help=FILL_HOLES_HELP + RECIPE_DEFAULT),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
     Example: medseg evaluate runs/unet-kvasir_seg --data ../shared/data/kvasir_seg
     """
     from medseg.engine.evaluate import evaluate
+    from medseg.engine.postprocess import from_flags
+    from medseg.engine.run import Run
 
-    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision)
+    postprocessing = None  # None: the recipe's eval.postprocess, read by evaluate after its checks of the run
+    if (largest_component, min_size, fill_holes) != (None, None, None):
+        recipe = Run(run).require().recipe().eval.postprocess.model_dump()
+        postprocessing = from_flags(largest_component, min_size, fill_holes, recipe)
+    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
+                      threshold=threshold, postprocessing=postprocessing)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -195,8 +215,12 @@ def predict_command(
     overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
     probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255)"),
     native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
-    threshold: float = typer.Option(0.5, help="binary decision threshold on the probability, strictly between 0 "
-                                    "and 1"),
+    threshold: Optional[float] = typer.Option(None, help="binary decision threshold on the probability, strictly "
+                                              "between 0 and 1 (default: the one `medseg tune-threshold` stored in "
+                                              "the model folder, else 0.5)"),
+    largest_component: bool = typer.Option(False, "--largest-component", help=LARGEST_HELP),
+    min_size: int = typer.Option(0, min=0, help=MIN_SIZE_HELP),
+    fill_holes: bool = typer.Option(False, "--fill-holes", help=FILL_HOLES_HELP),
     batch_size: int = typer.Option(8, min=1),
     device: str = typer.Option("auto"),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
@@ -213,14 +237,51 @@ def predict_command(
 
     Example: medseg predict runs/unet-kvasir_seg photo.jpg scans/ --out predictions --overlay
     """
+    from medseg.engine.postprocess import PostProcessing
     from medseg.engine.predict import MANIFEST, predict
 
+    postprocessing = PostProcessing(largest_component, min_size, fill_holes)
     manifest = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
-                       save_attention, precision, skip_bad)
+                       save_attention, precision, skip_bad, postprocessing)
     masks = len(manifest["inputs"])
     console.print(Text(f"wrote {masks} mask(s) to {out}; manifest {out / MANIFEST}"), soft_wrap=True)
     for skipped in manifest["skipped"]:
         console.print(Text(f"skipped {skipped['input']}: {skipped['reason']}"), soft_wrap=True)
+
+
+@app.command("tune-threshold")
+def tune_threshold_command(
+    run: Path = typer.Argument(..., help="run folder written by `medseg train` (binary network)"),
+    data: Optional[Path] = typer.Option(None, help="the data folder the run was trained on, where it is now "
+                                        "(default: from the run's config.yaml)"),
+    metric: str = typer.Option("dice", help="label metric to maximise: dice or iou (aggregation and empty-mask rule "
+                               "of the run's protocol)"),
+    grid: str = typer.Option("0.05..0.95 step 0.05", help="thresholds to try: START..STOP step STEP, or a comma "
+                             "list such as 0.3,0.4,0.5"),
+    batch_size: int = typer.Option(8, min=1),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    precision: str = typer.Option("auto", help="auto, 32, bf16-mixed, 16-mixed (as evaluate)"),
+) -> None:
+    """Tune the binary decision threshold on the run's validation split and store the best in
+    RUN/model/threshold.json; predict and evaluate then use it unless --threshold is given.
+
+    Example: medseg tune-threshold runs/unet-kvasir_seg --metric dice
+    """
+    from medseg.engine.threshold import tune_threshold
+
+    record = tune_threshold(run, data, metric, grid, batch_size, device, precision)
+    table = Table(title=f"{record['metric']} on {record['cases']} val cases")
+    table.add_column("threshold")
+    table.add_column(record["metric"])
+    for row in record["grid"]:
+        value = row[record["metric"]]
+        best = row["threshold"] == record["threshold"]
+        table.add_row(f"{row['threshold']:g}" + (" *" if best else ""), "-" if value is None else f"{value:.4f}",
+                      style="bold" if best else None)
+    console.print(table)
+    console.print(Text(f"threshold {record['threshold']:g} ({record['metric']} {record['score']:.4f}) stored in "
+                       f"{record['file']}; predict and evaluate use it unless --threshold "
+                       "is given"), soft_wrap=True)
 
 
 benchmark_app = typer.Typer()  # help: the callback's docstring

@@ -49,6 +49,35 @@ def remove_stale_temporaries(final: Path) -> list[Path]:
     return removed
 
 
+TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.(?:tmp|old)")
+# Folders whose stale temporaries were removed at once (`stale_removed_once`): their writers skip the search.
+_SWEPT: set[str] = set()
+
+
+def remove_stale_temporaries_in(folder: Path) -> list[Path]:
+    """`remove_stale_temporaries` for every output in `folder` at once, in one listing."""
+    removed = []
+    for candidate in folder.iterdir() if folder.is_dir() else []:
+        match = TEMPORARY_NAME.fullmatch(candidate.name)
+        if match and not _alive(int(match["pid"])):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
+@contextmanager
+def stale_removed_once(folder: Path) -> Iterator[None]:
+    """Inside the block, files written into `folder` skip the search for stale temporaries, removed once at its
+    start: a writer of many files would otherwise list the folder once per file (quadratic in their number)."""
+    remove_stale_temporaries_in(folder)
+    key = os.path.abspath(folder)
+    _SWEPT.add(key)
+    try:
+        yield
+    finally:
+        _SWEPT.discard(key)
+
+
 def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
@@ -71,7 +100,8 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     The temporary name ends in `.tmp`, not in `final`'s suffix: write through a stream or name the format."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
+    if os.path.abspath(final.parent) not in _SWEPT:
+        remove_stale_temporaries(final)
     tmp = _temporary(final, "tmp")
     try:
         yield tmp
@@ -95,7 +125,8 @@ def atomic_folder(final: str | Path, replace: bool = False) -> Iterator[Path]:
     once the new folder is in place (put back if that rename fails)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
+    if os.path.abspath(final.parent) not in _SWEPT:
+        remove_stale_temporaries(final)
     tmp = _temporary(final, "tmp")
     tmp.mkdir()
     try:

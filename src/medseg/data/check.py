@@ -37,6 +37,7 @@ from medseg.data.io import (
 )
 from medseg.data.splits import read_splits
 from medseg.errors import MedsegError
+from medseg.progress import track
 
 ERROR = "error"
 WARNING = "warning"
@@ -323,12 +324,14 @@ def check_data(
     stems: set[str] | None = None,
     workers: int | None = None,
     names: SettingNames = RECIPE_KEYS,
+    progress: bool = False,
 ) -> DataReport:
     """Check a dataset and report every problem at once (pairing, readability, sizes, mask values).
 
     `stems` restricts the check to those cases (e.g. the stems of a split); a listed stem that the
     dataset does not have is an error. `workers` threads decode cases (default: one per core, at most 16).
-    `names`: how messages name the mask settings (recipe keys, or `medseg check-data`'s flags).
+    `names`: how messages name the mask settings (recipe keys, or `medseg check-data`'s flags). `progress` shows
+    a bar on a terminal, periodic lines otherwise (`medseg.progress`).
     """
     layout = discover(root)
     cases = [c for c in layout.cases + layout.test_cases if stems is None or c.stem in stems]
@@ -358,8 +361,8 @@ def check_data(
 
     n_workers = workers or min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
-        findings = list(pool.map(lambda case: _check_case(case, layout.root, num_classes, mask_threshold, names),
-                                 cases))
+        findings = pool.map(lambda case: _check_case(case, layout.root, num_classes, mask_threshold, names), cases)
+        findings = list(track(findings, "check-data", len(cases), "cases") if progress and cases else findings)
     for found in findings:
         problems += found.problems
     problems += _channel_problems(findings)

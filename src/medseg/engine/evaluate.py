@@ -23,11 +23,14 @@ from medseg.data.formats import Case, discover
 from medseg.data.io import write_image_atomic
 from medseg.data.splits import cases_for
 from medseg.engine.inference import Predictor, overlay, resize_probabilities
+from medseg.engine.postprocess import FROM_OPTION, TUNED, PostProcessing, choose_threshold
+from medseg.engine.predict import check_threshold
 from medseg.engine.run import Run, now, slug
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, check_output_folder, user_write_errors
 from medseg.metrics import get_protocol, predict_labels
+from medseg.progress import Progress
 
 SPLITS = ("auto", "all", "train", "val", "test")
 OVERLAY_MIN_SIDE = 256
@@ -52,9 +55,11 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None, precision: str = "auto") -> Path:
+             level: int | None = None, precision: str = "auto", threshold: float | None = None,
+             postprocessing: PostProcessing | None = None) -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
-    returns the eval folder."""
+    returns the eval folder. The label metrics use `threshold` (None: the model folder's tuned one, else the
+    protocol's) and `postprocessing` (None: the recipe's eval.postprocess); map metrics use the probabilities."""
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
@@ -66,8 +71,15 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         raise MedsegError(f"--overlays takes a count of overlay pictures, 0 for none or -1 for all; got {overlays}")
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
+    if threshold is not None:
+        check_threshold(threshold)
     check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
     predictor = Predictor(run.path, device, level, precision)
+    threshold, threshold_source = choose_threshold(threshold, predictor.threshold, predictor.num_classes)
+    if postprocessing is None:
+        postprocessing = PostProcessing(**run.recipe().eval.postprocess.model_dump())
+    # the decided labels replace the protocol's own thresholding only when the decision differs from it
+    decided = postprocessing.active or threshold_source in (FROM_OPTION, TUNED)
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
@@ -81,14 +93,17 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
                         num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
     stems, sizes, pixels = [], [], []
-    for batch in loader:
-        probs = predictor.probabilities(batch["image"]).cpu()
-        for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-            resized = resize_probabilities(prob, size)
-            scorer.add(resized, mask)
-            stems.append(stem)
-            sizes.append(size)
-            pixels.append((int((mask > 0).sum()), int((predict_labels(resized[None], 0.5) > 0).sum())))
+    with Progress("evaluate", len(cases)) as progress:
+        for batch in loader:
+            probs = predictor.probabilities(batch["image"]).cpu()
+            for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
+                resized = resize_probabilities(prob, size)
+                labels = postprocessing.apply(predict_labels(resized[None], threshold)[0])
+                scorer.add(resized, mask, labels if decided else None)
+                stems.append(stem)
+                sizes.append(size)
+                pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
+            progress.update(len(batch["stem"]))
     per_case = scorer.per_case()
     summary = scorer.summary()
 
@@ -102,7 +117,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         by_stem = {c.stem: c for c in cases}
         for stem in chosen:
-            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor)
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor, threshold, postprocessing)
         info = {
             "protocol": protocol_def.definition(),
             "metrics": summary,
@@ -113,6 +128,10 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
                           if k in predictor.config}, "level": level},
             "numeric": predictor.mode.to_dict(),
+            "decision": {"threshold": threshold, "threshold_source": threshold_source,
+                         "postprocess": postprocessing.to_dict(),
+                         "applies_to": "label metrics, overlays and predicted_pixels; map metrics use the "
+                                       "probabilities"},
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }
@@ -142,12 +161,14 @@ def _overlay_cases(stems: list[str], scores: list[float] | None, count: int) -> 
     return [stems[i] for i in dict.fromkeys(worst + best)]
 
 
-def _write_overlay(path: Path, case: Case, predictor: Predictor) -> None:
-    """Prediction at 0.5 (argmax for multi-class) over the image, annotation outlined."""
+def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: float = 0.5,
+                   postprocessing: PostProcessing | None = None) -> None:
+    """Prediction at `threshold` (argmax for multi-class), post-processed, over the image, annotation outlined."""
     original = load_image_tensor(case, predictor.preprocessing, reduce=False)
     prep = predictor.preprocessing
     probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
-    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], 0.5)[0].numpy()
+    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0]
+    labels = (postprocessing.apply(labels) if postprocessing else labels).numpy()
     truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
     picture = overlay(original.permute(1, 2, 0).numpy(), labels, truth)
     zoom = -(-OVERLAY_MIN_SIDE // max(picture.shape[:2]))  # small images are enlarged (nearest) to be seen
@@ -182,7 +203,8 @@ def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[flo
     if chosen:
         index = {s: i for i, s in enumerate(stems)}
         lines += ["", "## Overlays", "",
-                  "Prediction (at 0.5) tinted red, annotation outlined green (worst cases first).", ""]
+                  f"Prediction (at {info['decision']['threshold']:g}) tinted red, annotation outlined green (worst "
+                  "cases first).", ""]
         rank = rank_metric if rank_metric in per_case else next(iter(per_case))
         for stem in chosen:
             lines += [f"**{stem}**: {rank} {per_case[rank][index[stem]]:.3f}", "",

@@ -16,7 +16,7 @@ from medseg.engine.precision import PRECISIONS, choose_numeric_mode
 from medseg.errors import MedsegError
 from medseg.models import load_model
 from medseg.models.base import Gated, Prunable, SegmentationNetwork
-from medseg.models.saving import model_folder, read_model_config
+from medseg.models.saving import model_folder, read_model_config, read_threshold
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -62,6 +62,7 @@ class Predictor:
         self.size_multiple = self.model.card.size_multiple
         self.num_classes = int(self.config["num_classes"])
         self.mask_threshold = self.config.get("mask_threshold")
+        self.threshold = read_threshold(self.folder)  # tuned by `medseg tune-threshold`; None: 0.5
         self.last_attention: dict[str, torch.Tensor] = {}
 
     def record_attention(self) -> None:

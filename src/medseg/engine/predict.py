@@ -23,18 +23,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from medseg.data.check import ERROR, Problem, check_images, group_problems
 from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor
 from medseg.data.formats import Case
-from medseg.data.io import IMAGE_EXTENSIONS, non_2d_format, write_image_atomic
+from medseg.data.io import IMAGE_EXTENSIONS, image_size, non_2d_format, write_image_atomic
+from medseg.data.transforms import Preprocessing
 from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
+from medseg.engine.postprocess import PostProcessing, choose_threshold
 from medseg.engine.run import now
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
-from medseg.files import check_output_folder, user_write_errors, write_text_atomic
+from medseg.files import check_output_folder, stale_removed_once, user_write_errors, write_text_atomic
 from medseg.metrics import predict_labels
+from medseg.progress import track
 
 MANIFEST = "predict.json"
 # How many bad inputs the one-line refusal names per problem (the rest are counted).
@@ -122,18 +125,23 @@ def output_names(stems: list[str], num_classes: int, overlay_images: bool, proba
 
 
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
-            probabilities: bool = False, native: bool = False, threshold: float = 0.5, batch_size: int = 8,
+            probabilities: bool = False, native: bool = False, threshold: float | None = None, batch_size: int = 8,
             device: str = "auto", level: int | None = None, save_attention: bool = False,
-            precision: str = "auto", skip_bad: bool = False) -> dict[str, Any]:
+            precision: str = "auto", skip_bad: bool = False,
+            postprocessing: PostProcessing | None = None) -> dict[str, Any]:
     """Predict every input image; returns the manifest written to OUT/predict.json (outputs, skipped inputs with
     their reasons, settings). `level` prunes a deeply supervised network (ANU-Net L_N); `save_attention` writes
     its first-layer attention coefficients as heat maps. Every input is checked first: bad ones are refused in
-    one line naming them all, or with `skip_bad` left out and listed."""
-    check_threshold(threshold)
+    one line naming them all, or with `skip_bad` left out and listed. `threshold` None: the model folder's tuned
+    threshold, else 0.5; `postprocessing` is applied to every label map."""
+    if threshold is not None:
+        check_threshold(threshold)
+    postprocessing = postprocessing or PostProcessing()
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     out = check_output_folder(out, "--out")
     predictor = Predictor(model_path, device, level, precision)
+    threshold, threshold_source = choose_threshold(threshold, predictor.threshold, predictor.num_classes)
     if save_attention:
         predictor.record_attention()
     paths, problems = expand_inputs(inputs)
@@ -158,7 +166,8 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         "started": now(),
         "finished": None,
         "model": str(predictor.folder.resolve()),
-        "settings": {"threshold": threshold, "native": native, "overlay": overlay_images,
+        "settings": {"threshold": threshold, "threshold_source": threshold_source,
+                     "postprocess": postprocessing.to_dict(), "native": native, "overlay": overlay_images,
                      "probabilities": probabilities, "level": level, "save_attention": save_attention,
                      "precision": precision, "device": str(predictor.device), "batch_size": batch_size},
         "inputs": [str(p) for p in good],
@@ -166,13 +175,14 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         "skipped": [{"input": p.file, "reason": p.message + (f" [{p.detail}]" if p.detail else "")}
                     for p in problems],
     }
-    with user_write_errors():
+    with user_write_errors(), stale_removed_once(out):  # one search for stale temporaries, not one per file
         out.mkdir(parents=True, exist_ok=True)
         _write_manifest(out, manifest)  # "complete": false before the first output
         cases = [Case(p.stem, (p,), None) for p in good]
         written = manifest["outputs"]
-        for case, probs, attention in _probabilities(predictor, cases, native, batch_size):
-            labels = predict_labels(probs[None], threshold)[0]
+        for case, probs, attention in track(_probabilities(predictor, cases, native, batch_size), "predict",
+                                            len(cases)):
+            labels = postprocessing.apply(predict_labels(probs[None], threshold)[0])
             _write(out / f"{case.stem}.png", label_image(labels, predictor.num_classes), written)
             if probabilities:
                 _write_probabilities(out, case.stem, probs, written)
@@ -197,23 +207,46 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 
 def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_size: int):
-    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)})."""
+    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)}). Images are
+    decoded by DataLoader workers while the network runs; `native` batches images of the same size together
+    (sizes from the file headers), in the order each size first appears, a batch holding no more pixels than a
+    batch at the training size (so large images still go one at a time)."""
     prep = predictor.preprocessing
+    workers = min(default_workers(), max(0, len(cases) // batch_size))
     if native:
-        for case in cases:
-            image = load_image_tensor(case, prep, reduce=False)
-            probs = predictor.probabilities(prep.normalise(image)[None]).cpu()[0]
-            yield case, probs, {name: a[0] for name, a in predictor.last_attention.items()}
-        return
-    dataset = InferenceDataset(cases, prep, with_masks=False)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
-                        num_workers=min(default_workers(), max(0, len(cases) // batch_size)))
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, case in enumerate(cases):
+            by_size.setdefault(image_size(case.images[0]), []).append(index)
+        budget = batch_size * prep.size[0] * prep.size[1]
+        batches = [group[i:i + step] for (height, width), group in by_size.items()
+                   for step in [max(1, min(batch_size, budget // (height * width)))]
+                   for i in range(0, len(group), step)]
+        loader = DataLoader(NativeDataset(cases, prep), batch_sampler=batches, collate_fn=collate_inference,
+                            num_workers=workers)
+    else:
+        loader = DataLoader(InferenceDataset(cases, prep, with_masks=False), batch_size=batch_size,
+                            collate_fn=collate_inference, num_workers=workers)
     by_stem = {c.stem: c for c in cases}
     for batch in loader:
         probs = predictor.probabilities(batch["image"]).cpu()
         for index, (prob, stem, size) in enumerate(zip(probs, batch["stem"], batch["size"])):
             attention = {name: a[index] for name, a in predictor.last_attention.items()}
             yield by_stem[stem], resize_probabilities(prob, size), attention
+
+
+class NativeDataset(Dataset):
+    """Images at their own size, normalised: {"image", "stem", "size"} (predict --native)."""
+
+    def __init__(self, cases: list[Case], preprocessing: Preprocessing):
+        self.cases, self.preprocessing = cases, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = load_image_tensor(self.cases[index], self.preprocessing, reduce=False)
+        return {"image": self.preprocessing.normalise(image), "stem": self.cases[index].stem,
+                "size": tuple(image.shape[-2:])}
 
 
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:

@@ -25,6 +25,9 @@ from medseg.models.registry import ENCODER_WEIGHTS, create_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# Written by `medseg tune-threshold` beside the weights; saving a model replaces the whole folder, so a threshold
+# tuned for other weights never outlives them.
+THRESHOLD_NAME = "threshold.json"
 FORMAT_VERSION = 2
 # Options whose default changed: a folder of format <= N that does not name the option was built with the old
 # value. Format 2: Fovea-UNet's default encoder became the paper's four-bottleneck `ghostnet_4b`.
@@ -113,6 +116,21 @@ def config_problem(config: Any, for_inference: bool = False) -> str | None:
         return "`preprocessing.normalize` is not {mean: [...], std: [...]} with one number or one per channel"
     problem = statistics_problem(norm["mean"], norm["std"])
     return f"stored normalisation {problem}" if problem else None
+
+
+def read_threshold(folder: str | Path) -> float | None:
+    """The tuned decision threshold of a model folder (`threshold.json`), or None when it has none."""
+    file = Path(folder) / THRESHOLD_NAME
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text(encoding="utf-8")).get("threshold")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise MedsegError(f"{file} is damaged (no `threshold` strictly between 0 and 1); run `medseg tune-threshold` "
+                          "again or delete the file to use 0.5")
+    return float(value)
 
 
 def model_folder(path: str | Path) -> Path:
