@@ -153,6 +153,10 @@ def train_command(
                       f"next: medseg evaluate {run.path} --data {data}")
 
 
+SPACING_HELP = ("pixel spacing of the surface metrics (HD95, ASSD, NSD): one number, ROW,COLUMN, or 'file' (each "
+                "mask's PNG/TIFF resolution, in mm); default 1 (pixels)")
+
+
 @app.command("evaluate")
 def evaluate_command(
     run: Path = typer.Argument(..., help="run folder written by `medseg train`"),
@@ -169,6 +173,7 @@ def evaluate_command(
                                         "(ANU-Net L1-L4)"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
+    spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
@@ -176,7 +181,43 @@ def evaluate_command(
     """
     from medseg.engine.evaluate import evaluate
 
-    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision)
+    folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
+                      spacing=spacing)
+    summary = json.loads((folder / "summary.json").read_text())
+    table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
+    table.add_column("metric")
+    table.add_column("value")
+    for metric, values in summary["metrics"].items():
+        table.add_row(metric, f"{values['value']:.4f}")
+    console.print(table)
+    console.print(f"report: [bold]{folder / 'report.md'}[/]")
+
+
+@app.command("score")
+def score_command(
+    predictions: Path = typer.Argument(..., help="folder of predictions: <stem>.png masks and/or <stem>_prob.png "
+                                       "maps (as `medseg predict --probabilities` writes), TIFF or NPY"),
+    data: Path = typer.Option(..., help="data folder whose masks are the reference"),
+    protocol: Optional[str] = typer.Option(None, help="metric protocol: paper (default), nnunet, pooled, pranet, "
+                                           "m2snet, infnet, goals"),
+    split: str = typer.Option("all", help="all, or train, val, test of --splits"),
+    splits: Optional[Path] = typer.Option(None, help="splits.json that --split refers to (default DATA/splits.json; "
+                                          "e.g. RUN/splits.json)"),
+    spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="classes of the task (default: the model named in "
+                                              "PREDICTIONS/predict.json, else 1 = binary)"),
+    overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
+                                 "none, -1 for all"),
+    out: Optional[Path] = typer.Option(None, help="report folder (default PREDICTIONS/score)"),
+) -> None:
+    """Score a folder of predicted masks or probability maps against a data folder's masks: the same per_case.csv,
+    summary.json and report.md as evaluate.
+
+    Example: medseg score predictions --data ../shared/data/kvasir_seg --protocol nnunet
+    """
+    from medseg.engine.score import score
+
+    folder = score(predictions, data, protocol, split, splits, spacing, out, num_classes, overlays)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -193,7 +234,7 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="image files, folders or glob patterns"),
     out: Path = typer.Option(..., help="output folder"),
     overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
-    probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255)"),
+    probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255, rounded)"),
     native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
     threshold: float = typer.Option(0.5, help="binary decision threshold on the probability, strictly between 0 "
                                     "and 1"),

@@ -217,7 +217,8 @@ def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_
 
 
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:
-    scaled = (probs.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    # rounded as the map protocols round (medseg.metrics.polyp): `medseg score` on these files equals evaluate
+    scaled = (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     if probs.shape[0] <= 2:  # binary: the foreground probability (the last channel of a two-class head)
         _write(out / f"{stem}_prob.png", np.ascontiguousarray(scaled[-1]), written)
         return
