@@ -141,3 +141,24 @@ def test_score_refusals_are_one_line(tiny_run, phantom, predicted, tmp_path):
     refused(medseg_inprocess("score", str(tmp_path / "none"), "--data", str(phantom)), "does not exist")
     refused(medseg_inprocess("score", str(predicted), "--data", str(phantom), "--split", "val"),
             "needs a splits file")
+
+
+def test_evaluate_spacing_scales_the_distances(tiny_run, phantom, tmp_path):
+    result = medseg_inprocess("evaluate", str(tiny_run.path), "--data", str(phantom), "--protocol", "nnunet",
+                              "--overlays", "0", "--spacing", "0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    halved = json.loads((tiny_run.path / "eval" / "data-nnunet" / "summary.json").read_text())
+    plain = json.loads((evaluate(tiny_run.path, phantom, "nnunet", overlays=0, workers=0) / "summary.json").read_text())
+    assert halved["spacing"] == {"source": "--spacing", "row_column": [[0.5, 0.5]]}
+    for metric in ("hd95", "assd"):
+        assert halved["metrics"][metric]["value"] == pytest.approx(plain["metrics"][metric]["value"] / 2, rel=1e-5)
+    assert halved["metrics"]["dice"] == plain["metrics"]["dice"]
+
+
+def test_score_help_has_an_example():
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    help_text = CliRunner().invoke(app, ["score", "--help"], terminal_width=200)
+    assert help_text.exit_code == 0 and "Example: medseg score" in help_text.stdout and "--spacing" in help_text.stdout
