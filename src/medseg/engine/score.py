@@ -323,7 +323,7 @@ def _predict_manifest(pred_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | 
         return {}, None
     try:
         return manifest, read_model_config(manifest.get("model", ""))
-    except (MedsegError, OSError):
+    except (MedsegError, OSError, TypeError, ValueError):  # a model folder moved away or damaged: flags decide
         return manifest, None
 
 
