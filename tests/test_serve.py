@@ -68,7 +68,7 @@ def test_the_page_shows_the_model_and_its_mask_is_the_one_predict_writes(viewer,
     from medseg.engine.predict import image_probabilities
 
     assert "**model** unet" in viewer.description() and "**recipe** unet" in viewer.description()
-    assert "64x64" in viewer.description() and "threshold 0.5" in viewer.description()
+    assert "64x64" in viewer.description() and "starting at 0.5 (the default)" in viewer.description()
     # two of the probability values this image gets (exact floats: a mask is `probability >= threshold`), a third
     # of the distinct values apart, so that the slider's move changes the mask
     from medseg.data.dataset import load_image_tensor
@@ -95,6 +95,31 @@ def test_the_page_shows_the_model_and_its_mask_is_the_one_predict_writes(viewer,
     np.testing.assert_array_equal(moved, predicted_mask(model, nuclei_image, high, tmp_path / "high"))
     assert (moved > 0).sum() < (served > 0).sum() and f"threshold {high:g}" in summary_high
     assert not np.array_equal(np.array(Image.open(tinted_high)), np.array(Image.open(tinted)))
+
+
+def test_a_three_class_model_shows_its_argmax_labels(nuclei_image, tmp_path):
+    """No threshold for a softmax head: the mask holds the argmax labels predict writes, the heat map the
+    probability of any foreground."""
+    from medseg.engine.serve import Viewer
+    from medseg.models import create_model, save_model
+
+    torch.manual_seed(0)
+    network = create_model("unet", 3, 3, base_channels=4)
+    with torch.no_grad():
+        network.head.bias[2] += 0.05  # random init gives every pixel class 0; this splits the image between 0 and 2
+    model = save_model(network, tmp_path / "three",
+                       extra={"preprocessing": {"size": [64, 64], "in_channels": 3, "normalize": "imagenet"}})
+    viewer = Viewer(model, device="cpu", threshold=0.3)
+    try:
+        assert "argmax" in viewer.description() and "not recorded" in viewer.description()
+        heat, tinted, mask_file, summary, result = viewer.segment(str(nuclei_image), 0.3)
+        labels = np.array(Image.open(mask_file))
+        assert heat.shape == tinted.shape == (*labels.shape, 3) and "argmax" in summary
+        assert set(np.unique(labels)) <= {0, 1, 2} and len(np.unique(labels)) > 1
+        np.testing.assert_array_equal(labels, predicted_mask(model, nuclei_image, 0.5, tmp_path / "predict"))
+    finally:
+        viewer.close()
+    assert not viewer.folder.exists()
 
 
 def test_bad_uploads_get_one_line_in_the_page(viewer, tmp_path):

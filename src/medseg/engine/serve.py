@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,9 @@ class Viewer:
         self.predictor = Predictor(model_path, device, precision=precision)
         # a model folder's tuned threshold (`medseg tune-threshold`) when it has one, else predict's 0.5
         tuned = getattr(self.predictor, "threshold", None)
-        self.threshold = threshold if threshold is not None else (tuned if tuned is not None else 0.5)
+        self.threshold, self.threshold_source = ((threshold, "--threshold") if threshold is not None else
+                                                 (tuned, "tuned on the validation split") if tuned is not None else
+                                                 (0.5, "the default"))
         check_threshold(self.threshold)
         self.folder = Path(tempfile.mkdtemp(prefix="medseg-serve-"))
         self.blocks = self._build()
@@ -77,8 +80,8 @@ class Viewer:
         """The model card shown at the top of the page."""
         config, prep = self.predictor.config, self.predictor.preprocessing
         height, width = prep.size
-        rule = (f"threshold {self.threshold:g} on the foreground probability" if self.binary_threshold
-                else "argmax over the classes (the slider does not apply)")
+        rule = (f"foreground probability >= threshold, starting at {self.threshold:g} ({self.threshold_source})"
+                if self.binary_threshold else "argmax over the classes (the slider does not apply)")
         return (f"**model** {config['name']} · **recipe** {config.get('recipe') or 'not recorded'} · "
                 f"**training size** {height}x{width} (images are resized to it and the probabilities back) · "
                 f"**classes** {self.predictor.num_classes} · **mask** {rule} · **device** {self.predictor.device}\n\n"
@@ -101,14 +104,18 @@ class Viewer:
                                    label="threshold", interactive=self.binary_threshold)
             summary = gr.Markdown(label="summary")
             with gr.Row():
-                heat = gr.Image(label="probability map", format="png", type="numpy", interactive=False)
-                tinted = gr.Image(label="mask over the image", format="png", type="numpy", interactive=False)
+                # no "share" button: it posts to Hugging Face, and this viewer stays on this machine
+                heat = gr.Image(label="probability map", format="png", type="numpy", interactive=False,
+                                buttons=["download", "fullscreen"])
+                tinted = gr.Image(label="mask over the image", format="png", type="numpy", interactive=False,
+                                  buttons=["download", "fullscreen"])
             download = gr.File(label="mask (0/255 PNG)", interactive=False)
             state = gr.State()
             outputs = [heat, tinted, download, summary, state]
             upload.upload(self.segment, [upload, slider], outputs, api_name="segment")
-            slider.release(self.rethreshold, [slider, state], [tinted, download, summary, state],
-                           api_name="threshold")
+            # .change, not .release: typing into the slider's number box changes it without a release; a drag's
+            # many changes coalesce (gradio runs the last one once the pending one is done)
+            slider.change(self.rethreshold, [slider, state], [tinted, download, summary, state], api_name="threshold")
             upload.clear(lambda: (None, None, None, "", None), None, outputs, api_visibility="private")
         return blocks
 
@@ -163,7 +170,9 @@ class Viewer:
         return self.url
 
     def wait(self) -> None:
-        """Serve until Ctrl-C, then stop and delete the temporary masks."""
+        """Serve until Ctrl-C (or SIGTERM, as a service manager stops it), then stop and delete the temporary
+        masks."""
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             self.blocks.block_thread()
         finally:
@@ -173,3 +182,7 @@ class Viewer:
         """Stop the server (when running) and delete the temporary masks."""
         self.blocks.close(verbose=False)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # gradio's wait loop stops the server on it, as on Ctrl-C
