@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from gradio_client import Client, handle_file  # the test extra installs gradio: a missing one fails, not skips
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import medseg_inprocess, refused
-
-pytest.importorskip("gradio")
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
 
 
 def free_port() -> int:
