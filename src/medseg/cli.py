@@ -264,6 +264,29 @@ def predict_command(
         console.print(Text(f"skipped {skipped['input']}: {skipped['reason']}"), soft_wrap=True)
 
 
+@app.command("serve")
+def serve_command(
+    run: Path = typer.Argument(..., help="run folder or model folder"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every network interface)"),
+    port: int = typer.Option(7860, min=1, max=65535),
+    device: str = typer.Option("auto"),
+    threshold: Optional[float] = typer.Option(None, help="the slider's starting threshold (default: the model's "
+                                              "tuned threshold, else 0.5)"),
+    precision: str = typer.Option("auto", help="as for predict: auto, 32, bf16-mixed, 16-mixed"),
+) -> None:
+    """A local web viewer for one model: drop an image, see the probability map and the mask over the image, move
+    the threshold, download the mask (the one `medseg predict` writes). Runs until Ctrl-C; needs the serve extra.
+
+    Example: medseg serve runs/unet-kvasir_seg --port 7860
+    """
+    from medseg.engine.serve import Viewer
+
+    viewer = Viewer(run, device, precision, threshold)
+    url = viewer.launch(host, port)
+    console.print(Text(f"serving {viewer.predictor.folder} at {url} (Ctrl-C stops)"), soft_wrap=True)
+    viewer.wait()
+
+
 benchmark_app = typer.Typer()  # help: the callback's docstring
 app.add_typer(benchmark_app, name="benchmark")
 

@@ -216,6 +216,15 @@ def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_
             yield by_stem[stem], resize_probabilities(prob, size), attention
 
 
+def image_probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:
+    """One image (C, H, W) in [0, 1], as `load_image_tensor` gives it -> probabilities (K, H, W) at its own size,
+    through predict's default path (resized to the training size, normalised, padded, resized back); what
+    `medseg serve` shows."""
+    prep = predictor.preprocessing
+    probs = predictor.probabilities(prep.normalise(prep.resize(image))[None]).cpu()[0]
+    return resize_probabilities(probs, tuple(image.shape[-2:]))
+
+
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:
     # rounded as the map protocols round (medseg.metrics.polyp): `medseg score` on these files equals evaluate
     scaled = (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
