@@ -156,6 +156,8 @@ LARGEST_HELP = "keep only the largest connected component (8-connected) of each 
 MIN_SIZE_HELP = "drop connected components smaller than this many pixels"
 FILL_HOLES_HELP = "fill holes inside predicted objects"
 RECIPE_DEFAULT = " (default: the recipe's eval.postprocess, else off)"
+SPACING_HELP = ("pixel spacing of the surface metrics (HD95, ASSD, NSD): one number, ROW,COLUMN, or 'file' (each "
+                "mask's PNG/TIFF resolution, in mm); default 1 (pixels)")
 
 
 @app.command("evaluate")
@@ -174,6 +176,7 @@ def evaluate_command(
                                         "(ANU-Net L1-L4)"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
+    spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
     threshold: Optional[float] = typer.Option(None, help="binary decision threshold of the label metrics (default: "
                                               "the one `medseg tune-threshold` stored in the model folder, else the "
                                               "protocol's 0.5)"),
@@ -196,7 +199,42 @@ def evaluate_command(
         recipe = Run(run).require().recipe().eval.postprocess.model_dump()
         postprocessing = from_flags(largest_component, min_size, fill_holes, recipe)
     folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
-                      threshold=threshold, postprocessing=postprocessing)
+                      spacing=spacing, threshold=threshold, postprocessing=postprocessing)
+    summary = json.loads((folder / "summary.json").read_text())
+    table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
+    table.add_column("metric")
+    table.add_column("value")
+    for metric, values in summary["metrics"].items():
+        table.add_row(metric, f"{values['value']:.4f}")
+    console.print(table)
+    console.print(f"report: [bold]{folder / 'report.md'}[/]")
+
+
+@app.command("score")
+def score_command(
+    predictions: Path = typer.Argument(..., help="folder of predictions: <stem>.png masks and/or <stem>_prob.png "
+                                       "maps (as `medseg predict --probabilities` writes), TIFF or NPY"),
+    data: Path = typer.Option(..., help="data folder whose masks are the reference"),
+    protocol: Optional[str] = typer.Option(None, help="metric protocol: paper (default), nnunet, pooled, pranet, "
+                                           "m2snet, infnet, goals"),
+    split: str = typer.Option("all", help="all, or train, val, test of --splits"),
+    splits: Optional[Path] = typer.Option(None, help="splits.json that --split refers to (default DATA/splits.json; "
+                                          "e.g. RUN/splits.json)"),
+    spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
+    num_classes: Optional[int] = typer.Option(None, min=1, help="classes of the task (default: the model named in "
+                                              "PREDICTIONS/predict.json, else 1 = binary)"),
+    overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
+                                 "none, -1 for all"),
+    out: Optional[Path] = typer.Option(None, help="report folder (default PREDICTIONS/score)"),
+) -> None:
+    """Score a folder of predicted masks or probability maps against a data folder's masks: the same per_case.csv,
+    summary.json and report.md as evaluate.
+
+    Example: medseg score predictions --data ../shared/data/kvasir_seg --protocol nnunet
+    """
+    from medseg.engine.score import score
+
+    folder = score(predictions, data, protocol, split, splits, spacing, out, num_classes, overlays)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -213,7 +251,7 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="image files, folders or glob patterns"),
     out: Path = typer.Option(..., help="output folder"),
     overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
-    probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255)"),
+    probabilities: bool = typer.Option(False, help="also write <stem>_prob.png (probability x 255, rounded)"),
     native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
     threshold: Optional[float] = typer.Option(None, help="binary decision threshold on the probability, strictly "
                                               "between 0 and 1 (default: the one `medseg tune-threshold` stored in "
@@ -282,6 +320,29 @@ def tune_threshold_command(
     console.print(Text(f"threshold {record['threshold']:g} ({record['metric']} {record['score']:.4f}) stored in "
                        f"{record['file']}; predict and evaluate use it unless --threshold "
                        "is given"), soft_wrap=True)
+
+
+@app.command("serve")
+def serve_command(
+    run: Path = typer.Argument(..., help="run folder or model folder"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every network interface)"),
+    port: int = typer.Option(7860, min=1, max=65535),
+    device: str = typer.Option("auto"),
+    threshold: Optional[float] = typer.Option(None, help="the slider's starting threshold (default: the model's "
+                                              "tuned threshold, else 0.5)"),
+    precision: str = typer.Option("auto", help="as for predict: auto, 32, bf16-mixed, 16-mixed"),
+) -> None:
+    """A local web viewer for one model: drop an image, see the probability map and the mask over the image, move
+    the threshold, download the mask (the one `medseg predict` writes). Runs until Ctrl-C; needs the serve extra.
+
+    Example: medseg serve runs/unet-kvasir_seg --port 7860
+    """
+    from medseg.engine.serve import Viewer
+
+    viewer = Viewer(run, device, precision, threshold)
+    url = viewer.launch(host, port)
+    console.print(Text(f"serving {viewer.predictor.folder} at {url} (Ctrl-C stops)"), soft_wrap=True)
+    viewer.wait()
 
 
 benchmark_app = typer.Typer()  # help: the callback's docstring

@@ -247,12 +247,12 @@ def test_a_full_disk_while_predicting_is_one_line_and_the_manifest_says_incomple
 
 
 def test_a_full_disk_while_evaluating_leaves_no_eval_folder(run_copy, monkeypatch):
-    import medseg.engine.evaluate as evaluate_module
+    import medseg.engine.score as score_module  # evaluate writes its report through score's writer
 
     def full_disk(path, *args):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(evaluate_module, "_write_per_case", full_disk)
+    monkeypatch.setattr(score_module, "write_per_case", full_disk)
     guard = Guard(run_copy)
     refused(medseg_inprocess("evaluate", str(run_copy), "--overlays", "0"), "No space left on device")
     guard.check()

@@ -269,7 +269,7 @@ def test_a_killed_evaluations_temporary_is_cleaned_by_the_next(run_copy, tiny_ru
 
 
 def test_the_report_lists_the_worst_cases_first_even_when_all_fit():
-    from medseg.engine.evaluate import _overlay_cases
+    from medseg.engine.score import overlay_cases as _overlay_cases
 
     assert _overlay_cases(["a", "b", "c"], [0.9, 0.1, 0.5], 8) == ["b", "c", "a"]
     assert _overlay_cases(["a", "b", "c"], [0.9, float("nan"), 0.5], -1) == ["b", "c", "a"]

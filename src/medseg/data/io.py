@@ -473,3 +473,17 @@ def write_image_atomic(path: str | Path, array: np.ndarray) -> None:
     image = Image.fromarray(np.ascontiguousarray(array))
     with atomic_file(path) as temporary, temporary.open("xb") as stream:
         image.save(stream, format="PNG")
+
+
+def pixel_spacing(path: str | Path) -> tuple[float, float] | None:
+    """(row, column) pixel size in mm from the resolution a file records: a PNG's pHYs chunk in pixels per metre,
+    a TIFF's X/YResolution in inch or centimetre units (Pillow reads both as dpi); None when it records none."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            dpi = image.info.get("dpi")
+    except Exception as exc:  # Pillow raises many exception types for damaged files
+        raise _cannot_read("mask", path, exc) from exc
+    if not dpi or len(dpi) != 2 or not all(float(d) > 0 for d in dpi):
+        return None
+    return 25.4 / float(dpi[1]), 25.4 / float(dpi[0])

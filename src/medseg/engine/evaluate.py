@@ -2,30 +2,26 @@
 
 Writes RUN/eval/<data>[-<split>]/ atomically: per_case.csv (one row per image), summary.json (the
 protocol with its full definition, the numbers, what was scored), report.md (the table, best and worst
-cases) and overlays/ (prediction tinted red, annotation outlined green). Probabilities are resized
-back to each mask's original size before thresholding, so scores are at annotation resolution.
+cases) and overlays/ (prediction tinted red, annotation outlined green), through `medseg.engine.score`, which
+writes the same report for a folder of predictions. Probabilities are resized back to each mask's original size
+before thresholding, so scores are at annotation resolution.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 from pathlib import Path
-from typing import Any
 
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
 from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor, load_labels
 from medseg.data.formats import Case, discover
-from medseg.data.io import write_image_atomic
 from medseg.data.splits import cases_for
-from medseg.engine.inference import Predictor, overlay, resize_probabilities
+from medseg.engine.inference import Predictor, resize_probabilities
 from medseg.engine.postprocess import FROM_OPTION, TUNED, PostProcessing, choose_threshold
 from medseg.engine.predict import check_threshold
 from medseg.engine.run import Run, now, slug
+from medseg.engine.score import case_spacing, overlay_cases, parse_spacing, spacing_record, write_overlay, write_report
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, check_output_folder, user_write_errors
@@ -33,7 +29,6 @@ from medseg.metrics import get_protocol, predict_labels
 from medseg.progress import Progress
 
 SPLITS = ("auto", "all", "train", "val", "test")
-OVERLAY_MIN_SIDE = 256
 MOVE_ASIDE = "move it aside: evaluate writes its results in the run folder's eval/"
 
 
@@ -55,11 +50,12 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None, precision: str = "auto", threshold: float | None = None,
-             postprocessing: PostProcessing | None = None) -> Path:
+             level: int | None = None, precision: str = "auto", spacing: str | None = None,
+             threshold: float | None = None, postprocessing: PostProcessing | None = None) -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
-    returns the eval folder. The label metrics use `threshold` (None: the model folder's tuned one, else the
-    protocol's) and `postprocessing` (None: the recipe's eval.postprocess); map metrics use the probabilities."""
+    returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`). The
+    label metrics use `threshold` (None: the model folder's tuned one, else the protocol's) and `postprocessing`
+    (None: the recipe's eval.postprocess); map metrics use the probabilities."""
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
@@ -71,6 +67,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         raise MedsegError(f"--overlays takes a count of overlay pictures, 0 for none or -1 for all; got {overlays}")
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
+    spacing_choice = parse_spacing(spacing)
     if threshold is not None:
         check_threshold(threshold)
     check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
@@ -92,14 +89,16 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
                         num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
-    stems, sizes, pixels = [], [], []
+    stems, sizes, pixels, used = [], [], [], []
+    by_stem = {c.stem: c for c in cases}
     with Progress("evaluate", len(cases)) as progress:
         for batch in loader:
             probs = predictor.probabilities(batch["image"]).cpu()
             for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
                 resized = resize_probabilities(prob, size)
                 labels = postprocessing.apply(predict_labels(resized[None], threshold)[0])
-                scorer.add(resized, mask, labels if decided else None)
+                used.append(case_spacing(spacing_choice, by_stem[stem]))
+                scorer.add(resized, mask, labels if decided else None, spacing=used[-1])
                 stems.append(stem)
                 sizes.append(size)
                 pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
@@ -113,9 +112,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         name += f"-{protocol_def.name}"
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
-        _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
-        chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
-        by_stem = {c.stem: c for c in cases}
+        chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         for stem in chosen:
             _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor, threshold, postprocessing)
         info = {
@@ -128,6 +125,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
                           if k in predictor.config}, "level": level},
             "numeric": predictor.mode.to_dict(),
+            "spacing": spacing_record(spacing_choice, used),
             "decision": {"threshold": threshold, "threshold_source": threshold_source,
                          "postprocess": postprocessing.to_dict(),
                          "applies_to": "label metrics, overlays and predicted_pixels; map metrics use the "
@@ -135,30 +133,8 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }
-        (tmp / "summary.json").write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / "report.md").write_text(_report(info, stems, per_case, chosen, protocol_def.rank_metric))
+        write_report(tmp, info, stems, sizes, pixels, per_case, chosen, protocol_def.rank_metric)
     return final
-
-
-def _write_per_case(path: Path, stems: list[str], sizes: list[tuple[int, int]], pixels: list[tuple[int, int]],
-                    per_case: dict[str, list[float]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["stem", "height", "width", "mask_pixels", "predicted_pixels", *per_case])
-    for i, stem in enumerate(stems):
-        writer.writerow([stem, *sizes[i], *pixels[i], *(f"{per_case[m][i]:.6f}" for m in per_case)])
-    path.write_text(buffer.getvalue())
-
-
-def _overlay_cases(stems: list[str], scores: list[float] | None, count: int) -> list[str]:
-    """The `count` cases to picture: half the worst and half the best by the protocol's main score
-    (all when count < 0)."""
-    ranked = [(-1.0 if math.isnan(v) else v) for v in (scores or [0.0] * len(stems))]
-    order = sorted(range(len(stems)), key=lambda i: (ranked[i], stems[i]))  # worst first
-    if count < 0 or count >= len(stems):
-        return [stems[i] for i in order]
-    worst, best = order[: (count + 1) // 2], order[len(order) - count // 2:]
-    return [stems[i] for i in dict.fromkeys(worst + best)]
 
 
 def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: float = 0.5,
@@ -170,44 +146,4 @@ def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: floa
     labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0]
     labels = (postprocessing.apply(labels) if postprocessing else labels).numpy()
     truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
-    picture = overlay(original.permute(1, 2, 0).numpy(), labels, truth)
-    zoom = -(-OVERLAY_MIN_SIDE // max(picture.shape[:2]))  # small images are enlarged (nearest) to be seen
-    if zoom > 1:
-        picture = picture.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    write_image_atomic(path, picture)
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.4f}"
-
-
-def _report(info: dict[str, Any], stems: list[str], per_case: dict[str, list[float]], chosen: list[str],
-            rank_metric: str) -> str:
-    protocol = info["protocol"]
-    lines = [f"# Evaluation: {Path(info['run']).name} on {Path(info['data']).name} ({info['split']})", ""]
-    if info["synthetic"]:
-        lines += ["**The data are SYNTHETIC** (medseg's generated phantom), not patient images.", ""]
-    lines += [f"- model: {info['model'].get('name')} ({info['model'].get('checkpoint', '?')}), "
-              f"recipe {info['model'].get('recipe', '?')}",
-              f"- cases: {info['cases']}", f"- data: `{info['data']}`",
-              f"- protocol **{protocol['name']}**: {protocol['description']}"]
-    if "threshold" in protocol:
-        lines.append(f"  threshold {protocol['threshold']}, aggregation {protocol['aggregation']}, "
-                     f"empty rule {protocol['empty']}")
-    for metric, meaning in protocol.get("definitions", {}).items():
-        lines.append(f"  - `{metric}`: {meaning}")
-    lines += ["", "| metric | value | std | median | n |", "|---|---|---|---|---|"]
-    for metric, values in info["metrics"].items():
-        cells = [_number(values.get(key)) for key in ("value", "std", "median")]
-        lines.append(f"| {metric} | {' | '.join(cells)} | {values['n']} |")
-    if chosen:
-        index = {s: i for i, s in enumerate(stems)}
-        lines += ["", "## Overlays", "",
-                  f"Prediction (at {info['decision']['threshold']:g}) tinted red, annotation outlined green (worst "
-                  "cases first).", ""]
-        rank = rank_metric if rank_metric in per_case else next(iter(per_case))
-        for stem in chosen:
-            lines += [f"**{stem}**: {rank} {per_case[rank][index[stem]]:.3f}", "",
-                      f"![{stem}](overlays/{stem}.png)", ""]
-    lines += ["", f"Per-case numbers: `per_case.csv`; all definitions: `summary.json`. Written {info['created']}."]
-    return "\n".join(lines) + "\n"
+    write_overlay(path, original.permute(1, 2, 0).numpy(), labels, truth)

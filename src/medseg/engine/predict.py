@@ -249,8 +249,18 @@ class NativeDataset(Dataset):
                 "size": tuple(image.shape[-2:])}
 
 
+def image_probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:
+    """One image (C, H, W) in [0, 1], as `load_image_tensor` gives it -> probabilities (K, H, W) at its own size,
+    through predict's default path (resized to the training size, normalised, padded, resized back); what
+    `medseg serve` shows."""
+    prep = predictor.preprocessing
+    probs = predictor.probabilities(prep.normalise(prep.resize(image))[None]).cpu()[0]
+    return resize_probabilities(probs, tuple(image.shape[-2:]))
+
+
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:
-    scaled = (probs.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    # rounded as the map protocols round (medseg.metrics.polyp): `medseg score` on these files equals evaluate
+    scaled = (probs.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     if probs.shape[0] <= 2:  # binary: the foreground probability (the last channel of a two-class head)
         _write(out / f"{stem}_prob.png", np.ascontiguousarray(scaled[-1]), written)
         return

@@ -67,9 +67,10 @@ class PolypScorer:
         self.soft_dice: list[float] = []
         self.iou: list[float] = []
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+            spacing: tuple[float, float] | None = None) -> None:
         """probabilities (1 or 2, H, W) in [0, 1] (the last channel is the foreground); mask (H, W), 0 = background.
-        `labels` is accepted for the common interface and unused: these metrics score the probability map."""
+        Map metrics score the probabilities themselves: decided `labels` and `spacing` do not enter them."""
         prediction = (probabilities[-1].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         truth = ((mask > 0).to(torch.uint8) * 255).numpy()
         self.add_maps(prediction, truth)

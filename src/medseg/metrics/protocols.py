@@ -3,9 +3,15 @@ aggregation per image or pooled, the value of an empty mask, background included
 reproduce what the papers and the standard toolboxes report (ours).
 
 Three kinds share one interface (`scorer(num_classes)` -> add / per_case / summary, `definition()`,
-`rank_metric`): confusion protocols here (paper, nnunet, pooled), the polyp map protocols of
-`medseg.metrics.polyp` (pranet, m2snet), and combined protocols that report the metrics of several parts side by
-side, as a paper's table does (infnet: M2SNet's COVID-19 Table 3; goals: its OCT-layer Table 5).
+`rank_metric`): confusion protocols here (paper, nnunet, pooled; nnunet adds the surface metrics of
+`medseg.metrics.surface`), the polyp map protocols of `medseg.metrics.polyp` (pranet, m2snet), and combined
+protocols that report the metrics of several parts side by side, as a paper's table does (infnet: M2SNet's
+COVID-19 Table 3; goals: its OCT-layer Table 5).
+
+A scorer's `add(probabilities, mask, labels=None, spacing=None)` takes one case: probabilities (K, H, W) at the
+mask's size, the reference labels (H, W), optionally the label map already decided (a tuned threshold,
+post-processing, a predicted mask), which replaces thresholding for the label metrics (confusion, surface, layer
+distance) while map metrics keep using the probabilities, and the pixel spacing (row, column) for distances.
 
 `summary.json` always records the protocol with its full definition, so a number can be compared
 with a paper's only when the protocols match.
@@ -24,6 +30,7 @@ from medseg.metrics.confusion import FOREGROUND_METRICS, MEAN_METRICS, confusion
 from medseg.metrics.layers import MED_DEFINITION, layer_distances
 from medseg.metrics.polyp import DEFINITIONS as MAP_DEFINITIONS
 from medseg.metrics.polyp import MAP_PROTOCOLS, MapProtocol, map_protocol
+from medseg.metrics.surface import SurfaceDistance, SurfaceScorer
 
 
 @dataclass(frozen=True)
@@ -34,18 +41,26 @@ class Protocol:
     aggregation: Literal["per-image", "pooled"] = "per-image"
     empty: Literal["nan", "one", "zero"] = "one"  # value of a metric whose denominator is zero
     metrics: tuple[str, ...] = FOREGROUND_METRICS + MEAN_METRICS
+    surface: SurfaceDistance | None = None  # HD95, ASSD, NSD beside the confusion metrics (per-image only)
 
     @property
     def rank_metric(self) -> str:
         return "dice"
 
-    def scorer(self, num_classes: int) -> "ConfusionScorer":
-        return ConfusionScorer(self, num_classes)
+    def scorer(self, num_classes: int) -> "ConfusionScorer | CombinedScorer":
+        if self.surface is None:
+            return ConfusionScorer(self, num_classes)
+        return CombinedScorer([ConfusionScorer(self, num_classes), SurfaceScorer(self.surface, num_classes)])
 
     def definition(self) -> dict:
-        return {**asdict(self), "metrics": list(self.metrics),
-                "binary_rule": f"foreground if probability >= {self.threshold}; multi-class: argmax",
-                "resize": "probabilities are resized (bilinear) to each mask's original size before thresholding"}
+        out = {**asdict(self), "metrics": list(self.metrics),
+               "binary_rule": f"foreground if probability >= {self.threshold}; multi-class: argmax",
+               "resize": "probabilities are resized (bilinear) to each mask's original size before thresholding"}
+        if self.surface is not None:
+            out.update(metrics=list(self.metrics + self.surface.metrics), surface=self.surface.definition())
+        else:
+            out.pop("surface")
+        return out
 
 
 @dataclass(frozen=True)
@@ -113,8 +128,10 @@ PROTOCOLS: dict[str, Protocol | MapProtocol | CombinedProtocol] = {
                  "empty prediction on an empty mask scores 1 (the smooth-term convention of the papers' code). "
                  "mDice/mIoU average foreground and background (STS-Net)."),
         Protocol("nnunet", "nnU-Net's evaluation: per-case Dice and IoU at 0.5 (argmax for multi-class), NaN when "
-                 "both prediction and reference are empty, mean over the cases that are not NaN.",
-                 empty="nan", metrics=("dice", "iou", "precision", "sensitivity")),
+                 "both prediction and reference are empty, mean over the cases that are not NaN; with the surface "
+                 "metrics HD95, ASSD and NSD (tolerance 2 spacing units) by MONAI.",
+                 empty="nan", metrics=("dice", "iou", "precision", "sensitivity"),
+                 surface=SurfaceDistance(tolerance=2.0, empty="nan")),
         Protocol("pooled", "Confusion metrics at threshold 0.5 from counts pooled over all pixels of all images "
                  "(one global score, common for vessel segmentation).", aggregation="pooled"),
     )
@@ -139,9 +156,10 @@ class ConfusionScorer:
         self.num_classes = num_classes
         self.counts: list[torch.Tensor] = []
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """probabilities (K, H, W) at the mask's size; mask (H, W) labels; `labels` (H, W), when given, the
-        already-decided prediction (tuned threshold, post-processing) used instead of thresholding."""
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+            spacing: tuple[float, float] | None = None) -> None:
+        """probabilities (K, H, W) at the mask's size; mask (H, W) labels; `labels` (H, W), when given, replaces
+        thresholding the probabilities; `spacing` is not used by confusion metrics."""
         if labels is None:
             labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
         self.counts.append(confusion_counts(labels[None], mask[None], self.num_classes)[0])
@@ -161,7 +179,9 @@ class LayerDistanceScorer:
         self.num_classes = num_classes
         self.values: list[list[float]] = []
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+            spacing: tuple[float, float] | None = None) -> None:
+        """As `ConfusionScorer.add`; MED is in pixels, so `spacing` is not used."""
         if labels is None:
             labels = predict_labels(probabilities[None], self.protocol.threshold)[0]
         self.values.append(layer_distances(labels, mask, self.num_classes))
@@ -184,9 +204,10 @@ class CombinedScorer:
     def __init__(self, scorers: list):
         self.scorers = scorers
 
-    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def add(self, probabilities: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor | None = None,
+            spacing: tuple[float, float] | None = None) -> None:
         for scorer in self.scorers:
-            scorer.add(probabilities, mask, labels)
+            scorer.add(probabilities, mask, labels, spacing)
 
     def per_case(self) -> dict[str, list[float]]:
         return {name: values for scorer in self.scorers for name, values in scorer.per_case().items()}
