@@ -141,7 +141,9 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     out = check_output_folder(out, "--out")
     predictor = Predictor(model_path, device, level, precision)
-    threshold, threshold_source = choose_threshold(threshold, predictor.threshold, predictor.num_classes)
+    # an exported model folder may carry no tuned threshold (`Predictor.threshold` is None then too)
+    tuned = getattr(predictor, "threshold", None)
+    threshold, threshold_source = choose_threshold(threshold, tuned, predictor.num_classes)
     if save_attention:
         predictor.record_attention()
     paths, problems = expand_inputs(inputs)
