@@ -18,11 +18,12 @@ from medseg.engine.onnx_predictor import SIDECAR
 from medseg.errors import MedsegError
 from medseg.models import create_model, load_model, save_model
 
-# The five seed networks at a small size with random weights; options keep them small where they have one. The
-# heavy graphs (Res2Net-50, ResNeXt-50) use the TorchScript-based ONNX exporter here because the dynamo exporter
-# takes half a minute on them on 2 cores; unet and fovea_unet go through the default (dynamo first).
-SEEDS = [("unet", {"base_channels": 4}, "auto"), ("m2snet", {}, "torchscript"), ("anunet", {}, "torchscript"),
-         ("stsnet", {}, "torchscript"), ("focusnet", {}, "torchscript"), ("fovea_unet", {}, "auto")]
+# The five seed networks at 64 px with random weights (U-Net, exported from a trained run, is in the predict tests
+# below). The dynamo exporter takes half a minute to three minutes per network on 2 busy cores, the
+# TorchScript-based one a few seconds: Fovea-UNet (custom pooling) goes through the default (dynamo first), the
+# others through the TorchScript-based exporter, to keep the suite's time.
+SEEDS = [("m2snet", {}, "torchscript"), ("anunet", {}, "torchscript"), ("stsnet", {}, "torchscript"),
+         ("focusnet", {}, "torchscript"), ("fovea_unet", {}, "auto")]
 SIZE = 64
 
 
@@ -94,10 +95,11 @@ def test_missing_onnxruntime_names_the_extra(tmp_path, monkeypatch):
     assert "onnxruntime" in line and not (tmp_path / "e").exists()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_torchscript_round_trip(tmp_path):
-    folder = model_folder(tmp_path, "anunet", {})
+    folder = model_folder(tmp_path, "unet", {"base_channels": 4})
     sidecar = export(folder, "torchscript", tmp_path / "ts", dynamic=True)
-    assert sidecar["exporter"] == "torch.jit.trace" and sidecar["parity"]["sizes"] == [[SIZE, SIZE], [80, 80]]
+    assert sidecar["exporter"] == "torch.jit.trace" and sidecar["parity"]["passed"]
     loaded = torch.jit.load(str(tmp_path / "ts" / "model.pt"))
     images = torch.randn(2, 3, 48, 96, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -115,14 +117,15 @@ def test_predict_from_an_onnx_export_writes_the_run_s_masks(tiny_run, phantom, t
     predicts. Equal masks are expected except for a pixel whose probability lies within the parity tolerance of
     the threshold: at least 99.9 % of pixels must agree."""
     exported = tmp_path / "onnx"
-    result = run_cli("export", str(tiny_run.path), "--format", "onnx", "--out", str(exported))
-    assert result.returncode == 0, result.stderr
+    result = run_cli("export", str(tiny_run.path), "--format", "onnx", "--out", str(exported))  # as a user runs it
+    assert result.returncode == 0 and "parity on" in result.stdout, result.stderr
     sidecar = json.loads((exported / SIDECAR).read_text())
+    assert sidecar["parity"]["passed"] and sidecar["exporter"] == "torch.onnx.export(dynamo=True)"
     assert sidecar["parity"]["inputs"].startswith("real: ") and str(phantom) in sidecar["parity"]["inputs"]
     images = sorted((phantom / "images").glob("*.png"))[:4]
     for source, out in ((tiny_run.path, tmp_path / "from-run"), (exported, tmp_path / "from-onnx")):
-        result = run_cli("predict", str(source), *map(str, images), "--out", str(out), "--precision", "32",
-                         "--device", "cpu", "--probabilities")
+        result = medseg_inprocess("predict", str(source), *map(str, images), "--out", str(out), "--precision", "32",
+                                  "--device", "cpu", "--probabilities")
         assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "from-onnx" / "predict.json").read_text())
     assert manifest["complete"] and manifest["model"] == str(exported.resolve())
@@ -145,6 +148,7 @@ def test_a_dynamic_onnx_export_predicts_at_native_size(tmp_path, kvasir):
     exported = tmp_path / "onnx"
     sidecar = export(folder, "onnx", exported, dynamic=True)
     assert sidecar["dynamic"] and sidecar["input"]["shape"] == ["batch", 3, "height", "width"]
+    assert sidecar["parity"]["passed"] and sidecar["parity"]["sizes"] == [[SIZE, SIZE], [80, 80]]
     image = sorted((kvasir / "images").glob("*.jpg"))[0]  # a real photograph of its own odd size
     for source, out in ((folder, tmp_path / "from-model"), (exported, tmp_path / "from-onnx")):
         result = medseg_inprocess("predict", str(source), str(image), "--out", str(out), "--native", "--precision",
@@ -154,3 +158,12 @@ def test_a_dynamic_onnx_export_predicts_at_native_size(tmp_path, kvasir):
                                                                                    f"{image.stem}.png")
     assert onnx_mask.shape == np.asarray(Image.open(image)).shape[:2]
     assert (run_mask == onnx_mask).mean() >= 0.999
+
+
+def test_export_help_has_an_example():
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    help_text = CliRunner().invoke(app, ["export", "--help"], terminal_width=200)
+    assert help_text.exit_code == 0 and "Example: medseg export" in help_text.stdout and "--dynamic" in help_text.stdout
