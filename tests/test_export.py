@@ -167,3 +167,22 @@ def test_export_help_has_an_example():
 
     help_text = CliRunner().invoke(app, ["export", "--help"], terminal_width=200)
     assert help_text.exit_code == 0 and "Example: medseg export" in help_text.stdout and "--dynamic" in help_text.stdout
+
+
+def test_a_network_the_dynamo_exporter_fails_on_falls_back_and_says_so(tmp_path, monkeypatch):
+    folder = model_folder(tmp_path, "unet", {"base_channels": 4})
+    real_export = torch.onnx.export
+
+    def dynamo_fails(*args, dynamo=True, **kwargs):  # as torch.export fails on an untraceable op
+        if dynamo:
+            raise RuntimeError("Failed to export the model with torch.export")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    sidecar = export(folder, "onnx", tmp_path / "export")
+    assert sidecar["exporter"] == ("torch.onnx.export(dynamo=False) (dynamo failed: Failed to export the model with "
+                                   "torch.export)")
+    assert sidecar["parity"]["passed"]
+    with pytest.raises(MedsegError, match="the dynamo ONNX exporter failed.*--exporter torchscript"):
+        export(folder, "onnx", tmp_path / "export", exporter="dynamo")
+    assert json.loads((tmp_path / "export" / SIDECAR).read_text()) == sidecar  # the earlier export is kept

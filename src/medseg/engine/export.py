@@ -106,8 +106,8 @@ def _run_images(source: Path, prep: Preprocessing, size: tuple[int, int]) -> tup
     from medseg.data.formats import discover
     from medseg.data.splits import cases_for
 
-    run = Run(source)
-    if not run.config_file.is_file() or not run.splits_file.is_file():
+    run = next((Run(p) for p in (source, source.parent) if (p / "config.yaml").is_file()), None)  # RUN or RUN/model
+    if run is None or not run.splits_file.is_file():
         return None
     try:
         data = run.data_root()
@@ -161,11 +161,10 @@ def export(path: str | Path, fmt: str, out: str | Path, dynamic: bool = False, o
     with atomic_folder(out, replace=True) as tmp:
         if fmt == "onnx":
             written_by = _export_onnx(wrapped, images, tmp / file_name, dynamic, opset, exporter)
-            run_exported = _onnx_runner(tmp / file_name)
         else:
             written_by = _export_torchscript(wrapped, images, tmp / file_name)
-            run_exported = _torchscript_runner(tmp / file_name)
         seconds = time.perf_counter() - started
+        run_exported = (_onnx_runner if fmt == "onnx" else _torchscript_runner)(tmp / file_name)
         parity = compare([run_exported(x) for x in checks], expected, rtol, atol)
         parity.update(inputs=described, sizes=[list(s) for s in sizes], batch=int(images.shape[0]))
         if not parity["passed"]:
