@@ -186,3 +186,22 @@ def test_a_network_the_dynamo_exporter_fails_on_falls_back_and_says_so(tmp_path,
     with pytest.raises(MedsegError, match="the dynamo ONNX exporter failed.*--exporter torchscript"):
         export(folder, "onnx", tmp_path / "export", exporter="dynamo")
     assert json.loads((tmp_path / "export" / SIDECAR).read_text()) == sidecar  # the earlier export is kept
+
+
+def test_a_damaged_export_folder_or_a_missing_cuda_provider_is_one_line(tmp_path, kvasir):
+    from medseg.engine.onnx_predictor import _providers
+
+    image = str(sorted((kvasir / "images").glob("*.jpg"))[0])
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / SIDECAR).write_text("{not json")
+    refused(medseg_inprocess("predict", str(damaged), image, "--out", str(tmp_path / "p")), "not valid JSON",
+            "export the run again")
+    (damaged / SIDECAR).write_text(json.dumps({"format": 1, "kind": "onnx", "file": "model.onnx"}))
+    refused(medseg_inprocess("predict", str(damaged), image, "--out", str(tmp_path / "p")), "lacks network")
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(MedsegError, match="no CUDA provider.*--device cpu"):
+        _providers("cuda", ["CPUExecutionProvider"])
+    device, providers = _providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert str(device) == "cuda:1" and providers[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert _providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[1] == ["CPUExecutionProvider"]
