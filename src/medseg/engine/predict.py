@@ -30,6 +30,7 @@ from medseg.data.dataset import InferenceDataset, collate_inference, load_image_
 from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, non_2d_format, write_image_atomic
 from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
+from medseg.engine.onnx_predictor import OnnxPredictor, is_export_folder
 from medseg.engine.run import now
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
@@ -133,7 +134,8 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     out = check_output_folder(out, "--out")
-    predictor = Predictor(model_path, device, level, precision)
+    predictor = (OnnxPredictor(model_path, device, level, precision, native) if is_export_folder(model_path)
+                 else Predictor(model_path, device, level, precision))
     if save_attention:
         predictor.record_attention()
     paths, problems = expand_inputs(inputs)
