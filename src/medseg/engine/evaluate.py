@@ -4,6 +4,11 @@ Writes RUN/eval/<data>[-<split>]/ atomically: per_case.csv (one row per image), 
 protocol with its full definition, the numbers, what was scored), report.md (the table, best and worst
 cases) and overlays/ (prediction tinted red, annotation outlined green). Probabilities are resized
 back to each mask's original size before thresholding, so scores are at annotation resolution.
+
+Inference is planned as predict plans it (medseg.engine.inference: tiles, flips, an ensemble); summary.json
+records the plan, and a plan other than the model's default gets a folder of its own (e.g.
+`<data>-resized`, `<data>-tile256x256-o0.5`, `<data>-tta`, `<data>-ensemble3`) so modes never overwrite each
+other's numbers.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
-from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor, load_labels
+from medseg.data.dataset import collate_inference, load_image_tensor, load_labels
 from medseg.data.formats import Case, discover
 from medseg.data.io import write_image_atomic
 from medseg.data.splits import cases_for
-from medseg.engine.inference import Predictor, overlay, resize_probabilities
+from medseg.engine.inference import InferencePlan, build_plan, inference_dataset, overlay, stored_tiling
 from medseg.engine.run import Run, now, slug
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
@@ -52,9 +57,10 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None, precision: str = "auto") -> Path:
+             level: int | None = None, precision: str = "auto", *, ensemble: list[str | Path] = (),
+             tile: str | None = None, overlap: float | None = None, tta: str = "none") -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
-    returns the eval folder."""
+    returns the eval folder. `ensemble`, `tile`, `overlap` and `tta` plan the inference as in predict."""
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
@@ -67,7 +73,8 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
-    predictor = Predictor(run.path, device, level, precision)
+    plan = build_plan([run.path, *ensemble], device, level, precision, tile, overlap, tta, batch_size=batch_size)
+    predictor = plan.reference
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
@@ -76,15 +83,13 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         first = report.errors[0]
         raise MedsegError(f"{data}: {first.line()} — run `medseg check-data {data}` to see all problems")
 
-    dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
-                        num_workers=default_workers() if workers is None else workers)
+    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
+                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
     stems, sizes, pixels = [], [], []
     for batch in loader:
-        probs = predictor.probabilities(batch["image"]).cpu()
-        for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-            resized = resize_probabilities(prob, size)
+        probs = plan.batch_at_original_size(batch["image"], batch["size"])
+        for resized, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
             scorer.add(resized, mask)
             stems.append(stem)
             sizes.append(size)
@@ -96,13 +101,14 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
+    name += plan_suffix(plan)
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         _write_per_case(tmp / "per_case.csv", stems, sizes, pixels, per_case)
         chosen = _overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         by_stem = {c.stem: c for c in cases}
         for stem in chosen:
-            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor)
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], plan)
         info = {
             "protocol": protocol_def.definition(),
             "metrics": summary,
@@ -113,6 +119,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
                           if k in predictor.config}, "level": level},
             "numeric": predictor.mode.to_dict(),
+            "inference": plan.to_dict(),
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }
@@ -142,13 +149,24 @@ def _overlay_cases(stems: list[str], scores: list[float] | None, count: int) -> 
     return [stems[i] for i in dict.fromkeys(worst + best)]
 
 
-def _write_overlay(path: Path, case: Case, predictor: Predictor) -> None:
+def plan_suffix(plan: InferencePlan) -> str:
+    """The eval folder's suffix for a plan other than the model's default: tiling, TTA, ensemble size."""
+    suffix = ""
+    if plan.tiling != stored_tiling(plan.reference.config):
+        suffix += "-resized" if plan.tiling is None else \
+            f"-tile{plan.tiling.tile[0]}x{plan.tiling.tile[1]}-o{plan.tiling.overlap:g}"
+    if plan.tta != "none":
+        suffix += "-tta"
+    if len(plan.predictors) > 1:
+        suffix += f"-ensemble{len(plan.predictors)}"
+    return suffix
+
+
+def _write_overlay(path: Path, case: Case, plan: InferencePlan) -> None:
     """Prediction at 0.5 (argmax for multi-class) over the image, annotation outlined."""
-    original = load_image_tensor(case, predictor.preprocessing, reduce=False)
-    prep = predictor.preprocessing
-    probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
-    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], 0.5)[0].numpy()
-    truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
+    original = load_image_tensor(case, plan.preprocessing, reduce=False)
+    labels = predict_labels(plan.probabilities_at_original_size(original)[None], 0.5)[0].numpy()
+    truth = load_labels(case, plan.num_classes, plan.reference.mask_threshold).numpy()
     picture = overlay(original.permute(1, 2, 0).numpy(), labels, truth)
     zoom = -(-OVERLAY_MIN_SIDE // max(picture.shape[:2]))  # small images are enlarged (nearest) to be seen
     if zoom > 1:
