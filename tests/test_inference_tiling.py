@@ -172,6 +172,7 @@ def test_crop_training_runs_and_the_model_records_the_crop(phantom, tmp_path):
     from medseg.config import load_recipe
     from medseg.data.dataset import SegmentationDataset
     from medseg.data.formats import discover
+    from medseg.engine.data import SegmentationDataModule
     from medseg.engine.evaluate import evaluate
     from medseg.engine.train import train
 
@@ -192,6 +193,13 @@ def test_crop_training_runs_and_the_model_records_the_crop(phantom, tmp_path):
         train(load_recipe("unet", (*TINY, "data.crop=24")), phantom, out=tmp_path / "runs", progress=False)
     with pytest.raises(MedsegError, match="crop and multiscale do not combine"):
         load_recipe("unet", (*TINY, "data.crop=32", "data.multiscale=[32,64]"))
+    with pytest.raises(MedsegError, match="crops_per_image needs data.crop"):
+        load_recipe("unet", (*TINY, "data.crops_per_image=4"))
+    module = SegmentationDataModule(load_recipe("unet", (*TINY, "data.crop=32", "data.crops_per_image=3")), phantom)
+    module.setup("fit")
+    assert len(module.train_set) == 3 * len(module.splits["train"]) == module.training_images()
+    first, again = module.train_set[(0, 0)], module.train_set[(0, len(module.splits["train"]))]  # one case, twice
+    assert first["stem"] == again["stem"] and not torch.equal(first["image"], again["image"])
 
 
 def test_predict_tiles_a_drive_image_at_its_own_size_with_tta_and_an_ensemble(shared_data, tmp_path):

@@ -93,6 +93,7 @@ class DataConfig(Strict):
     # train on random crops (H, W) of the images at their own resolution instead of resizing them to `size`
     # (medseg.data.dataset); inference then tiles by default with tiles of this size (medseg.engine.inference)
     crop: Union[int, tuple[int, int], None] = None
+    crops_per_image: int = Field(1, ge=1)  # with crop: random crops of each training image per epoch (ours)
     multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
     # "dataset": z-score with one mean / std of the training split, computed at the start of training and
     # stored in the run's config.yaml and model as {mean: [m], std: [s]} (FocusNet)
@@ -141,6 +142,8 @@ class DataConfig(Strict):
             if self.amplify is not None:
                 raise ValueError("crop and amplify do not combine (amplified views are resized to data.size); "
                                  "drop one")
+        elif self.crops_per_image > 1:
+            raise ValueError("crops_per_image needs data.crop (random crops per image); set data.crop or drop it")
         return self
 
 

@@ -93,8 +93,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.first_epoch = 0  # the 0-based epoch training starts at (a resumed run's next epoch)
 
     def training_images(self) -> int:
-        """Images of one training epoch: the training split plus amplified views."""
-        return len(self.splits["train"]) + len(self.views)
+        """Images of one training epoch: the training split (times `data.crops_per_image`) plus amplified views."""
+        return len(self.splits["train"]) * self.recipe.data.crops_per_image + len(self.views)
 
     def counts(self) -> str:
         return " / ".join(f"{len(self.splits[name])} {name}" for name in ("train", "val", "test"))
@@ -102,7 +102,9 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         common = {"preprocessing": preprocessing_of(self.recipe), "num_classes": self.recipe.model.num_classes,
                   "mask_threshold": self.recipe.data.mask_threshold, "cache": decoded_cache(self.recipe)}
-        self.train_set = SegmentationDataset([*cases_for(self.layout, self.splits["train"]), *self.views],
+        # data.crops_per_image: each case listed that many times, each listing drawing its own crop and augmentation
+        train_cases = cases_for(self.layout, self.splits["train"]) * self.recipe.data.crops_per_image
+        self.train_set = SegmentationDataset([*train_cases, *self.views],
                                              augment=self.recipe.data.augment, seed=self.recipe.train.seed,
                                              random_crop=True, **common)
         self.val_set = SegmentationDataset(cases_for(self.layout, self.splits["val"]), **common)
