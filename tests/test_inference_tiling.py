@@ -168,6 +168,21 @@ def test_a_crop_trained_model_tiles_by_default_with_its_crop(tmp_path):
         plan.record_attention()
 
 
+
+def test_the_recipes_eval_tiling_is_stored_and_becomes_the_default(tmp_path):
+    from medseg.config import load_recipe
+    from medseg.models.saving import config_problem
+
+    recipe = load_recipe("unet", ["eval.tiling={tile: [128, 96], overlap: 0.25}"])
+    stored = {"tiling": recipe.eval.tiling.model_dump(mode="json"), "preprocessing": {"crop": [32, 32]}}
+    assert stored_tiling(stored) == Tiling((128, 96), 0.25)  # the recipe's tiling wins over the crop
+    with pytest.raises(MedsegError, match="eval.tiling.tile: tile must be positive"):
+        load_recipe("unet", ["eval.tiling={tile: 0}"])
+    config = json.loads((saved_unet(tmp_path / "m") / "config.json").read_text())
+    assert config_problem({**config, "tiling": {"tile": "big"}}, for_inference=True).startswith("`tiling` is")
+    assert config_problem({**config, "tiling": {"tile": [64, 64], "overlap": 0.5}}, for_inference=True) is None
+
+
 def test_crop_training_runs_and_the_model_records_the_crop(phantom, tmp_path):
     from medseg.config import load_recipe
     from medseg.data.dataset import SegmentationDataset

@@ -248,9 +248,12 @@ class TilingConfig(Strict):
     tile: Union[int, tuple[int, int]]
     overlap: float = Field(0.5, ge=0, lt=1)
 
-    @property
-    def tile_hw(self) -> tuple[int, int]:
-        return (self.tile, self.tile) if isinstance(self.tile, int) else tuple(self.tile)
+    @field_validator("tile")
+    @classmethod
+    def _positive(cls, tile: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min((tile, tile) if isinstance(tile, int) else tile) < 1:
+            raise ValueError(f"tile must be positive, e.g. 256 or [256, 320]; got {tile}")
+        return tile
 
 
 class EvalConfig(Strict):
