@@ -167,13 +167,19 @@ def evaluate_command(
     split: str = typer.Option("auto", help="auto (test split of the training folder, else all), all, train, val, test"),
     overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
                                  "none, -1 for all"),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, help="images per batch (tiles per batch with --tile)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first "
                                         "(ANU-Net L1-L4)"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
     spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help="another run (or model folder) whose probabilities are "
+                                        "averaged with RUN's, e.g. a study's other folds (repeatable)"),
+    tile: Optional[str] = typer.Option(None, help="sliding windows at native resolution: tile size 256 or HxW, or "
+                                       "off (default: the training crop for a network trained on crops, else off)"),
+    overlap: Optional[float] = typer.Option(None, help="tile overlap, a fraction in [0, 1) (default 0.5)"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, or flips (the 4 flip combinations averaged)"),
 ) -> None:
     """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
 
@@ -182,7 +188,7 @@ def evaluate_command(
     from medseg.engine.evaluate import evaluate
 
     folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
-                      spacing=spacing)
+                      spacing=spacing, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -238,7 +244,7 @@ def predict_command(
     native: bool = typer.Option(False, help="run at each image's own size instead of the training size"),
     threshold: float = typer.Option(0.5, help="binary decision threshold on the probability, strictly between 0 "
                                     "and 1"),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, help="images per batch (tiles per batch with --tile)"),
     device: str = typer.Option("auto"),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
     save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as "
@@ -247,6 +253,12 @@ def predict_command(
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="predict the good inputs and list the bad ones (default: "
                                   "refuse, naming every bad input, before writing anything)"),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help="another run (or model folder) whose probabilities are "
+                                        "averaged with RUN's, e.g. a study's other folds (repeatable)"),
+    tile: Optional[str] = typer.Option(None, help="sliding windows at native resolution: tile size 256 or HxW, or "
+                                       "off (default: the training crop for a network trained on crops, else off)"),
+    overlap: Optional[float] = typer.Option(None, help="tile overlap, a fraction in [0, 1) (default 0.5)"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, or flips (the 4 flip combinations averaged)"),
 ) -> None:
     """Predict masks for images of any size; masks are written at each input's size. Every input is checked
     first; OUT/predict.json lists inputs, outputs, skipped inputs and settings, and says "complete": true only
@@ -257,7 +269,7 @@ def predict_command(
     from medseg.engine.predict import MANIFEST, predict
 
     manifest = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
-                       save_attention, precision, skip_bad)
+                       save_attention, precision, skip_bad, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta)
     masks = len(manifest["inputs"])
     console.print(Text(f"wrote {masks} mask(s) to {out}; manifest {out / MANIFEST}"), soft_wrap=True)
     for skipped in manifest["skipped"]:

@@ -5,6 +5,11 @@ protocol with its full definition, the numbers, what was scored), report.md (the
 cases) and overlays/ (prediction tinted red, annotation outlined green), through `medseg.engine.score`, which
 writes the same report for a folder of predictions. Probabilities are resized back to each mask's original size
 before thresholding, so scores are at annotation resolution.
+
+Inference is planned as predict plans it (medseg.engine.inference: tiles, flips, an ensemble); summary.json
+records the plan, and a plan other than the model's default gets a folder of its own (e.g.
+`<data>-resized`, `<data>-tile256x256-o0.5`, `<data>-tta`, `<data>-ensemble3`) so modes never overwrite each
+other's numbers.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
-from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor, load_labels
+from medseg.data.dataset import collate_inference, load_image_tensor, load_labels
 from medseg.data.formats import Case, discover
 from medseg.data.splits import cases_for
-from medseg.engine.inference import Predictor, resize_probabilities
+from medseg.engine.inference import InferencePlan, build_plan, inference_dataset, stored_tiling
 from medseg.engine.run import Run, now, slug
 from medseg.engine.score import case_spacing, overlay_cases, parse_spacing, spacing_record, write_overlay, write_report
 from medseg.engine.train import default_workers
@@ -47,9 +52,12 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None, precision: str = "auto", spacing: str | None = None) -> Path:
+             level: int | None = None, precision: str = "auto", spacing: str | None = None, *,
+             ensemble: list[str | Path] = (), tile: str | None = None, overlap: float | None = None,
+             tta: str = "none") -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
-    returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`)."""
+    returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`);
+    `ensemble`, `tile`, `overlap` and `tta` plan the inference as in predict."""
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
@@ -63,7 +71,8 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     spacing_choice = parse_spacing(spacing)
     check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
-    predictor = Predictor(run.path, device, level, precision)
+    plan = build_plan([run.path, *ensemble], device, level, precision, tile, overlap, tta, batch_size=batch_size)
+    predictor = plan.reference
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
@@ -72,16 +81,14 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         first = report.errors[0]
         raise MedsegError(f"{data}: {first.line()} — run `medseg check-data {data}` to see all problems")
 
-    dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
-                        num_workers=default_workers() if workers is None else workers)
+    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
+                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
     stems, sizes, pixels, used = [], [], [], []
     by_stem = {c.stem: c for c in cases}
     for batch in loader:
-        probs = predictor.probabilities(batch["image"]).cpu()
-        for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-            resized = resize_probabilities(prob, size)
+        probs = plan.batch_at_original_size(batch["image"], batch["size"])
+        for resized, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
             used.append(case_spacing(spacing_choice, by_stem[stem]))
             scorer.add(resized, mask, spacing=used[-1])
             stems.append(stem)
@@ -94,11 +101,12 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
+    name += plan_suffix(plan)
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         for stem in chosen:
-            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor)
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], plan)
         info = {
             "protocol": protocol_def.definition(),
             "metrics": summary,
@@ -110,6 +118,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
                           if k in predictor.config}, "level": level},
             "numeric": predictor.mode.to_dict(),
             "spacing": spacing_record(spacing_choice, used),
+            "inference": plan.to_dict(),
             "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
             "created": now(),
         }
@@ -117,11 +126,22 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     return final
 
 
-def _write_overlay(path: Path, case: Case, predictor: Predictor) -> None:
+def plan_suffix(plan: InferencePlan) -> str:
+    """The eval folder's suffix for a plan other than the model's default: tiling, TTA, ensemble size."""
+    suffix = ""
+    if plan.tiling != stored_tiling(plan.reference.config):
+        suffix += "-resized" if plan.tiling is None else \
+            f"-tile{plan.tiling.tile[0]}x{plan.tiling.tile[1]}-o{plan.tiling.overlap:g}"
+    if plan.tta != "none":
+        suffix += "-tta"
+    if len(plan.predictors) > 1:
+        suffix += f"-ensemble{len(plan.predictors)}"
+    return suffix
+
+
+def _write_overlay(path: Path, case: Case, plan: InferencePlan) -> None:
     """Prediction at 0.5 (argmax for multi-class) over the image, annotation outlined."""
-    original = load_image_tensor(case, predictor.preprocessing, reduce=False)
-    prep = predictor.preprocessing
-    probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
-    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], 0.5)[0].numpy()
-    truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
+    original = load_image_tensor(case, plan.preprocessing, reduce=False)
+    labels = predict_labels(plan.probabilities_at_original_size(original)[None], 0.5)[0].numpy()
+    truth = load_labels(case, plan.num_classes, plan.reference.mask_threshold).numpy()
     write_overlay(path, original.permute(1, 2, 0).numpy(), labels, truth)

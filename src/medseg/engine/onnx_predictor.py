@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.data.transforms import Preprocessing
-from medseg.engine.inference import pad_to_multiple
+from medseg.data.transforms import Preprocessing, pad_to_multiple
 from medseg.engine.precision import NumericMode
 from medseg.errors import MedsegError
 

@@ -1,7 +1,9 @@
 """`medseg predict`: masks for new images of any size, written at each input's own size.
 
 By default each image is resized to the size the network was trained at (as evaluation does), so
-predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead.
+predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead, and
+`tile` cuts it into overlapping tiles at its own resolution (the default for a network trained on crops);
+`tta` and `ensemble` average flips and other runs (medseg.engine.inference.InferencePlan).
 Either way the input is padded to the network's size multiple and the output cropped back. Outputs:
 OUT/<stem>.png (0/255 binary, label values multi-class), <stem>_prob.png (foreground probability x 255;
 one <stem>_prob_c<k>.png per class for three classes or more), <stem>_overlay.png, and with `--save-attention`
@@ -26,11 +28,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from medseg.data.check import ERROR, Problem, check_images, group_problems
-from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor
+from medseg.data.dataset import collate_inference, load_image_tensor
 from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, non_2d_format, write_image_atomic
-from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
-from medseg.engine.onnx_predictor import OnnxPredictor, is_export_folder
+from medseg.engine.inference import (
+    InferencePlan,
+    Predictor,
+    build_plan,
+    heat_map,
+    inference_dataset,
+    label_image,
+    overlay,
+    resize_probabilities,
+)
 from medseg.engine.run import now
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
@@ -125,19 +135,22 @@ def output_names(stems: list[str], num_classes: int, overlay_images: bool, proba
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
             probabilities: bool = False, native: bool = False, threshold: float = 0.5, batch_size: int = 8,
             device: str = "auto", level: int | None = None, save_attention: bool = False,
-            precision: str = "auto", skip_bad: bool = False) -> dict[str, Any]:
+            precision: str = "auto", skip_bad: bool = False, *, ensemble: list[str | Path] = (),
+            tile: str | None = None, overlap: float | None = None, tta: str = "none") -> dict[str, Any]:
     """Predict every input image; returns the manifest written to OUT/predict.json (outputs, skipped inputs with
     their reasons, settings). `level` prunes a deeply supervised network (ANU-Net L_N); `save_attention` writes
     its first-layer attention coefficients as heat maps. Every input is checked first: bad ones are refused in
-    one line naming them all, or with `skip_bad` left out and listed."""
+    one line naming them all, or with `skip_bad` left out and listed. `ensemble` adds runs whose probabilities are
+    averaged with the first; `tile` ("256", "256x320", "off"), `overlap` and `tta` ("none", "flips") plan the
+    inference (medseg.engine.inference)."""
     check_threshold(threshold)
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     out = check_output_folder(out, "--out")
-    predictor = (OnnxPredictor(model_path, device, level, precision, native) if is_export_folder(model_path)
-                 else Predictor(model_path, device, level, precision))
+    plan = build_plan([model_path, *ensemble], device, level, precision, tile, overlap, tta, native, batch_size)
+    predictor = plan.reference
     if save_attention:
-        predictor.record_attention()
+        plan.record_attention()
     paths, problems = expand_inputs(inputs)
     problems += check_images(paths, predictor.preprocessing.in_channels)
     bad = {p.file for p in problems}
@@ -162,7 +175,8 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         "model": str(predictor.folder.resolve()),
         "settings": {"threshold": threshold, "native": native, "overlay": overlay_images,
                      "probabilities": probabilities, "level": level, "save_attention": save_attention,
-                     "precision": precision, "device": str(predictor.device), "batch_size": batch_size},
+                     "precision": precision, "device": str(predictor.device), "batch_size": batch_size,
+                     "inference": plan.to_dict()},
         "inputs": [str(p) for p in good],
         "outputs": [],
         "skipped": [{"input": p.file, "reason": p.message + (f" [{p.detail}]" if p.detail else "")}
@@ -173,7 +187,7 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         _write_manifest(out, manifest)  # "complete": false before the first output
         cases = [Case(p.stem, (p,), None) for p in good]
         written = manifest["outputs"]
-        for case, probs, attention in _probabilities(predictor, cases, native, batch_size):
+        for case, probs, attention in _probabilities(plan, cases, batch_size):
             labels = predict_labels(probs[None], threshold)[0]
             _write(out / f"{case.stem}.png", label_image(labels, predictor.num_classes), written)
             if probabilities:
@@ -198,24 +212,19 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_size: int):
-    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)})."""
-    prep = predictor.preprocessing
-    if native:
-        for case in cases:
-            image = load_image_tensor(case, prep, reduce=False)
-            probs = predictor.probabilities(prep.normalise(image)[None]).cpu()[0]
-            yield case, probs, {name: a[0] for name, a in predictor.last_attention.items()}
-        return
-    dataset = InferenceDataset(cases, prep, with_masks=False)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
+def _probabilities(plan: InferencePlan, cases: list[Case], batch_size: int):
+    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)}); images of
+    their own sizes (native, tiled) go one a batch."""
+    batch_size = batch_size if plan.resizes else 1
+    loader = DataLoader(inference_dataset(plan, cases, with_masks=False), batch_size=batch_size,
+                        collate_fn=collate_inference,
                         num_workers=min(default_workers(), max(0, len(cases) // batch_size)))
     by_stem = {c.stem: c for c in cases}
     for batch in loader:
-        probs = predictor.probabilities(batch["image"]).cpu()
-        for index, (prob, stem, size) in enumerate(zip(probs, batch["stem"], batch["size"])):
-            attention = {name: a[index] for name, a in predictor.last_attention.items()}
-            yield by_stem[stem], resize_probabilities(prob, size), attention
+        probs = plan.batch_at_original_size(batch["image"], batch["size"])
+        for index, (prob, stem) in enumerate(zip(probs, batch["stem"])):
+            attention = {name: a[index] for name, a in plan.last_attention.items()}
+            yield by_stem[stem], prob, attention
 
 
 def image_probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:
