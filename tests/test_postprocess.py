@@ -156,5 +156,5 @@ def test_evaluate_scores_post_processed_labels_and_records_them(tiny_run, tmp_pa
     # a flag overrides the recipe's value and keeps the rest
     result = medseg_inprocess("evaluate", str(run), "--overlays", "0", "--min-size", "0", "--fill-holes")
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = json.loads((folder.with_name(folder.name + "-post") / "summary.json").read_text())  # not the recipe's
     assert summary["decision"]["postprocess"]["min_size"] == 0 and summary["decision"]["postprocess"]["fill_holes"]

@@ -170,13 +170,19 @@ def evaluate_command(
     split: str = typer.Option("auto", help="auto (test split of the training folder, else all), all, train, val, test"),
     overlays: int = typer.Option(8, min=-1, help="overlay pictures in the report (worst and best cases); 0 for "
                                  "none, -1 for all"),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, help="images per batch (tiles per batch with --tile)"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level first "
                                         "(ANU-Net L1-L4)"),
     precision: str = typer.Option("auto", help="auto (bf16 + channels_last on a CPU with BF16 instructions, mixed "
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
     spacing: Optional[str] = typer.Option(None, help=SPACING_HELP),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help="another run (or model folder) whose probabilities are "
+                                        "averaged with RUN's, e.g. a study's other folds (repeatable)"),
+    tile: Optional[str] = typer.Option(None, help="sliding windows at native resolution: tile size 256 or HxW, or "
+                                       "off (default: the training crop for a network trained on crops, else off)"),
+    overlap: Optional[float] = typer.Option(None, help="tile overlap, a fraction in [0, 1) (default 0.5)"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, or flips (the 4 flip combinations averaged)"),
     threshold: Optional[float] = typer.Option(None, help="binary decision threshold of the label metrics (default: "
                                               "the one `medseg tune-threshold` stored in the model folder, else the "
                                               "protocol's 0.5)"),
@@ -199,7 +205,8 @@ def evaluate_command(
         recipe = Run(run).require().recipe().eval.postprocess.model_dump()
         postprocessing = from_flags(largest_component, min_size, fill_holes, recipe)
     folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
-                      spacing=spacing, threshold=threshold, postprocessing=postprocessing)
+                      spacing=spacing, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta, threshold=threshold,
+                      postprocessing=postprocessing)
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -247,7 +254,7 @@ def score_command(
 
 @app.command("predict")
 def predict_command(
-    run: Path = typer.Argument(..., help="run folder or model folder"),
+    run: Path = typer.Argument(..., help="run folder, model folder, or ONNX folder from `medseg export`"),
     inputs: list[str] = typer.Argument(..., help="image files, folders or glob patterns"),
     out: Path = typer.Option(..., help="output folder"),
     overlay: bool = typer.Option(False, help="also write <stem>_overlay.png"),
@@ -259,7 +266,7 @@ def predict_command(
     largest_component: bool = typer.Option(False, "--largest-component", help=LARGEST_HELP),
     min_size: int = typer.Option(0, min=0, help=MIN_SIZE_HELP),
     fill_holes: bool = typer.Option(False, "--fill-holes", help=FILL_HOLES_HELP),
-    batch_size: int = typer.Option(8, min=1),
+    batch_size: int = typer.Option(8, min=1, help="images per batch (tiles per batch with --tile)"),
     device: str = typer.Option("auto"),
     level: Optional[int] = typer.Option(None, help="prune a deeply supervised network to this level (ANU-Net L1-L4)"),
     save_attention: bool = typer.Option(False, help="write first-layer attention coefficients as "
@@ -268,6 +275,12 @@ def predict_command(
                                   "on CUDA, else fp32), 32, bf16-mixed, 16-mixed"),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="predict the good inputs and list the bad ones (default: "
                                   "refuse, naming every bad input, before writing anything)"),
+    ensemble: list[Path] = typer.Option([], "--ensemble", help="another run (or model folder) whose probabilities are "
+                                        "averaged with RUN's, e.g. a study's other folds (repeatable)"),
+    tile: Optional[str] = typer.Option(None, help="sliding windows at native resolution: tile size 256 or HxW, or "
+                                       "off (default: the training crop for a network trained on crops, else off)"),
+    overlap: Optional[float] = typer.Option(None, help="tile overlap, a fraction in [0, 1) (default 0.5)"),
+    tta: str = typer.Option("none", help="test-time augmentation: none, or flips (the 4 flip combinations averaged)"),
 ) -> None:
     """Predict masks for images of any size; masks are written at each input's size. Every input is checked
     first; OUT/predict.json lists inputs, outputs, skipped inputs and settings, and says "complete": true only
@@ -280,7 +293,8 @@ def predict_command(
 
     postprocessing = PostProcessing(largest_component, min_size, fill_holes)
     manifest = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
-                       save_attention, precision, skip_bad, postprocessing)
+                       save_attention, precision, skip_bad, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta,
+                       postprocessing=postprocessing)
     masks = len(manifest["inputs"])
     console.print(Text(f"wrote {masks} mask(s) to {out}; manifest {out / MANIFEST}"), soft_wrap=True)
     for skipped in manifest["skipped"]:
@@ -343,6 +357,35 @@ def serve_command(
     url = viewer.launch(host, port)
     console.print(Text(f"serving {viewer.predictor.folder} at {url} (Ctrl-C stops)"), soft_wrap=True)
     viewer.wait()
+
+
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="run folder or model folder"),
+    fmt: str = typer.Option(..., "--format", help="onnx (model.onnx, runs with onnxruntime; `medseg predict` "
+                               "takes the folder) or torchscript (model.pt)"),
+    out: Path = typer.Option(..., help="output folder: new, empty, or an earlier export (replaced)"),
+    dynamic: bool = typer.Option(False, "--dynamic", help="accept any height and width (multiples of the network's "
+                                 "size multiple) instead of the training size only"),
+    opset: Optional[int] = typer.Option(None, min=7, help="ONNX opset (default: the exporter's)"),
+    level: Optional[int] = typer.Option(None, help="export a deeply supervised network pruned to this level "
+                                        "(ANU-Net L1-L4)"),
+    exporter: str = typer.Option("auto", help="ONNX exporter: auto (torch's dynamo exporter, else the "
+                                 "TorchScript-based one), dynamo, torchscript"),
+) -> None:
+    """Export a saved network with its activation (outputs are probabilities) as ONNX or TorchScript, plus
+    medseg-export.json (preprocessing, input/output names and layouts, source, versions, parity). The file is
+    checked against PyTorch first; on a mismatch nothing is written.
+
+    Example: medseg export runs/unet-kvasir_seg --format onnx --dynamic --out exports/unet-kvasir
+    """
+    from medseg.engine.export import export
+
+    sidecar = export(run, fmt, out, dynamic, opset, level, exporter)
+    parity = sidecar["parity"]
+    console.print(Text(f"wrote {out / sidecar['file']} ({sidecar['exporter']}) and {out / 'medseg-export.json'}; "
+                       f"parity on {parity['compared']} probabilities: max error {parity['max_abs_error']:.2g} "
+                       f"(allowed {parity['atol']:g} + {parity['rtol']:g} x |p|)"), soft_wrap=True)
 
 
 benchmark_app = typer.Typer()  # help: the callback's docstring

@@ -90,6 +90,10 @@ class AmplifyConfig(Strict):
 
 class DataConfig(Strict):
     size: Union[int, tuple[int, int]] = 256  # training / inference size (H, W); an int means square
+    # train on random crops (H, W) of the images at their own resolution instead of resizing them to `size`
+    # (medseg.data.dataset); inference then tiles by default with tiles of this size (medseg.engine.inference)
+    crop: Union[int, tuple[int, int], None] = None
+    crops_per_image: int = Field(1, ge=1)  # with crop: random crops of each training image per epoch (ours)
     multiscale: list[int] | None = None  # per-batch random square size (M2SNet)
     # "dataset": z-score with one mean / std of the training split, computed at the start of training and
     # stored in the run's config.yaml and model as {mean: [m], std: [s]} (FocusNet)
@@ -106,12 +110,40 @@ class DataConfig(Strict):
     def hw(self) -> tuple[int, int]:
         return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
 
+    @property
+    def crop_hw(self) -> tuple[int, int] | None:
+        """`crop` as (H, W), None when training resizes whole images."""
+        if self.crop is None:
+            return None
+        return (self.crop, self.crop) if isinstance(self.crop, int) else tuple(self.crop)
+
+    @property
+    def train_hw(self) -> tuple[int, int]:
+        """The size of the images the network trains on: the crop, else `size`."""
+        return self.crop_hw or self.hw
+
     @model_validator(mode="after")
     def _known_augmentations(self) -> "DataConfig":
         try:
-            build_augmentation(self.augment, self.hw)
+            build_augmentation(self.augment, self.train_hw)
         except MedsegError as exc:
             raise ValueError(str(exc)) from None
+        return self
+
+    @model_validator(mode="after")
+    def _crop_alone(self) -> "DataConfig":
+        """A crop is cut at the image's own resolution: per-batch resizing (multiscale) and STS-Net's amplified
+        views (cut and resized to `size`) train on another scale, so they do not combine with it."""
+        if self.crop_hw is not None:
+            if min(self.crop_hw) < 1:
+                raise ValueError(f"crop must be positive, got {self.crop}")
+            if self.multiscale:
+                raise ValueError("crop and multiscale do not combine (crops are at native resolution); drop one")
+            if self.amplify is not None:
+                raise ValueError("crop and amplify do not combine (amplified views are resized to data.size); "
+                                 "drop one")
+        elif self.crops_per_image > 1:
+            raise ValueError("crops_per_image needs data.crop (random crops per image); set data.crop or drop it")
         return self
 
 
@@ -210,6 +242,20 @@ class TrainConfig(Strict):
         return list(dict.fromkeys(["csv", *loggers]))
 
 
+class TilingConfig(Strict):
+    """Sliding-window inference at native resolution (medseg.engine.inference): tile (H, W) and overlap."""
+
+    tile: Union[int, tuple[int, int]]
+    overlap: float = Field(0.5, ge=0, lt=1)
+
+    @field_validator("tile")
+    @classmethod
+    def _positive(cls, tile: int | tuple[int, int]) -> int | tuple[int, int]:
+        if min((tile, tile) if isinstance(tile, int) else tile) < 1:
+            raise ValueError(f"tile must be positive, e.g. 256 or [256, 320]; got {tile}")
+        return tile
+
+
 class PostprocessConfig(Strict):
     """Post-processing of predicted labels (medseg.engine.postprocess), used by evaluate and predict."""
 
@@ -220,6 +266,8 @@ class PostprocessConfig(Strict):
 
 class EvalConfig(Strict):
     protocol: ProtocolName = "paper"  # a metric protocol of medseg.metrics.protocols
+    # None: tiles of data.crop when the network trained on crops, else whole images resized to data.size
+    tiling: TilingConfig | None = None
     checkpoint: Literal["best", "last"] = "best"  # which weights the run exports to model/
     postprocess: PostprocessConfig = Field(default_factory=PostprocessConfig)
 

@@ -15,6 +15,10 @@ entry and an old entry is never read for it. Entries are written to a temporary 
 loader workers filling the cache at the same time never read half a file. The folder is
 `$MEDSEG_CACHE` or `$XDG_CACHE_HOME/medseg/decoded` (default `~/.cache/medseg/decoded`); deleting it is
 always safe. Amplified views (STS-Net) are cut from the full-size image and are not cached.
+
+A network trained on crops (`data.crop`) cuts them from the images at their own size, so its cache holds the
+decoded images at native size instead (size `None`, a key of its own): what the cache saves then is the
+decoding, at 2 bytes a pixel and channel (2 MB for a 565x584 DRIVE image).
 """
 
 from __future__ import annotations
@@ -49,10 +53,11 @@ def _stat(path: Path) -> list:
 class DecodedCache:
     """Cached (image, labels) pairs of cases at one training size, channel count and mask reading."""
 
-    def __init__(self, folder: Path, size: tuple[int, int], in_channels: int, num_classes: int,
+    def __init__(self, folder: Path, size: tuple[int, int] | None, in_channels: int, num_classes: int,
                  mask_threshold: int | None):
         self.folder = Path(folder)
-        self.settings = {"size": list(size), "in_channels": in_channels, "num_classes": num_classes,
+        self.settings = {"size": "native" if size is None else list(size), "in_channels": in_channels,
+                         "num_classes": num_classes,
                          "mask_threshold": mask_threshold, "version": FORMAT_VERSION}
 
     def key(self, case: Case) -> str:
@@ -88,8 +93,8 @@ class DecodedCache:
         return torch.from_numpy(pixels.astype(np.float32) / SCALE), torch.from_numpy(label_values.astype(np.int64))
 
     def get(self, case: Case, decode) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached entry of `case`, made with `decode(case) -> (image, labels)` at the training size when
-        missing."""
+        """The cached entry of `case`, made with `decode(case) -> (image, labels)` at the training size (native
+        size for a crop cache) when missing."""
         cached = self.load(case)
         return cached if cached is not None else self.store(case, *decode(case))
 

@@ -1,5 +1,12 @@
 """Torch datasets over `Case`s: training pairs at a fixed size, and evaluation items that keep the
-original mask so scores are computed at the annotation's own resolution."""
+original mask so scores are computed at the annotation's own resolution.
+
+With `data.crop` (preprocessing.crop) training pairs are crops of the images at their own resolution instead:
+a random crop per item for training (drawn from the item's keyed seed, so resumes reproduce it), the centre
+crop for validation (ours: cheap, deterministic and one batch shape; the full images are scored tiled by
+`medseg evaluate`). An image smaller than the crop is first padded bottom/right by reflection (replication
+where it is too small to reflect), its mask alike (`pad_to_at_least`).
+"""
 
 from __future__ import annotations
 
@@ -11,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
 
 from medseg.data.amplify import AmplifiedCase
 from medseg.data.amplify import apply as amplify_view
 from medseg.data.cache import DecodedCache
 from medseg.data.formats import Case, load_case
 from medseg.data.io import mask_to_labels, read_mask, to_channels
-from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, resize_mask
+from medseg.data.transforms import Preprocessing, augment_pair, build_augmentation, pad_to_at_least, resize_mask
 from medseg.errors import MedsegError
 
 
@@ -42,20 +50,36 @@ def decode_resized(case: Case, preprocessing: Preprocessing, num_classes: int,
     return image, labels
 
 
+def decode_native(case: Case, preprocessing: Preprocessing, num_classes: int,
+                  mask_threshold: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A case's image at its own size in [0, 1] and its labels: what crops are cut from (and a crop run's cache
+    holds)."""
+    return (load_image_tensor(case, preprocessing, reduce=False),
+            load_labels(case, num_classes, mask_threshold))
+
+
+def decoder(preprocessing: Preprocessing):
+    """The decoding training uses: native size for a network trained on crops, else resized to the training
+    size."""
+    return decode_native if preprocessing.crop is not None else decode_resized
+
+
 def intensity_statistics(cases: list[Case], preprocessing: Preprocessing,
                          cache: DecodedCache | None = None, num_classes: int = 1,
                          mask_threshold: int | None = None) -> tuple[float, float]:
     """One mean and one standard deviation over every pixel and channel of `cases`, as the network sees them
-    (the network's channels, resized to the training size, intensities in [0, 1]): FocusNet's z-scoring
-    with "the mean pixel value" of the dataset (paper Sec. 3.2). Accumulated in float64."""
+    (the network's channels, resized to the training size, or at their own size for a crop-trained network,
+    intensities in [0, 1]): FocusNet's z-scoring with "the mean pixel value" of the dataset (paper Sec. 3.2).
+    Accumulated in float64."""
     if not cases:
         raise MedsegError("no training images to compute data.normalize: dataset statistics from")
     total = squares = count = 0.0
+    decode = decoder(preprocessing)
     for case in cases:
         if cache is None:
-            image = preprocessing.resize(load_image_tensor(case, preprocessing)).double()
+            image = decode(case, preprocessing, num_classes, mask_threshold)[0].double()
         else:
-            image = cache.get(case, lambda c: decode_resized(c, preprocessing, num_classes, mask_threshold))[0].double()
+            image = cache.get(case, lambda c: decode(c, preprocessing, num_classes, mask_threshold))[0].double()
         total += float(image.sum())
         squares += float((image * image).sum())
         count += image.numel()
@@ -98,7 +122,8 @@ class EpochShuffle(Sampler):
 
 class SegmentationDataset(Dataset):
     """(image, mask) pairs resized to the training size, augmented when `augment` is given; amplified
-    views (STS-Net) are derived from their source case on the fly.
+    views (STS-Net) are derived from their source case on the fly. With `preprocessing.crop`, crops at native
+    resolution instead: random ones with `random_crop`, else the centre crop (module docstring).
 
     Items: {"image": float (C, H, W) normalised, "mask": long (H, W), "stem": str}. With `cache`, cases are
     decoded and resized once (`medseg.data.cache`). Indexed by an (epoch, index) key (`EpochShuffle`), an
@@ -107,20 +132,22 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, cases: list[Case | AmplifiedCase], preprocessing: Preprocessing, num_classes: int,
                  mask_threshold: int | None = None, augment: list[Any] | None = None,
-                 cache: DecodedCache | None = None, seed: int = 0):
+                 cache: DecodedCache | None = None, seed: int = 0, random_crop: bool = False):
         self.cases = cases
         self.cache = cache
         self.seed = seed
         self.preprocessing = preprocessing
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
-        self.augmentation = build_augmentation(augment or [], preprocessing.size)
+        crop = preprocessing.crop
+        self.augmentation = build_augmentation(augment or [], crop or preprocessing.size)
+        self.cropper = None if crop is None else v2.RandomCrop(crop) if random_crop else v2.CenterCrop(crop)
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def _decode(self, case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-        return decode_resized(case, self.preprocessing, self.num_classes, self.mask_threshold)
+        return decoder(self.preprocessing)(case, self.preprocessing, self.num_classes, self.mask_threshold)
 
     def fill_cache(self) -> None:
         """Decode every case into the cache (no-op without one): what a first epoch does once."""
@@ -149,6 +176,10 @@ class SegmentationDataset(Dataset):
             image, mask = self.cache.get(item, self._decode)
         else:
             image, mask = self._decode(item)
+        if self.cropper is not None:
+            crop = self.preprocessing.crop
+            image, mask = pad_to_at_least(image, crop), pad_to_at_least(mask, crop)
+            image, mask = augment_pair(self.cropper, image, mask)
         image, mask = augment_pair(self.augmentation, image, mask)
         return {"image": self.preprocessing.normalise(image), "mask": mask.long(), "stem": item.stem}
 
@@ -157,16 +188,20 @@ class InferenceDataset(Dataset):
     """Images at the network's size for batched inference; with masks, the original-size labels too.
 
     Items: {"image": normalised (C, H, W) at preprocessing.size, "stem", "size": (H0, W0),
-    and "mask": long (H0, W0) when `with_masks`}.
+    and "mask": long (H0, W0) when `with_masks`}. `normalise=False` leaves intensities in [0, 1] (an ensemble's
+    members normalise themselves); `resize=False` keeps each image at its own size (tiled or native inference).
     """
 
     def __init__(self, cases: list[Case], preprocessing: Preprocessing, num_classes: int = 1,
-                 mask_threshold: int | None = None, with_masks: bool = True):
+                 mask_threshold: int | None = None, with_masks: bool = True, normalise: bool = True,
+                 resize: bool = True):
         self.cases = cases
         self.preprocessing = preprocessing
         self.num_classes = num_classes
         self.mask_threshold = mask_threshold
         self.with_masks = with_masks
+        self.normalise = normalise
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -174,8 +209,9 @@ class InferenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         original = load_image_tensor(case, self.preprocessing, reduce=False)
+        image = self.preprocessing.resize(original) if self.resize else original
         item = {
-            "image": self.preprocessing.normalise(self.preprocessing.resize(original)),
+            "image": self.preprocessing.normalise(image) if self.normalise else image,
             "stem": case.stem,
             "size": tuple(original.shape[-2:]),
         }

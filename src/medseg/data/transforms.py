@@ -49,14 +49,21 @@ class Preprocessing:
     in_channels: int
     normalize: Any = "imagenet"  # "imagenet" | "per_image" | "none" | {"mean": [...], "std": [...]}
     # ("dataset" is resolved to {"mean", "std"} of the training split by `medseg train`)
+    crop: tuple[int, int] | None = None  # trained on random crops (H, W) at native resolution (`data.crop`)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "size": list(self.size)}
+        raw = {**asdict(self), "size": list(self.size)}
+        if self.crop is None:  # model folders of networks trained on whole images stay as they were
+            del raw["crop"]
+        else:
+            raw["crop"] = list(self.crop)
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Preprocessing":
+        crop = raw.get("crop")
         return cls(size=tuple(raw["size"]), in_channels=int(raw["in_channels"]),
-                   normalize=raw.get("normalize", "imagenet"))
+                   normalize=raw.get("normalize", "imagenet"), crop=tuple(crop) if crop else None)
 
     def resize(self, image: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Bilinear (antialiased) resize of an image batch or single image to `size` (default: self.size)."""
@@ -178,6 +185,28 @@ def augment_pair(augmentation: v2.Compose | None, image: torch.Tensor,
         return image, mask
     out_image, out_mask = augmentation(tv_tensors.Image(image), tv_tensors.Mask(mask))
     return out_image.as_subclass(torch.Tensor), out_mask.as_subclass(torch.Tensor)
+
+
+def pad_to_at_least(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pad (..., H, W) bottom/right to at least `size`: reflected, or replicated where the image is too small to
+    reflect (why: mirrored tissue keeps the image statistics a network saw, where zeros would be a dark frame).
+    Integer label maps are padded the same way, so labels follow the mirrored pixels."""
+    height, width = image.shape[-2:]
+    pad_h, pad_w = max(0, size[0] - height), max(0, size[1] - width)
+    if not pad_h and not pad_w:
+        return image
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    batch = image.reshape(-1, 1, height, width) if image.ndim < 4 else image
+    padded = torch.nn.functional.pad(batch.float(), (0, pad_w, 0, pad_h), mode=mode).to(image.dtype)
+    return padded.reshape(*image.shape[:-2], height + pad_h, width + pad_w)
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (..., H, W) bottom/right to the next multiple of `multiple` as `pad_to_at_least` pads; returns the
+    padded images and the original (H, W) to crop back to."""
+    height, width = images.shape[-2:]
+    target = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
+    return pad_to_at_least(images, target), (height, width)
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

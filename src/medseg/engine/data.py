@@ -32,10 +32,12 @@ from medseg.errors import MedsegError
 
 
 def decoded_cache(recipe: Recipe) -> DecodedCache | None:
-    """The decoded-data cache at the recipe's size (None with `data.cache: false`)."""
+    """The decoded-data cache at the recipe's size, or at native size with `data.crop` (None with
+    `data.cache: false`)."""
     if not recipe.data.cache:
         return None
-    return DecodedCache(default_cache_folder(), recipe.data.hw, recipe.model.in_channels, recipe.model.num_classes,
+    size = None if recipe.data.crop_hw else recipe.data.hw
+    return DecodedCache(default_cache_folder(), size, recipe.model.in_channels, recipe.model.num_classes,
                         recipe.data.mask_threshold)
 
 
@@ -49,7 +51,8 @@ def default_workers() -> int:
 def preprocessing_of(recipe: Recipe) -> Preprocessing:
     normalize = recipe.data.normalize
     normalize = normalize.model_dump() if isinstance(normalize, NormalizeStats) else normalize
-    return Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize=normalize)
+    return Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize=normalize,
+                         crop=recipe.data.crop_hw)
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -84,14 +87,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.amplification: dict | None = None  # RUN/amplify.json's record
         if recipe.data.amplify:
             self.views, self.amplification = amplified_views(self.layout, self.splits, recipe)
-        build_augmentation(recipe.data.augment, recipe.data.hw)  # a mistake in data.augment stops train here
+        build_augmentation(recipe.data.augment, recipe.data.train_hw)  # a mistake in data.augment stops train here
         self.train_set: SegmentationDataset | None = None
         self.val_set: SegmentationDataset | None = None
         self.first_epoch = 0  # the 0-based epoch training starts at (a resumed run's next epoch)
 
     def training_images(self) -> int:
-        """Images of one training epoch: the training split plus amplified views."""
-        return len(self.splits["train"]) + len(self.views)
+        """Images of one training epoch: the training split (times `data.crops_per_image`) plus amplified views."""
+        return len(self.splits["train"]) * self.recipe.data.crops_per_image + len(self.views)
 
     def counts(self) -> str:
         return " / ".join(f"{len(self.splits[name])} {name}" for name in ("train", "val", "test"))
@@ -99,8 +102,11 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         common = {"preprocessing": preprocessing_of(self.recipe), "num_classes": self.recipe.model.num_classes,
                   "mask_threshold": self.recipe.data.mask_threshold, "cache": decoded_cache(self.recipe)}
-        self.train_set = SegmentationDataset([*cases_for(self.layout, self.splits["train"]), *self.views],
-                                             augment=self.recipe.data.augment, seed=self.recipe.train.seed, **common)
+        # data.crops_per_image: each case listed that many times, each listing drawing its own crop and augmentation
+        train_cases = cases_for(self.layout, self.splits["train"]) * self.recipe.data.crops_per_image
+        self.train_set = SegmentationDataset([*train_cases, *self.views],
+                                             augment=self.recipe.data.augment, seed=self.recipe.train.seed,
+                                             random_crop=True, **common)
         self.val_set = SegmentationDataset(cases_for(self.layout, self.splits["val"]), **common)
 
     def _loader_options(self) -> dict:
@@ -156,7 +162,8 @@ def with_dataset_statistics(recipe: Recipe, layout: Layout, train_stems: list[st
     normalisation is returned as it is."""
     if recipe.data.normalize != "dataset":
         return recipe
-    raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none")
+    raw = Preprocessing(size=recipe.data.hw, in_channels=recipe.model.in_channels, normalize="none",
+                        crop=recipe.data.crop_hw)
     mean, std = intensity_statistics(cases_for(layout, train_stems), raw, decoded_cache(recipe),
                                      recipe.model.num_classes, recipe.data.mask_threshold)
     if std <= 0:

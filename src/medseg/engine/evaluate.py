@@ -5,6 +5,11 @@ protocol with its full definition, the numbers, what was scored), report.md (the
 cases) and overlays/ (prediction tinted red, annotation outlined green), through `medseg.engine.score`, which
 writes the same report for a folder of predictions. Probabilities are resized back to each mask's original size
 before thresholding, so scores are at annotation resolution.
+
+Inference is planned as predict plans it (medseg.engine.inference: tiles, flips, an ensemble); summary.json
+records the plan, and a plan other than the model's default gets a folder of its own (e.g.
+`<data>-resized`, `<data>-tile256x256-o0.5`, `<data>-tta`, `<data>-ensemble3`) so modes never overwrite each
+other's numbers.
 """
 
 from __future__ import annotations
@@ -14,10 +19,10 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
-from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor, load_labels
+from medseg.data.dataset import collate_inference, load_image_tensor, load_labels
 from medseg.data.formats import Case, discover
 from medseg.data.splits import cases_for
-from medseg.engine.inference import Predictor, resize_probabilities
+from medseg.engine.inference import InferencePlan, build_plan, inference_dataset, stored_tiling
 from medseg.engine.postprocess import FROM_OPTION, TUNED, PostProcessing, choose_threshold
 from medseg.engine.predict import check_threshold
 from medseg.engine.run import Run, now, slug
@@ -50,12 +55,14 @@ def select_cases(run: Run, data: Path, split: str) -> tuple[list[Case], str]:
 
 def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str | None = None, split: str = "auto",
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
-             level: int | None = None, precision: str = "auto", spacing: str | None = None,
-             threshold: float | None = None, postprocessing: PostProcessing | None = None) -> Path:
+             level: int | None = None, precision: str = "auto", spacing: str | None = None, *,
+             ensemble: list[str | Path] = (), tile: str | None = None, overlap: float | None = None,
+             tta: str = "none", threshold: float | None = None, postprocessing: PostProcessing | None = None) -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
-    returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`). The
-    label metrics use `threshold` (None: the model folder's tuned one, else the protocol's) and `postprocessing`
-    (None: the recipe's eval.postprocess); map metrics use the probabilities."""
+    returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`);
+    `ensemble`, `tile`, `overlap` and `tta` plan the inference as in predict. The label metrics use `threshold`
+    (None: the model folder's tuned one, else the protocol's) and `postprocessing` (None: the recipe's
+    eval.postprocess); map metrics use the probabilities."""
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
@@ -71,10 +78,13 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     if threshold is not None:
         check_threshold(threshold)
     check_output_folder(run.path / "eval", "output folder", MOVE_ASIDE)  # before any work: results go there
-    predictor = Predictor(run.path, device, level, precision)
-    threshold, threshold_source = choose_threshold(threshold, predictor.threshold, predictor.num_classes)
-    if postprocessing is None:
-        postprocessing = PostProcessing(**run.recipe().eval.postprocess.model_dump())
+    plan = build_plan([run.path, *ensemble], device, level, precision, tile, overlap, tta, batch_size=batch_size)
+    predictor = plan.reference
+    # a tuned threshold belongs to one network: an ensemble's average is decided at the protocol's threshold
+    tuned = predictor.threshold if len(plan.predictors) == 1 else None
+    threshold, threshold_source = choose_threshold(threshold, tuned, predictor.num_classes)
+    recipe_postprocessing = PostProcessing(**run.recipe().eval.postprocess.model_dump())
+    postprocessing = postprocessing or recipe_postprocessing
     # the decided labels replace the protocol's own thresholding only when the decision differs from it
     decided = postprocessing.active or threshold_source in (FROM_OPTION, TUNED)
     default_protocol = run.recipe().eval.protocol
@@ -85,17 +95,15 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         first = report.errors[0]
         raise MedsegError(f"{data}: {first.line()} — run `medseg check-data {data}` to see all problems")
 
-    dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
-                        num_workers=default_workers() if workers is None else workers)
+    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
+                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
     stems, sizes, pixels, used = [], [], [], []
     by_stem = {c.stem: c for c in cases}
     with Progress("evaluate", len(cases)) as progress:
         for batch in loader:
-            probs = predictor.probabilities(batch["image"]).cpu()
-            for prob, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-                resized = resize_probabilities(prob, size)
+            probs = plan.batch_at_original_size(batch["image"], batch["size"])
+            for resized, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
                 labels = postprocessing.apply(predict_labels(resized[None], threshold)[0])
                 used.append(case_spacing(spacing_choice, by_stem[stem]))
                 scorer.add(resized, mask, labels if decided else None, spacing=used[-1])
@@ -110,11 +118,16 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
+    name += plan_suffix(plan)
+    if threshold_source == FROM_OPTION and threshold != (tuned or 0.5):  # a one-off decision gets its own folder
+        name += f"-t{threshold:g}"
+    if postprocessing != recipe_postprocessing:
+        name += "-post"
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         for stem in chosen:
-            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], predictor, threshold, postprocessing)
+            _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], plan, threshold, postprocessing)
         info = {
             "protocol": protocol_def.definition(),
             "metrics": summary,
@@ -126,6 +139,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
                           if k in predictor.config}, "level": level},
             "numeric": predictor.mode.to_dict(),
             "spacing": spacing_record(spacing_choice, used),
+            "inference": plan.to_dict(),
             "decision": {"threshold": threshold, "threshold_source": threshold_source,
                          "postprocess": postprocessing.to_dict(),
                          "applies_to": "label metrics, overlays and predicted_pixels; map metrics use the "
@@ -137,13 +151,24 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     return final
 
 
-def _write_overlay(path: Path, case: Case, predictor: Predictor, threshold: float = 0.5,
+def plan_suffix(plan: InferencePlan) -> str:
+    """The eval folder's suffix for a plan other than the model's default: tiling, TTA, ensemble size."""
+    suffix = ""
+    if plan.tiling != stored_tiling(plan.reference.config):
+        suffix += "-resized" if plan.tiling is None else \
+            f"-tile{plan.tiling.tile[0]}x{plan.tiling.tile[1]}-o{plan.tiling.overlap:g}"
+    if plan.tta != "none":
+        suffix += "-tta"
+    if len(plan.predictors) > 1:
+        suffix += f"-ensemble{len(plan.predictors)}"
+    return suffix
+
+
+def _write_overlay(path: Path, case: Case, plan: InferencePlan, threshold: float = 0.5,
                    postprocessing: PostProcessing | None = None) -> None:
     """Prediction at `threshold` (argmax for multi-class), post-processed, over the image, annotation outlined."""
-    original = load_image_tensor(case, predictor.preprocessing, reduce=False)
-    prep = predictor.preprocessing
-    probs = predictor.probabilities(prep.normalise(prep.resize(original))[None]).cpu()[0]
-    labels = predict_labels(resize_probabilities(probs, tuple(original.shape[-2:]))[None], threshold)[0]
+    original = load_image_tensor(case, plan.preprocessing, reduce=False)
+    labels = predict_labels(plan.probabilities_at_original_size(original)[None], threshold)[0]
     labels = (postprocessing.apply(labels) if postprocessing else labels).numpy()
-    truth = load_labels(case, predictor.num_classes, predictor.mask_threshold).numpy()
+    truth = load_labels(case, plan.num_classes, plan.reference.mask_threshold).numpy()
     write_overlay(path, original.permute(1, 2, 0).numpy(), labels, truth)

@@ -1,7 +1,9 @@
 """`medseg predict`: masks for new images of any size, written at each input's own size.
 
 By default each image is resized to the size the network was trained at (as evaluation does), so
-predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead.
+predictions match the evaluated quality; `native=True` feeds the image at its own resolution instead, and
+`tile` cuts it into overlapping tiles at its own resolution (the default for a network trained on crops);
+`tta` and `ensemble` average flips and other runs (medseg.engine.inference.InferencePlan).
 Either way the input is padded to the network's size multiple and the output cropped back. Outputs:
 OUT/<stem>.png (0/255 binary, label values multi-class), <stem>_prob.png (foreground probability x 255;
 one <stem>_prob_c<k>.png per class for three classes or more), <stem>_overlay.png, and with `--save-attention`
@@ -23,14 +25,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from medseg.data.check import ERROR, Problem, check_images, group_problems
-from medseg.data.dataset import InferenceDataset, collate_inference, load_image_tensor
+from medseg.data.dataset import collate_inference, load_image_tensor
 from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, image_size, non_2d_format, write_image_atomic
-from medseg.data.transforms import Preprocessing
-from medseg.engine.inference import Predictor, heat_map, label_image, overlay, resize_probabilities
+from medseg.engine.inference import (
+    InferencePlan,
+    Predictor,
+    build_plan,
+    heat_map,
+    inference_dataset,
+    label_image,
+    overlay,
+    resize_probabilities,
+)
 from medseg.engine.postprocess import PostProcessing, choose_threshold
 from medseg.engine.run import now
 from medseg.engine.train import default_workers
@@ -127,25 +137,29 @@ def output_names(stems: list[str], num_classes: int, overlay_images: bool, proba
 def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_images: bool = False,
             probabilities: bool = False, native: bool = False, threshold: float | None = None, batch_size: int = 8,
             device: str = "auto", level: int | None = None, save_attention: bool = False,
-            precision: str = "auto", skip_bad: bool = False,
+            precision: str = "auto", skip_bad: bool = False, *, ensemble: list[str | Path] = (),
+            tile: str | None = None, overlap: float | None = None, tta: str = "none",
             postprocessing: PostProcessing | None = None) -> dict[str, Any]:
     """Predict every input image; returns the manifest written to OUT/predict.json (outputs, skipped inputs with
     their reasons, settings). `level` prunes a deeply supervised network (ANU-Net L_N); `save_attention` writes
     its first-layer attention coefficients as heat maps. Every input is checked first: bad ones are refused in
-    one line naming them all, or with `skip_bad` left out and listed. `threshold` None: the model folder's tuned
-    threshold, else 0.5; `postprocessing` is applied to every label map."""
+    one line naming them all, or with `skip_bad` left out and listed. `ensemble` adds runs whose probabilities are
+    averaged with the first; `tile` ("256", "256x320", "off"), `overlap` and `tta` ("none", "flips") plan the
+    inference (medseg.engine.inference). `threshold` None: the model folder's tuned threshold, else 0.5;
+    `postprocessing` is applied to every label map."""
     if threshold is not None:
         check_threshold(threshold)
     postprocessing = postprocessing or PostProcessing()
     if batch_size < 1:
         raise MedsegError(f"--batch-size must be at least 1, got {batch_size}")
     out = check_output_folder(out, "--out")
-    predictor = Predictor(model_path, device, level, precision)
-    # an exported model folder may carry no tuned threshold (`Predictor.threshold` is None then too)
-    tuned = getattr(predictor, "threshold", None)
+    plan = build_plan([model_path, *ensemble], device, level, precision, tile, overlap, tta, native, batch_size)
+    predictor = plan.reference
+    # a tuned threshold belongs to one network: an ensemble's average, or an export without one, uses 0.5
+    tuned = getattr(predictor, "threshold", None) if len(plan.predictors) == 1 else None
     threshold, threshold_source = choose_threshold(threshold, tuned, predictor.num_classes)
     if save_attention:
-        predictor.record_attention()
+        plan.record_attention()
     paths, problems = expand_inputs(inputs)
     problems += check_images(paths, predictor.preprocessing.in_channels)
     bad = {p.file for p in problems}
@@ -171,7 +185,8 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         "settings": {"threshold": threshold, "threshold_source": threshold_source,
                      "postprocess": postprocessing.to_dict(), "native": native, "overlay": overlay_images,
                      "probabilities": probabilities, "level": level, "save_attention": save_attention,
-                     "precision": precision, "device": str(predictor.device), "batch_size": batch_size},
+                     "precision": precision, "device": str(predictor.device), "batch_size": batch_size,
+                     "inference": plan.to_dict()},
         "inputs": [str(p) for p in good],
         "outputs": [],
         "skipped": [{"input": p.file, "reason": p.message + (f" [{p.detail}]" if p.detail else "")}
@@ -182,8 +197,7 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
         _write_manifest(out, manifest)  # "complete": false before the first output
         cases = [Case(p.stem, (p,), None) for p in good]
         written = manifest["outputs"]
-        for case, probs, attention in track(_probabilities(predictor, cases, native, batch_size), "predict",
-                                            len(cases)):
+        for case, probs, attention in track(_probabilities(plan, cases, batch_size), "predict", len(cases)):
             labels = postprocessing.apply(predict_labels(probs[None], threshold)[0])
             _write(out / f"{case.stem}.png", label_image(labels, predictor.num_classes), written)
             if probabilities:
@@ -208,47 +222,41 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def _probabilities(predictor: Predictor, cases: list[Case], native: bool, batch_size: int):
-    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)}). Images are
-    decoded by DataLoader workers while the network runs; `native` batches images of the same size together
-    (sizes from the file headers), in the order each size first appears, a batch holding no more pixels than a
-    batch at the training size (so large images still go one at a time)."""
-    prep = predictor.preprocessing
+def _probabilities(plan: InferencePlan, cases: list[Case], batch_size: int):
+    """Yield (case, probabilities (K, H, W) at the image's own size, {name: attention (1, h, w)}). DataLoader
+    workers decode while the network runs. Tiled images go one a batch; `--native` batches images of the same
+    size (from the file headers), in the order each size first appears, a batch holding no more pixels than a
+    batch at the training size (large images still go one at a time)."""
+    dataset = inference_dataset(plan, cases, with_masks=False)
     workers = min(default_workers(), max(0, len(cases) // batch_size))
-    if native:
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for index, case in enumerate(cases):
-            by_size.setdefault(image_size(case.images[0]), []).append(index)
-        budget = batch_size * prep.size[0] * prep.size[1]
-        batches = [group[i:i + step] for (height, width), group in by_size.items()
-                   for step in [max(1, min(batch_size, budget // (height * width)))]
-                   for i in range(0, len(group), step)]
-        loader = DataLoader(NativeDataset(cases, prep), batch_sampler=batches, collate_fn=collate_inference,
-                            num_workers=workers)
+    if plan.resizes:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference, num_workers=workers)
+    elif plan.tiling is not None:
+        loader = DataLoader(dataset, batch_size=1, collate_fn=collate_inference,
+                            num_workers=min(default_workers(), len(cases)))
     else:
-        loader = DataLoader(InferenceDataset(cases, prep, with_masks=False), batch_size=batch_size,
+        loader = DataLoader(dataset, batch_sampler=same_size_batches(cases, batch_size, plan.preprocessing.size),
                             collate_fn=collate_inference, num_workers=workers)
     by_stem = {c.stem: c for c in cases}
     for batch in loader:
-        probs = predictor.probabilities(batch["image"]).cpu()
-        for index, (prob, stem, size) in enumerate(zip(probs, batch["stem"], batch["size"])):
-            attention = {name: a[index] for name, a in predictor.last_attention.items()}
-            yield by_stem[stem], resize_probabilities(prob, size), attention
+        probs = plan.batch_at_original_size(batch["image"], batch["size"])
+        for index, (prob, stem) in enumerate(zip(probs, batch["stem"])):
+            attention = {name: a[index] for name, a in plan.last_attention.items()}
+            yield by_stem[stem], prob, attention
 
 
-class NativeDataset(Dataset):
-    """Images at their own size, normalised: {"image", "stem", "size"} (predict --native)."""
-
-    def __init__(self, cases: list[Case], preprocessing: Preprocessing):
-        self.cases, self.preprocessing = cases, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = load_image_tensor(self.cases[index], self.preprocessing, reduce=False)
-        return {"image": self.preprocessing.normalise(image), "stem": self.cases[index].stem,
-                "size": tuple(image.shape[-2:])}
+def same_size_batches(cases: list[Case], batch_size: int, training_size: tuple[int, int]) -> list[list[int]]:
+    """Indices of `cases` grouped by image size (read from the headers), each group cut into batches of at most
+    `batch_size` images and at most `batch_size` training-size images' worth of pixels."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, case in enumerate(cases):
+        by_size.setdefault(image_size(case.images[0]), []).append(index)
+    budget = batch_size * training_size[0] * training_size[1]
+    batches = []
+    for (height, width), group in by_size.items():
+        step = max(1, min(batch_size, budget // (height * width)))
+        batches += [group[i:i + step] for i in range(0, len(group), step)]
+    return batches
 
 
 def image_probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:

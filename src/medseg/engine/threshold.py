@@ -1,13 +1,14 @@
 """`medseg tune-threshold`: the binary decision threshold that scores best on a run's validation split, stored
 in its model folder (model/threshold.json) where predict and evaluate find it.
 
-The validation images are predicted as evaluate predicts them (resized to the training size, probabilities
-resized back to each mask's size); every threshold of the grid is scored on one label metric, Dice by default
-(ours: the overlap the papers report). Aggregation and the empty-mask rule are those of the run's protocol when
-it is a confusion protocol (paper, nnunet, pooled), else the `paper` rule (per image, an empty prediction of an
-empty mask scores 1). The best threshold wins; among equal scores, the one closest to 0.5 (the untuned
-default). Post-processing is not applied while tuning. Multi-class networks are refused: argmax has no
-threshold. Only the test split is left untouched, so the tuned threshold can still be evaluated fairly.
+The validation images are predicted as evaluate predicts them by default (the model's inference plan: resized
+to the training size, or tiled for a network trained on crops; probabilities at each mask's size); every
+threshold of the grid is scored on one label metric, Dice by default (ours: the overlap the papers report).
+Aggregation and the empty-mask rule are those of the run's protocol when it is a confusion protocol (paper,
+nnunet, pooled), else the `paper` rule (per image, an empty prediction of an empty mask scores 1). The best
+threshold wins; among equal scores, the one closest to 0.5 (the untuned default). Post-processing is not applied
+while tuning. Multi-class networks are refused: argmax has no threshold. Only the validation split is used, so
+the test split still evaluates the tuned threshold fairly.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from medseg.data.check import check_data
-from medseg.data.dataset import InferenceDataset, collate_inference
+from medseg.data.dataset import collate_inference
 from medseg.engine.evaluate import select_cases
-from medseg.engine.inference import Predictor, resize_probabilities
+from medseg.engine.inference import build_plan, inference_dataset
 from medseg.engine.run import Run, now
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
@@ -90,7 +91,8 @@ def tune_threshold(run_path: str | Path, data: str | Path | None = None, metric:
     if not data.is_dir():
         raise MedsegError(f"data folder {data} does not exist (the run was trained on it; give --data where it is "
                           "now)")
-    predictor = Predictor(run.path, device, precision=precision)
+    plan = build_plan([run.path], device, precision=precision, batch_size=batch_size)
+    predictor = plan.reference
     if predictor.num_classes != 1:
         raise MedsegError(f"{run.path}: the network has {predictor.num_classes} output classes and decides by argmax, "
                           "which has no threshold to tune; tune-threshold is for binary (one-channel) networks")
@@ -99,15 +101,13 @@ def tune_threshold(run_path: str | Path, data: str | Path | None = None, metric:
     if report.errors:
         raise MedsegError(f"{data}: {report.errors[0].line()} — run `medseg check-data {data}` to see all problems")
 
-    dataset = InferenceDataset(cases, predictor.preprocessing, predictor.num_classes, predictor.mask_threshold)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_inference,
-                        num_workers=default_workers() if workers is None else workers)
+    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
+                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     counts = []  # per case: (T, 2, 4) confusion counts, one row per threshold
     with Progress("tune-threshold", len(cases)) as progress:
         for batch in loader:
-            probs = predictor.probabilities(batch["image"]).cpu()
-            for prob, mask, size in zip(probs, batch["mask"], batch["size"]):
-                foreground = resize_probabilities(prob, size)[0]
+            for prob, mask in zip(plan.batch_at_original_size(batch["image"], batch["size"]), batch["mask"]):
+                foreground = prob[0]
                 counts.append(torch.stack([confusion_counts((foreground >= t).long()[None], mask[None], 1)[0]
                                            for t in thresholds]))
             progress.update(len(batch["stem"]))

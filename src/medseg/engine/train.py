@@ -223,13 +223,14 @@ def build_module(recipe: Recipe) -> SegmentationModule:
 
 
 def check_training_sizes(recipe: Recipe, multiple: int) -> None:
-    """data.size (and every multi-scale size) must be a multiple the network takes, or the first batch fails."""
-    sizes = [*recipe.data.hw, *(recipe.data.multiscale or [])]
+    """data.size (and every multi-scale size, and data.crop) must be a multiple the network takes, or the first
+    batch fails."""
+    sizes = [*recipe.data.hw, *(recipe.data.multiscale or []), *(recipe.data.crop_hw or ())]
     bad = sorted({size for size in sizes if size % multiple})
     if bad:
         fitting = ", ".join(str(size - size % multiple or multiple) for size in bad)
         raise MedsegError(f"{recipe.model.name} takes sizes that are multiples of {multiple}, not {bad}; set "
-                          f"data.size (and data.multiscale) to multiples, e.g. {fitting}")
+                          f"data.size (and data.multiscale, data.crop) to multiples, e.g. {fitting}")
 
 
 def choose_mode(recipe: Recipe, module: SegmentationModule) -> NumericMode:
@@ -406,6 +407,8 @@ def export_model(run: Run, recipe: Recipe, data: Path) -> Path:
         "paper": model_info(recipe.model.name).paper,
         "size_multiple": model_info(recipe.model.name).size_multiple,
         "preprocessing": preprocessing_of(recipe).to_dict(),
+        # the recipe's eval.tiling: predict and evaluate tile this way unless told otherwise (engine.inference)
+        **({"tiling": recipe.eval.tiling.model_dump(mode="json")} if recipe.eval.tiling else {}),
         "mask_threshold": recipe.data.mask_threshold,
         "recipe": recipe.name,
         "checkpoint": chosen.name,

@@ -106,6 +106,14 @@ def config_problem(config: Any, for_inference: bool = False) -> str | None:
     if prep.get("in_channels") != config["in_channels"]:
         return f"`preprocessing.in_channels` {prep.get('in_channels')!r} differs from `in_channels` " \
                f"{config['in_channels']}"
+    crop = prep.get("crop")
+    if crop is not None and not (isinstance(crop, list) and len(crop) == 2 and all(_positive_int(v) for v in crop)):
+        return f"`preprocessing.crop` is {crop!r}, not two positive integers or null"
+    tiling = config.get("tiling")
+    if tiling is not None and not (isinstance(tiling, dict) and (_positive_int(tiling.get("tile")) or (
+            isinstance(tiling.get("tile"), list) and len(tiling["tile"]) == 2
+            and all(_positive_int(v) for v in tiling["tile"])))):
+        return f"`tiling` is {tiling!r}, not {{tile: N or [H, W], overlap: fraction}}"
     norm = prep.get("normalize", "imagenet")
     if isinstance(norm, str):
         return None if norm in NORMALISATIONS else f"`preprocessing.normalize` is {norm!r}, not one of " \
