@@ -205,3 +205,24 @@ def test_a_damaged_export_folder_or_a_missing_cuda_provider_is_one_line(tmp_path
     device, providers = _providers("cuda:1", ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert str(device) == "cuda:1" and providers[0] == ("CUDAExecutionProvider", {"device_id": 1})
     assert _providers("auto", ["CUDAExecutionProvider", "CPUExecutionProvider"])[1] == ["CPUExecutionProvider"]
+
+
+def test_an_export_carries_the_model_s_tiles_and_tuned_threshold(tmp_path, kvasir):
+    """A network trained on crops predicts in tiles of its crop, and a tuned threshold decides its masks: both
+    travel in the sidecar, and predict from the ONNX folder uses them as predict from the model folder does."""
+    torch.manual_seed(0)
+    folder = save_model(create_model("unet", 3, 1, base_channels=4), tmp_path / "model",
+                        extra={"preprocessing": {"size": [96, 96], "in_channels": 3, "normalize": "imagenet",
+                                                 "crop": [32, 32]}})
+    (folder / "threshold.json").write_text(json.dumps({"threshold": 0.3}))
+    sidecar = export(folder, "onnx", tmp_path / "export", exporter="torchscript")
+    assert sidecar["threshold"] == 0.3 and sidecar["preprocessing"]["export_size"] == [32, 32]  # the tile, fixed
+    image = sorted((kvasir / "images").iterdir())[0]
+    for source, out in ((folder, tmp_path / "from-model"), (tmp_path / "export", tmp_path / "from-onnx")):
+        run_cli("predict", str(source), str(image), "--out", str(out), "--device", "cpu", "--precision", "32")
+    manifests = [json.loads((tmp_path / name / "predict.json").read_text()) for name in ("from-model", "from-onnx")]
+    for manifest in manifests:
+        assert manifest["settings"]["threshold"] == 0.3
+        assert manifest["settings"]["inference"]["tiling"]["tile"] == [32, 32]
+    masks = [mask(tmp_path / name / f"{image.stem}.png") for name in ("from-model", "from-onnx")]
+    assert masks[0].shape == Image.open(image).size[::-1] and (masks[0] == masks[1]).mean() >= 0.999

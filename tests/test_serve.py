@@ -62,8 +62,7 @@ def predicted_mask(model: Path, image: Path, threshold: float, out: Path) -> np.
 
 
 def test_the_page_shows_the_model_and_its_mask_is_the_one_predict_writes(viewer, model, nuclei_image, tmp_path):
-    from medseg.engine.inference import Predictor
-    from medseg.engine.predict import image_probabilities
+    from medseg.engine.inference import build_plan
 
     assert "**model** unet" in viewer.description() and "**recipe** unet" in viewer.description()
     assert "64x64" in viewer.description() and "starting at 0.5 (the default)" in viewer.description()
@@ -72,9 +71,9 @@ def test_the_page_shows_the_model_and_its_mask_is_the_one_predict_writes(viewer,
     from medseg.data.dataset import load_image_tensor
     from medseg.data.formats import Case
 
-    predictor = Predictor(model, "cpu")
-    image = load_image_tensor(Case(nuclei_image.stem, (nuclei_image,), None), predictor.preprocessing, reduce=False)
-    values = torch.unique(image_probabilities(predictor, image))
+    plan = build_plan([model], "cpu")
+    image = load_image_tensor(Case(nuclei_image.stem, (nuclei_image,), None), plan.preprocessing, reduce=False)
+    values = torch.unique(plan.probabilities_at_original_size(image))
     assert len(values) >= 3
     low, high = float(values[len(values) // 3]), float(values[2 * len(values) // 3])
     client = Client(viewer.url, verbose=False, download_files=str(tmp_path / "client"))

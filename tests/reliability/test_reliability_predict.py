@@ -30,8 +30,9 @@ STEM = "phantom_0000"
 
 @pytest.fixture
 def run_copy(tiny_run, tmp_path: Path) -> Path:
-    """A private copy of the tiny trained run to damage."""
-    return Path(shutil.copytree(tiny_run.path, tmp_path / "runs" / tiny_run.path.name))
+    """A private copy of the tiny trained run to damage (without the evaluations other tests left in it)."""
+    return Path(shutil.copytree(tiny_run.path, tmp_path / "runs" / tiny_run.path.name,
+                                ignore=shutil.ignore_patterns("eval")))
 
 
 @pytest.fixture

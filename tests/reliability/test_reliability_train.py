@@ -35,7 +35,7 @@ def data(phantom: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def run_copy(tiny_run, tmp_path: Path) -> Path:
     copy = tmp_path / "runs" / tiny_run.path.name
-    shutil.copytree(tiny_run.path, copy)
+    shutil.copytree(tiny_run.path, copy, ignore=shutil.ignore_patterns("eval"))  # other tests' evaluations
     return copy
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from medseg.data.transforms import IMAGENET_GRAY, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from medseg.engine.inference import prune_to
+from medseg.engine.inference import Tiling, prune_to, stored_tiling
 from medseg.engine.module import activate
 from medseg.engine.onnx_predictor import INPUT_NAME, OUTPUT_NAME, SIDECAR, SIDECAR_FORMAT, import_onnxruntime
 from medseg.engine.run import Run, now
@@ -49,7 +49,7 @@ from medseg.errors import MedsegError
 from medseg.files import atomic_folder, check_output_folder
 from medseg.models import load_model
 from medseg.models.base import SegmentationNetwork
-from medseg.models.saving import model_folder, read_model_config
+from medseg.models.saving import model_folder, read_model_config, read_threshold
 
 FORMATS = ("onnx", "torchscript")
 EXPORTERS = ("auto", "dynamo", "torchscript")  # ONNX exporters: auto = dynamo, else the TorchScript-based one
@@ -86,9 +86,10 @@ def normalisation_values(prep: Preprocessing) -> dict[str, Any]:
     return {"mode": norm, "mean": None, "std": None}
 
 
-def export_size(prep: Preprocessing, multiple: int) -> tuple[int, int]:
-    """The training size padded up to the size multiple (what predict feeds a fixed export)."""
-    return tuple(-(-side // multiple) * multiple for side in prep.size)
+def export_size(prep: Preprocessing, multiple: int, tiling: Tiling | None = None) -> tuple[int, int]:
+    """What predict feeds a fixed export, padded up to the size multiple: the tile of a network that predicts in
+    tiles by default (trained on crops, or `eval.tiling`), else the training size."""
+    return tuple(-(-side // multiple) * multiple for side in (tiling.tile if tiling else prep.size))
 
 
 def parity_inputs(source: Path, prep: Preprocessing, size: tuple[int, int]) -> tuple[torch.Tensor, str]:
@@ -147,7 +148,7 @@ def export(path: str | Path, fmt: str, out: str | Path, dynamic: bool = False, o
     network = prune_to(load_model(folder), level).float().eval()
     prep = Preprocessing.from_dict(config["preprocessing"])
     multiple = network.card.size_multiple
-    size = export_size(prep, multiple)
+    size = export_size(prep, multiple, stored_tiling(config))
     images, described = parity_inputs(source, prep, size)
     wrapped = _Probabilities(network).eval()
     sizes, checks = [size], [images]
@@ -307,6 +308,9 @@ def _sidecar(source: Path, folder: Path, config: dict[str, Any], network: Segmen
         "activation": "sigmoid" if spec.num_classes == 1 else "softmax over channels",
         "activation_in_graph": True,
         "mask_threshold": config.get("mask_threshold"),
+        # predict's defaults travel with the file: tiles (None: whole images) and the tuned decision threshold
+        "tiling": config.get("tiling"),
+        "threshold": read_threshold(folder),
         "preprocessing": {**prep.to_dict(), "normalize_values": normalisation_values(prep),
                           "size_multiple": network.card.size_multiple, "export_size": list(size),
                           "steps": "image as float in [0, 1] with in_channels channels; resize to `size` (bilinear, "

@@ -97,8 +97,10 @@ class OnnxPredictor:
         self.mask_threshold = self.sidecar.get("mask_threshold")
         self.config = {"name": self.sidecar["network"], "in_channels": int(self.sidecar["in_channels"]),
                        "num_classes": self.num_classes, "kwargs": self.sidecar.get("options", {}),
-                       "preprocessing": {k: prep[k] for k in ("size", "in_channels", "normalize") if k in prep},
-                       "mask_threshold": self.mask_threshold}
+                       "preprocessing": {k: prep[k] for k in ("size", "in_channels", "normalize", "crop")
+                                         if k in prep},
+                       "tiling": self.sidecar.get("tiling"), "mask_threshold": self.mask_threshold}
+        self.threshold = self.sidecar.get("threshold")  # tuned with `medseg tune-threshold` before export
         self.mode = NumericMode("32-true", False, "ONNX export, fp32")
         self.last_attention: dict[str, torch.Tensor] = {}
 

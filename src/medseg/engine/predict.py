@@ -33,7 +33,6 @@ from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, image_size, non_2d_format, write_image_atomic
 from medseg.engine.inference import (
     InferencePlan,
-    Predictor,
     build_plan,
     heat_map,
     inference_dataset,
@@ -156,7 +155,7 @@ def predict(model_path: str | Path, inputs: list[str], out: str | Path, overlay_
     plan = build_plan([model_path, *ensemble], device, level, precision, tile, overlap, tta, native, batch_size)
     predictor = plan.reference
     # a tuned threshold belongs to one network: an ensemble's average, or an export without one, uses 0.5
-    tuned = getattr(predictor, "threshold", None) if len(plan.predictors) == 1 else None
+    tuned = predictor.threshold if len(plan.predictors) == 1 else None
     threshold, threshold_source = choose_threshold(threshold, tuned, predictor.num_classes)
     if save_attention:
         plan.record_attention()
@@ -257,15 +256,6 @@ def same_size_batches(cases: list[Case], batch_size: int, training_size: tuple[i
         step = max(1, min(batch_size, budget // (height * width)))
         batches += [group[i:i + step] for i in range(0, len(group), step)]
     return batches
-
-
-def image_probabilities(predictor: Predictor, image: torch.Tensor) -> torch.Tensor:
-    """One image (C, H, W) in [0, 1], as `load_image_tensor` gives it -> probabilities (K, H, W) at its own size,
-    through predict's default path (resized to the training size, normalised, padded, resized back); what
-    `medseg serve` shows."""
-    prep = predictor.preprocessing
-    probs = predictor.probabilities(prep.normalise(prep.resize(image))[None]).cpu()[0]
-    return resize_probabilities(probs, tuple(image.shape[-2:]))
 
 
 def _write_probabilities(out: Path, stem: str, probs: torch.Tensor, written: list[str]) -> None:

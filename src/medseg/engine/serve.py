@@ -1,8 +1,9 @@
 """`medseg serve`: a small local web viewer (gradio) for one trained model.
 
 Drop an image, see the probability map and the mask over the image, move a threshold slider, download the mask.
-The network runs once per upload through `predict.image_probabilities`, the path `medseg predict` takes by
-default, so the downloaded mask equals predict's `<stem>.png` for the same image and threshold; the slider only
+The network runs once per upload through the model's default inference plan (`medseg.engine.inference`: resized
+to the training size, or tiles for a network trained on crops), the path `medseg predict` takes by default, so
+the downloaded mask equals predict's `<stem>.png` for the same image and threshold; the slider only
 re-thresholds the probabilities kept in the session (`gr.State`).
 
 Choices (gradio is silent or defaults differ): the upload is a file, not gradio's image widget, so that medseg
@@ -29,8 +30,8 @@ from medseg.data.check import check_images
 from medseg.data.dataset import load_image_tensor
 from medseg.data.formats import Case
 from medseg.data.io import IMAGE_EXTENSIONS, write_image_atomic
-from medseg.engine.inference import Predictor, heat_map, label_image, overlay
-from medseg.engine.predict import check_threshold, image_probabilities
+from medseg.engine.inference import build_plan, heat_map, label_image, overlay
+from medseg.engine.predict import check_threshold
 from medseg.errors import MedsegError, user_message
 from medseg.metrics import predict_labels
 
@@ -65,9 +66,10 @@ class Viewer:
     def __init__(self, model_path: str | Path, device: str = "auto", precision: str = "auto",
                  threshold: float | None = None):
         self.gr = import_gradio()
-        self.predictor = Predictor(model_path, device, precision=precision)
+        self.plan = build_plan([model_path], device, precision=precision)
+        self.predictor = self.plan.reference
         # a model folder's tuned threshold (`medseg tune-threshold`) when it has one, else predict's 0.5
-        tuned = getattr(self.predictor, "threshold", None)
+        tuned = self.predictor.threshold
         self.threshold, self.threshold_source = ((threshold, "--threshold") if threshold is not None else
                                                  (tuned, "tuned on the validation split") if tuned is not None else
                                                  (0.5, "the default"))
@@ -80,10 +82,13 @@ class Viewer:
         """The model card shown at the top of the page."""
         config, prep = self.predictor.config, self.predictor.preprocessing
         height, width = prep.size
+        tiling = self.plan.tiling
+        how = (f"images are predicted in {tiling.tile[0]}x{tiling.tile[1]} tiles at their own resolution" if tiling
+               else "images are resized to it and the probabilities back")
         rule = (f"foreground probability >= threshold, starting at {self.threshold:g} ({self.threshold_source})"
                 if self.binary_threshold else "argmax over the classes (the slider does not apply)")
         return (f"**model** {config['name']} · **recipe** {config.get('recipe') or 'not recorded'} · "
-                f"**training size** {height}x{width} (images are resized to it and the probabilities back) · "
+                f"**training size** {height}x{width} ({how}) · "
                 f"**classes** {self.predictor.num_classes} · **mask** {rule} · **device** {self.predictor.device}\n\n"
                 f"model folder: `{self.predictor.folder.resolve()}`")
 
@@ -130,7 +135,7 @@ class Viewer:
             raise gr.Error(f"{path.name}: {problems[0].message}", print_exception=False)
         try:
             image = load_image_tensor(Case(path.stem, (path,), None), self.predictor.preprocessing, reduce=False)
-            probabilities = image_probabilities(self.predictor, image)
+            probabilities = self.plan.probabilities_at_original_size(image)
         except MedsegError as exc:
             raise gr.Error(user_message(exc), print_exception=False) from None
         result = Result(probabilities, image.permute(1, 2, 0).numpy(), path.stem,
