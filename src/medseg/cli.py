@@ -207,6 +207,11 @@ def evaluate_command(
     folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
                       spacing=spacing, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta, threshold=threshold,
                       postprocessing=postprocessing)
+    _print_summary(folder)
+
+
+def _print_summary(folder: Path) -> None:
+    """The metrics table of an evaluate or score report folder, and where its report is."""
     summary = json.loads((folder / "summary.json").read_text())
     table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
     table.add_column("metric")
@@ -242,14 +247,7 @@ def score_command(
     from medseg.engine.score import score
 
     folder = score(predictions, data, protocol, split, splits, spacing, out, num_classes, overlays)
-    summary = json.loads((folder / "summary.json").read_text())
-    table = Table(title=f"{summary['cases']} cases, protocol {summary['protocol']['name']}")
-    table.add_column("metric")
-    table.add_column("value")
-    for metric, values in summary["metrics"].items():
-        table.add_row(metric, f"{values['value']:.4f}")
-    console.print(table)
-    console.print(f"report: [bold]{folder / 'report.md'}[/]")
+    _print_summary(folder)
 
 
 @app.command("predict")
