@@ -191,6 +191,11 @@ def _check_images(case: Case, root: Path, found: _CaseFindings) -> None:
                 Problem(WARNING, "intensity-range", rel, "floating-point image with values outside [0, 1] is used "
                         "as is; rescale it to [0, 1]", f"values in [{pixels.min():.4g}, {pixels.max():.4g}]")
             )
+    if channels is not None and case.channels is not None and channels != case.channels:
+        rel = _relative(case.images[0], root)
+        found.problems.append(Problem(ERROR, "channel-count", rel, f"decodes to {channels} channel(s) but dataset.json "
+                                      f"lists {case.channels}; save it as an RGB image, or give one file per channel "
+                                      "(_0000, _0001, _0002)"))
     found.size = first_size
     found.channels = channels
     found.image_file = _relative(case.images[0], root)

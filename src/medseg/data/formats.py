@@ -3,6 +3,13 @@
 `discover` never raises for problems inside a dataset (unpaired files, duplicate stems, broken links,
 files it cannot use): it lists them in the `Layout`, so that `check-data` can report all of them at once.
 It raises only when the folder is not a dataset at all, or cannot be listed.
+
+nnU-Net RGB cases: nnU-Net v2 stores a natural 2D image (its NaturalImage2DIO reader) as one `<case>_0000.png`
+holding all three colours, while dataset.json lists three channel_names (e.g. R, G, B), since nnU-Net counts
+the channels decoded, not the files. medseg's rule: when dataset.json lists exactly the channels 0, 1, 2 and a
+case has `_0000` alone, that file is the whole case and must decode to 3 channels (`Case.channels`); a case with
+all three files stacks them as usual. A case with some of the three files, or a gray `_0000` alone, is a
+problem to report. Other channel counts keep one file per channel: packing is nnU-Net's convention for RGB only.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ NNUNET = "nnunet"
 NNUNET_REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 # nnU-Net names channel files <case>_<NNNN><file_ending>, NNNN being the 4-digit channel index.
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+# The channel ids whose case may also be one RGB `_0000` file (see the module docstring).
+_NNUNET_RGB = [0, 1, 2]
 
 # What else a data folder may hold besides its data files (Layout.strays): entries a user may have meant as data.
 BROKEN_LINK = "broken-link"  # a symbolic link whose target does not exist
@@ -33,11 +42,14 @@ OTHER_FILE = "other-file"  # any other file: not an image format medseg reads, o
 
 @dataclass(frozen=True)
 class Case:
-    """One training example: its image file(s), stacked along channels, and its mask."""
+    """One training example: its image file(s), stacked along channels, and its mask.
+
+    `channels`: how many channels the files must decode to, where the dataset says (an nnU-Net RGB case)."""
 
     stem: str
     images: tuple[Path, ...]
     mask: Path | None
+    channels: int | None = None
 
 
 @dataclass
@@ -232,19 +244,24 @@ def _nnunet_split(
         channel_files.setdefault(match["case"], {})[int(match["channel"])] = path
     labels = {path.name[: -len(ending)]: path for path in label_files}
 
+    rgb = channel_ids == _NNUNET_RGB
     for name, found in sorted(channel_files.items()):
-        missing = [c for c in channel_ids if c not in found]
+        packed = rgb and list(found) == [0]  # one RGB file holds the three channels
+        missing = [] if packed else [c for c in channel_ids if c not in found]
         label = labels.get(name)
         if name in blocked_cases:
             continue
         if missing:
             reason, detail = "case lacks channel file(s)", ", ".join(f"no {name}_{c:04d}{ending}" for c in missing)
+            if rgb:
+                reason += f" (or keep one RGB <case>_0000{ending} alone)"
         elif label is None:
             if unlabelled_ok or name in blocked_labels:
                 continue
             reason, detail = "case has no label", f"no {labels_dir.name}/{name}{ending}"
         else:
-            split.cases.append(Case(name, tuple(found[c] for c in channel_ids), label))
+            files = (found[0],) if packed else tuple(found[c] for c in channel_ids)
+            split.cases.append(Case(name, files, label, len(channel_ids) if packed else None))
             continue
         for path in found.values():
             split.unpaired_images.append(path)
@@ -317,4 +334,10 @@ def load_case(case: Case, reduce_to: tuple[int, int] | None = None) -> np.ndarra
         raise MedsegError(
             f"channel files of case {case.stem} differ in size ({listing}); resample them to one size"
         )
-    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+    image = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=2)
+    if case.channels is not None and image.shape[2] != case.channels:
+        raise MedsegError(
+            f"{case.images[0]} decodes to {image.shape[2]} channel(s) but dataset.json lists {case.channels} for "
+            f"case {case.stem}; save it as an RGB image, or give one file per channel (_0000, _0001, _0002)"
+        )
+    return image
