@@ -81,7 +81,9 @@ def test_three_separate_channel_files_still_stack(tmp_path):
 def test_a_gray_rgb_case_gets_one_clear_line(tmp_path):
     root = _rgb_dataset(tmp_path / "Dataset122_Gray", n_train=3, n_test=0)
     _save(root / "imagesTr" / "polyp_001_0000.png", np.full((64, 64), 90, np.uint8))
-    (problem,) = check_data(root).errors
+    report = check_data(root)
+    (problem,) = report.errors
+    assert report.warnings == []  # not also "medseg converts gray <-> RGB": this case is refused
     assert problem.kind == "channel-count" and problem.file == "imagesTr/polyp_001_0000.png"
     assert "decodes to 1 channel(s) but dataset.json lists 3" in problem.message
     result = medseg_inprocess("check-data", str(root))

@@ -301,7 +301,8 @@ def _channel_problems(findings: list[_CaseFindings]) -> list[Problem]:
                 f"image has {f.channels} channel(s) while {usual_count} of {sum(counts.values())} images have "
                 f"{usual}; medseg converts gray <-> RGB to model.in_channels, check this is intended")
         for f in findings
-        if f.channels is not None and f.channels != usual
+        # a case refused for its channel count (an nnU-Net RGB case) is not told medseg would convert it
+        if f.channels is not None and f.channels != usual and all(p.kind != "channel-count" for p in f.problems)
     ]
 
 
