@@ -75,6 +75,9 @@ class SplitConfig(Strict):
     val: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.2, ge=0, lt=1)
     seed: int = 0
+    # regex naming each stem's patient / volume (medseg.data.folds.groups_of): no group in two splits; None:
+    # slices of a `medseg slices` folder are grouped by volume, any other folder's stems are split one by one
+    groups: str | None = None
 
 
 class AmplifyConfig(Strict):

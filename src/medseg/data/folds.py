@@ -21,6 +21,9 @@ Without strata step 3 is the plain greedy "largest group to the currently smalle
 keeps the largest fold at most one largest group above the smallest; within it the rare label is dealt out
 round-robin, so with at least k groups of a label every fold gets one of them when that label is the
 rarest.
+
+`split_groups` says which groups a folder's default split and folds keep whole: a regex's when one is given,
+else, for a folder written by `medseg slices`, the volume of each slice (its slices.json), else none.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from medseg.data.formats import Layout
 from medseg.data.io import mask_to_labels, read_mask
 from medseg.data.splits import cases_for
+from medseg.data.volumes import MANIFEST, slice_volumes
 from medseg.errors import MedsegError
 
 
@@ -77,6 +81,21 @@ def groups_of(stems: Iterable[str], pattern: str | None) -> dict[str, str]:
                           f"{len(stems)} stems do not match); change the pattern so that every stem names its "
                           "patient or volume")
     return groups
+
+
+def split_groups(layout: Layout, pattern: str | None) -> tuple[dict[str, str] | None, str]:
+    """({stem: group} for the folder's cases, or None when nothing groups them; how they were grouped)."""
+    stems = sorted(c.stem for c in layout.cases + layout.test_cases)
+    if pattern is not None:
+        return groups_of(stems, pattern), f"grouped by {pattern!r}: no group in two splits"
+    volumes = slice_volumes(layout.root)
+    if volumes is None:
+        return None, ""
+    unknown = [s for s in stems if s not in volumes]
+    if unknown:
+        raise MedsegError(f"{layout.root / MANIFEST} names no volume for {len(unknown)} slices, e.g. {unknown[0]!r}; "
+                          "slice the volumes again, or set data.split.groups to a regex that finds the volume id")
+    return {s: volumes[s] for s in stems}, f"grouped by volume ({MANIFEST} of medseg slices): no volume in two splits"
 
 
 def kfold(stems: Iterable[str], k: int, groups: Mapping[str, str] | None = None,

@@ -2,6 +2,14 @@
 
 Whatever the source, the exact stems are written into the run folder (`splits.json`), so evaluation
 and later readers use the same cases.
+
+Slices of one volume or patient look alike, so given groups ({stem: group}: a `data.split.groups` regex, or the
+volumes of a folder written by `medseg slices`, see `medseg.data.folds.split_groups`) the seeded split keeps
+every group whole (`grouped_split`). The rule, deterministic for the seed and independent of the stems' order:
+the groups are sorted by name and shuffled with the seed; walking them in that order, test takes each group that
+brings its stem count closer to `test` x all stems, then val does the same over the groups left for `val` x all
+stems; a non-zero fraction gets at least one group (the first in the order) and at least one group stays for
+training. The fractions are therefore approximate, by stems: whole groups cannot hit them exactly.
 """
 
 from __future__ import annotations
@@ -71,16 +79,59 @@ def seeded_split(stems: list[str], val: float, test: float, seed: int) -> dict[s
             "train": sorted(order[n_test + n_val:])}
 
 
-def make_splits(layout: Layout, val: float, test: float, seed: int) -> tuple[dict[str, list[str]], str]:
-    """(splits, where they came from) for a data folder."""
+def grouped_split(groups: Mapping[str, str], val: float, test: float, seed: int) -> dict[str, list[str]]:
+    """A seeded split of the stems of `groups` ({stem: group}) that keeps each group in one split (the rule is in
+    the module docstring)."""
+    members: dict[str, list[str]] = {}
+    for stem in sorted(groups):
+        members.setdefault(str(groups[stem]), []).append(stem)
+    needed = 1 + (val > 0) + (test > 0)
+    if len(members) < needed:
+        raise MedsegError(f"{len(groups)} cases form only {len(members)} group(s) (volumes or patients), too few for "
+                          f"val={val} and test={test}, which need {needed} with no group in two splits; add "
+                          "volumes, lower data.split.val / data.split.test (0 leaves a split out), or check "
+                          "data.split.groups")
+    order = sorted(members)
+    random.Random(seed).shuffle(order)
+    total = len(groups)
+    splits: dict[str, list[str]] = {}
+    for name, fraction in (("test", test), ("val", val)):
+        chosen: list[str] = []
+        if fraction > 0:
+            target, count = fraction * total, 0
+            spare = len(order) - 1 - (name == "test" and val > 0)  # leave a group for train (and one for val)
+            for group in order[:spare]:
+                size = len(members[group])
+                if abs(count + size - target) < abs(count - target):
+                    chosen.append(group)
+                    count += size
+            chosen = chosen or order[:1]
+        splits[name] = sorted(s for g in chosen for s in members[g])
+        order = [g for g in order if g not in chosen]
+    splits["train"] = sorted(s for g in order for s in members[g])
+    return {name: splits[name] for name in ("test", "val", "train")}
+
+
+def make_splits(layout: Layout, val: float, test: float, seed: int, groups: Mapping[str, str] | None = None,
+                grouped_by: str = "") -> tuple[dict[str, list[str]], str]:
+    """(splits, where they came from) for a data folder. `groups` ({stem: group} for the folder's cases, e.g.
+    from `medseg.data.folds.split_groups`, described by `grouped_by`) keeps each group in one seeded split; a
+    folder's own splits.json is taken as it is."""
     own = layout.root / "splits.json"
     if own.is_file():
         return read_splits(own, {c.stem for c in layout.cases + layout.test_cases}), str(own)
+    stems = [c.stem for c in layout.cases]
+    by = f", {grouped_by}" if groups is not None else ""
     if layout.test_cases:
-        splits = seeded_split([c.stem for c in layout.cases], val, 0.0, seed)
+        if groups is None:
+            splits = seeded_split(stems, val, 0.0, seed)
+        else:
+            splits = grouped_split({s: groups[s] for s in stems}, val, 0.0, seed)
         splits["test"] = sorted(c.stem for c in layout.test_cases)
-        return splits, f"seeded split (seed {seed}) of imagesTr; test = imagesTs with labelsTs"
-    return seeded_split([c.stem for c in layout.cases], val, test, seed), f"seeded split (seed {seed})"
+        return splits, f"seeded split (seed {seed}{by}) of imagesTr; test = imagesTs with labelsTs"
+    if groups is None:
+        return seeded_split(stems, val, test, seed), f"seeded split (seed {seed})"
+    return grouped_split({s: groups[s] for s in stems}, val, test, seed), f"seeded split (seed {seed}{by})"
 
 
 def cases_for(layout: Layout, stems: list[str]) -> list[Case]:

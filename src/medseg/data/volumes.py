@@ -23,10 +23,15 @@ keeps the slices whose label has foreground.
 
 Pairs: VOLUMES/images/<stem>.nii[.gz] with VOLUMES/labels/<stem>.nii[.gz] (or masks/), or nnU-Net's raw
 3D layout imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz.
+
+Slice k of volume <stem> is named <stem>_<kkkk>; the folder also gets `slices.json` (MANIFEST), which records
+the volume of every slice, so that splits and study folds keep each volume whole without guessing it from the
+stems (`slice_volumes`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -34,11 +39,12 @@ import numpy as np
 
 from medseg.data.io import write_image_atomic
 from medseg.errors import MedsegError
-from medseg.files import atomic_folder
+from medseg.files import atomic_folder, write_text_atomic
 
 NIFTI = (".nii", ".nii.gz")
 MODES = ("stack", "sum", "single")
 EDGES = ("triple", "repeat")
+MANIFEST = "slices.json"  # in a folder written by make_slices: {"volumes": {volume: [slice stems]}, ...}
 
 
 def _stem(path: Path) -> str:
@@ -121,6 +127,7 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
         raise MedsegError(f"{out} exists; slices writes a new folder, so give another --out or remove it")
     pairs = find_pairs(volumes)
     written, skipped = 0, 0
+    of_volume: dict[str, list[str]] = {}
     with atomic_folder(out) as tmp:
         for stem, image_path, label_path in pairs:
             image, labels = _read(image_path), _read(label_path)
@@ -137,10 +144,27 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
                 write_image_atomic(tmp / "images" / name, slice_image(image, k, mode, edge))
                 mask = label.astype(np.uint8) if keep_labels else (label > 0).astype(np.uint8) * 255
                 write_image_atomic(tmp / "masks" / name, mask)
+                of_volume.setdefault(stem, []).append(name[: -len(".png")])
                 written += 1
         if not written:
             raise MedsegError(f"no slice was written from {volumes}"
                               + (" (no slice has foreground)" if only_lesion else ""))
-    return {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
-            "edge": None if mode == "single" else edge,
-            "window": list(window) if window else "per-volume min-max", "out": str(out)}
+        record = {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
+                  "edge": None if mode == "single" else edge,
+                  "window": list(window) if window else "per-volume min-max"}
+        write_text_atomic(tmp / MANIFEST, json.dumps({**record, "volumes": of_volume}, indent=1) + "\n")
+    return {**record, "out": str(out)}
+
+
+def slice_volumes(root: str | Path) -> dict[str, str] | None:
+    """{slice stem: its volume} from the MANIFEST of a folder written by `make_slices`; None for any other folder."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        volumes = json.loads(path.read_text())["volumes"]
+        found = {str(stem): str(volume) for volume, stems in volumes.items() for stem in stems}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise MedsegError(f"cannot read {path}: it must be the {{\"volumes\": {{volume: [slice stems]}}}} record "
+                          "`medseg slices` writes; restore it, or delete it and set data.split.groups") from None
+    return found

@@ -24,6 +24,7 @@ from medseg.data.amplify import plan as plan_amplification
 from medseg.data.cache import DecodedCache, default_cache_folder
 from medseg.data.check import check_data
 from medseg.data.dataset import EpochShuffle, MultiScaleCollate, SegmentationDataset, intensity_statistics
+from medseg.data.folds import split_groups
 from medseg.data.formats import Layout, discover
 from medseg.data.splits import cases_for, check_splits, make_splits
 from medseg.data.transforms import Preprocessing, build_augmentation
@@ -72,8 +73,13 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root = Path(root)
         self.layout: Layout = discover(self.root)
         check_folder(self.layout, recipe)
+        self.grouped_by = ""  # how a new seeded split kept volumes / patients whole (split_groups), for the header
         if splits is None:
-            self.splits, self.split_source = make_splits(self.layout, **recipe.data.split.model_dump())
+            split, groups = recipe.data.split, None
+            if not (self.root / "splits.json").is_file():  # the folder's own splits are taken as they are
+                groups, self.grouped_by = split_groups(self.layout, split.groups)
+            self.splits, self.split_source = make_splits(self.layout, split.val, split.test, split.seed, groups,
+                                                         self.grouped_by)
         elif given_source is None:
             self.splits, self.split_source = splits, "run splits.json"
         else:

@@ -10,7 +10,8 @@ A study file (YAML, validated by `StudyFile`):
     models: [{recipe: unet}, {recipe: anunet, name: anunet-L3, level: 3, set: {...}}]
     seeds: [0, 1, 2]
     folds: 5                 # grouped k-fold on data.train; omit for one fixed held-out split
-    groups: '^(?P<group>[^_]+)_'   # the patient / volume id in a file stem: no group in two folds
+    groups: '^(?P<group>[^_]+)_'   # the patient / volume id in a file stem: no group in two folds (default:
+                             # a `medseg slices` folder by volume, any other folder stem by stem)
     reference: unet          # every model is compared with this one (default: the first)
     protocol: paper          # one metric protocol for every model (default: the reference recipe's)
     cpu: {set: {...}, seeds: [0], folds: 3}   # what `--cpu` changes, for a laptop
@@ -51,7 +52,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from medseg.config import ProtocolName, Recipe, assign, read_recipe_yaml, validate_recipe
-from medseg.data.folds import empty_mask_strata, fold_splits, groups_of
+from medseg.data.folds import empty_mask_strata, fold_splits, split_groups
 from medseg.data.formats import discover, load_case
 from medseg.data.splits import make_splits
 from medseg.engine.run import Run, now, slug
@@ -244,16 +245,21 @@ def dataset_splits(study: StudyFile, data: Path, recipe: Recipe) -> list[tuple[O
     """[(fold or None, splits, source)], the same for every model of the study."""
     layout = discover(data)
     stems = sorted(c.stem for c in layout.cases)
-    if study.folds is None and ((data / "splits.json").is_file() or layout.test_cases):
-        splits, source = make_splits(layout, study.val, 0.2, study.split_seed)
+    if study.folds is None and (data / "splits.json").is_file():
+        return [(None, *make_splits(layout, study.val, 0.2, study.split_seed))]
+    # `groups` unset: a `medseg slices` folder is grouped by volume, as a run's default split is
+    all_groups, grouped_by = split_groups(layout, study.groups or None)
+    if study.folds is None and layout.test_cases:
+        splits, source = make_splits(layout, study.val, 0.2, study.split_seed, all_groups, grouped_by)
         return [(None, splits, source)]
-    groups = groups_of(stems, study.groups) if study.groups else None
+    groups = {s: all_groups[s] for s in stems} if all_groups is not None else None
+    by = f", {grouped_by}" if groups is not None else ""
     strata = empty_mask_strata(layout, stems, recipe.model.num_classes, recipe.data.mask_threshold)
     k = study.folds or HOLDOUT_FOLDS
     splits = fold_splits(stems, k, groups=groups, strata=strata, seed=study.split_seed, val_fraction=study.val)
     if study.folds is None:
-        return [(None, splits[0], f"study {study.name}: held-out grouped fold 1 of {HOLDOUT_FOLDS}")]
-    return [(i, s, f"study {study.name}: fold {i + 1} of {k}") for i, s in enumerate(splits)]
+        return [(None, splits[0], f"study {study.name}: held-out grouped fold 1 of {HOLDOUT_FOLDS}{by}")]
+    return [(i, s, f"study {study.name}: fold {i + 1} of {k}{by}") for i, s in enumerate(splits)]
 
 
 # recipe keys that change how fast a run trains or what it logs, not what it learns: left out of a run's hash, so

@@ -309,6 +309,8 @@ def fit(module: SegmentationModule, datamodule: SegmentationDataModule, run: Run
     recipe = datamodule.recipe
     trainer = build_trainer(recipe, run, mode, devices, callbacks, progress)
     say(f"training {recipe.name} on {datamodule.root} ({datamodule.counts()}) -> {run.path}")
+    if datamodule.grouped_by:
+        say(f"splits: {datamodule.split_source}")
     with children_join(run):
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(run.last_checkpoint) if resume else None)
     return trainer
