@@ -687,8 +687,8 @@ def amplify_command(
 
 @app.command("slices")
 def slices_command(
-    volumes: Path = typer.Argument(..., help="folder of NIfTI pairs: images/ + labels/, or nnU-Net imagesTr/ + "
-                                   "labelsTr/"),
+    volumes: Path = typer.Argument(..., help="folder of volume pairs (NIfTI, NRRD, MHA/MHD; an image may be a DICOM "
+                                   "series folder): images/ + labels/, or nnU-Net imagesTr/ + labelsTr/"),
     out: Path = typer.Option(..., help="new data folder (images/ + masks/)"),
     window: Optional[str] = typer.Option(None, help="intensity window LO,HI (e.g. -200,200 HU); default "
                                          "per-volume min-max"),
@@ -699,6 +699,7 @@ def slices_command(
     single: bool = typer.Option(False, "--single", help="the same as --mode single"),
     only_lesion: bool = typer.Option(False, help="keep only slices whose label has foreground"),
     keep_labels: bool = typer.Option(False, help="keep integer labels instead of 0/255 masks"),
+    series: Optional[str] = typer.Option(None, help="the DICOM series UID to read where an image folder holds several"),
 ) -> None:
     """Slices from 3D volumes: one PNG image/mask pair per slice, 2.5D (STS-Net) or single (ANU-Net).
 
@@ -717,7 +718,7 @@ def slices_command(
             raise MedsegError(f"--window takes LO,HI, e.g. --window=-200,200; got {window!r}") from None
         bounds = (low, high)
     with console.status(f"slicing {volumes} ..."):
-        record = make_slices(volumes, out, bounds, mode, only_lesion, keep_labels, edge)
+        record = make_slices(volumes, out, bounds, mode, only_lesion, keep_labels, edge, series)
     edges = f", edges {edge}" if record["edge"] else ""
     console.print(f"{record['slices']} slices from {record['volumes']} volumes written to {out} (mode {mode}{edges}, "
                   f"window {record['window']}; {record['skipped_without_lesion']} slices without lesion skipped)")

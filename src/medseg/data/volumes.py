@@ -1,9 +1,10 @@
 """Slices from 3D volumes: 2.5D for STS-Net (Scientific Reports 2025, Methods and Fig. 2; the authors' code),
 single slices for ANU-Net (Computers & Graphics 2020, Sec. 4.1).
 
-`medseg slices VOLUMES --out DATA` reads NIfTI image / label volume pairs with nibabel and writes
-medseg's folder format, one PNG pair per axial slice k (the volume's last axis; written as
-array[:, :, k].T, so rows follow the second voxel axis; image and mask get the same transform):
+`medseg slices VOLUMES --out DATA` reads image / label volume pairs (NIfTI, NRRD, MetaImage, or a DICOM series
+folder for an image; read by data/volume_io.py, voxels (X, Y, Z)) and writes medseg's folder format, one PNG pair
+per axial slice k (the volume's last axis; written as array[:, :, k].T, so rows follow the second voxel axis;
+image and mask get the same transform):
 - `stack` (STS-Net's paper, default): a 3-channel image of slices (k-1, k, k+1) as (R, G, B);
 - `sum` (STS-Net's code, 2.5D_L.py): one channel, the pixel sum of the same three slices of the 8-bit
   intensities clipped at 255; medseg repeats it to 3 channels;
@@ -21,8 +22,10 @@ liver CT (both papers) or [0, 1023] for STS-Net's T2 clip, then scale to 0..255)
 min-max. Labels: > 0 becomes 255 (binary), or the integer labels are kept (`keep_labels`). `only_lesion`
 keeps the slices whose label has foreground.
 
-Pairs: VOLUMES/images/<stem>.nii[.gz] with VOLUMES/labels/<stem>.nii[.gz] (or masks/), or nnU-Net's raw
-3D layout imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz.
+Pairs: VOLUMES/images/<stem>.<ext> with VOLUMES/labels/<stem>.<ext> (or masks/; ext one of .nii[.gz], .nrrd,
+.nhdr, .mha, .mhd, and the two may differ), or nnU-Net's raw 3D layout imagesTr/<case>_0000.<ext> with
+labelsTr/<case>.<ext>. An image may also be a DICOM series folder images/<stem>/ (`series`: the UID to read
+where a folder holds several); its label is a volume file labels/<stem>.<ext>.
 
 Slice k of volume <stem> is named <stem>_<kkkk>; the folder also gets `slices.json` (MANIFEST), which records
 the volume of every slice, so that splits and study folds keep each volume whole without guessing it from the
@@ -34,58 +37,55 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medseg.data.io import write_image_atomic
+from medseg.data.volume_io import is_dicom_folder, read_volume, volume_stem
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, write_text_atomic
 
-NIFTI = (".nii", ".nii.gz")
 MODES = ("stack", "sum", "single")
 EDGES = ("triple", "repeat")
 MANIFEST = "slices.json"  # in a folder written by make_slices: {"volumes": {volume: [slice stems]}, ...}
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else name[: -len(".nii")]
-
-
-def _volumes(folder: Path) -> dict[str, Path]:
-    return {_stem(p): p for p in sorted(folder.iterdir()) if p.name.endswith(NIFTI) and not p.name.startswith(".")}
+def _volumes(folder: Path, series_folders: bool = False) -> dict[str, Path]:
+    """{stem: volume file}, and {folder name: DICOM series folder} where `series_folders`; two files of one stem
+    (case01.nii.gz and case01.mha) are an error naming them."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        stem = path.name if series_folders and is_dicom_folder(path) else volume_stem(path)
+        if stem is None:
+            continue
+        if stem in found:
+            raise MedsegError(f"{folder}: {found[stem].name} and {path.name} are both volume {stem}; keep one")
+        found[stem] = path
+    return found
 
 
 def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
     """(stem, image volume, label volume) for every pair; unpaired files are an error naming them."""
     root = Path(root)
     if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
-        images = {s.removesuffix("_0000"): p for s, p in _volumes(root / "imagesTr").items() if s.endswith("_0000")}
+        images = {s.removesuffix("_0000"): p for s, p in _volumes(root / "imagesTr", True).items()
+                  if s.endswith("_0000")}
         labels = _volumes(root / "labelsTr")
     else:
         label_dir = next((root / d for d in ("labels", "masks") if (root / d).is_dir()), None)
         if not (root / "images").is_dir() or label_dir is None:
-            raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, same stems) "
-                              "or nnU-Net's imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz")
-        images, labels = _volumes(root / "images"), _volumes(label_dir)
+            raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, NRRD, MHA/MHD or DICOM "
+                              "series folders, same stems) or nnU-Net's imagesTr/<case>_0000.nii.gz + "
+                              "labelsTr/<case>.nii.gz")
+        images, labels = _volumes(root / "images", True), _volumes(label_dir)
     unpaired = sorted(set(images) ^ set(labels))
     if unpaired:
         raise MedsegError(f"{root}: volumes without a partner: {', '.join(unpaired[:5])}; "
                           "every image needs a label volume")
     if not images:
-        raise MedsegError(f"{root} holds no NIfTI volumes (.nii or .nii.gz)")
+        raise MedsegError(f"{root} holds no volumes (.nii[.gz], .nrrd, .nhdr, .mha, .mhd or DICOM series folders)")
     return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
-
-
-def _read(path: Path) -> np.ndarray:
-    try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # nibabel raises several types for damaged files
-        raise MedsegError(f"cannot read volume {path}: {exc}") from None
-    data = np.squeeze(data)
-    if data.ndim != 3:
-        raise MedsegError(f"volume {path} has shape {data.shape}; medseg slices 3-D volumes")
-    return data
 
 
 def to_uint8(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
@@ -116,7 +116,8 @@ def slice_image(volume: np.ndarray, k: int, mode: str, edge: str = "triple") -> 
 
 
 def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float] | None = None, mode: str = "stack",
-                only_lesion: bool = False, keep_labels: bool = False, edge: str = "triple") -> dict:
+                only_lesion: bool = False, keep_labels: bool = False, edge: str = "triple",
+                series: str | None = None) -> dict:
     """Write every slice of every pair to `out` (folder format, atomically); returns what was written."""
     if mode not in MODES:
         raise MedsegError(f"--mode must be {', '.join(MODES)}, got {mode!r}")
@@ -130,7 +131,8 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
     of_volume: dict[str, list[str]] = {}
     with atomic_folder(out) as tmp:
         for stem, image_path, label_path in pairs:
-            image, labels = _read(image_path), _read(label_path)
+            image = read_volume(image_path, series).array
+            labels = read_volume(label_path).array
             if image.shape != labels.shape:
                 raise MedsegError(f"{image_path.name} is {image.shape} but {label_path.name} is {labels.shape}; "
                                   "image and label volumes must match voxel for voxel")
