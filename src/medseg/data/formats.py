@@ -322,7 +322,21 @@ def discover(root: str | Path) -> Layout:
                               "exist); fix the link or put the folder itself there")
     raise MedsegError(
         f"{root} is not a dataset: expected DATA/images + DATA/masks, or nnU-Net's dataset.json + imagesTr + labelsTr"
+        + _volume_hint(root / "images")
     )
+
+
+def _volume_hint(images: Path) -> str:
+    """'; images/x.mha is a NRRD/MetaImage volume ... `medseg slices ...`' when images/ (or a series folder in it)
+    holds volumes: the usual reason for a folder without masks/ is a volume folder given to a 2D tool."""
+    if not images.is_dir():
+        return ""
+    for path in sorted(images.iterdir()):
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        advice = next(((f, non_2d_format(f)) for f in files if non_2d_format(f)), None)
+        if advice:
+            return f"; {advice[0].relative_to(images.parent)} is {advice[1]}"
+    return ""
 
 
 def load_case(case: Case, reduce_to: tuple[int, int] | None = None) -> np.ndarray:

@@ -44,10 +44,9 @@ _PILLOW_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _SLICES = "turn volumes into 2D image/mask slices with `medseg slices VOLUMES --out DATA`"
 _NON_2D_FORMATS = {
     (".nii", ".nii.gz"): f"a NIfTI volume, not a 2D image; {_SLICES}",
-    (".nrrd", ".nhdr", ".mha", ".mhd"): f"a NRRD/MetaImage volume, not a 2D image; convert it to NIfTI (e.g. with "
-                                        f"SimpleITK), then {_SLICES}",
-    (".dcm", ".dicom"): "a DICOM file, which medseg does not read; export the image as PNG or 16-bit TIFF (a DICOM "
-                        f"series: convert it to NIfTI, then {_SLICES})",
+    (".nrrd", ".nhdr", ".mha", ".mhd"): f"a NRRD/MetaImage volume, not a 2D image; {_SLICES}",
+    (".dcm", ".dicom"): "a DICOM file, which medseg does not read as a 2D image; export the image as PNG or 16-bit "
+                        f"TIFF (a DICOM series: put its folder in VOLUMES/images/ and {_SLICES})",
     (".npy", ".npz"): "a NumPy array, which medseg does not read; save it as TIFF (float32 is kept) or PNG",
 }
 
