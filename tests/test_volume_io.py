@@ -119,6 +119,18 @@ def test_slices_pairs_a_dicom_folder_with_a_label_file_and_matches_the_nifti_sli
     assert (tmp_path / "from_dicom" / "slices.json").is_file()
 
 
+def test_a_label_on_another_grid_than_its_dicom_image_is_refused(tmp_path):
+    root = tmp_path / "flipped"
+    _write_series(root / "images" / "case01", _phantom(), "1.2.3.4.1", "axial CT")
+    (root / "labels").mkdir()
+    label = _image(np.zeros((16, 16, 6), np.uint8))
+    label.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))  # what another converter may have flipped
+    sitk.WriteImage(label, str(root / "labels" / "case01.nrrd"))
+    with pytest.raises(MedsegError, match=r"case01 and case01.nrrd lie on different voxel grids \(directions "):
+        make_slices(root, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_series_in_one_folder_are_refused_in_one_line_until_one_is_picked(tmp_path):
     _write_series(tmp_path / "both", _phantom(), "1.2.3.4.1", "axial CT")
     _write_series(tmp_path / "both", _phantom()[:, :, :4] + 100, "1.2.3.4.2", "contrast")

@@ -60,6 +60,25 @@ def is_dicom_folder(path: Path) -> bool:
     return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
+def same_grid(a: Volume, b: Volume) -> str | None:
+    """None when two volumes of one shape lie on the same voxel grid, else what differs (for one-line messages).
+
+    Loose tolerances (1e-3 in direction cosines, half the finest voxel in origin): headers written by different
+    tools round differently, but a flipped or shifted label must not be paired voxel for voxel with its image.
+    """
+    if not np.allclose(a.direction, b.direction, atol=1e-3):
+        return f"directions {_rounded(a.direction)} and {_rounded(b.direction)}"
+    if not np.allclose(a.spacing, b.spacing, rtol=1e-3, atol=1e-4):
+        return f"spacings {_rounded(a.spacing)} and {_rounded(b.spacing)}"
+    if np.linalg.norm(np.subtract(a.origin, b.origin)) > 0.5 * min(a.spacing):
+        return f"origins {_rounded(a.origin)} and {_rounded(b.origin)}"
+    return None
+
+
+def _rounded(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in np.round(values, 3)) + ")"
+
+
 def read_volume(path: str | Path, series: str | None = None) -> Volume:
     """The volume in a NIfTI / NRRD / MetaImage file or a DICOM series folder (`series`: its UID, when several)."""
     path = Path(path)

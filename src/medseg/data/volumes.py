@@ -25,7 +25,8 @@ keeps the slices whose label has foreground.
 Pairs: VOLUMES/images/<stem>.<ext> with VOLUMES/labels/<stem>.<ext> (or masks/; ext one of .nii[.gz], .nrrd,
 .nhdr, .mha, .mhd, and the two may differ), or nnU-Net's raw 3D layout imagesTr/<case>_0000.<ext> with
 labelsTr/<case>.<ext>. An image may also be a DICOM series folder images/<stem>/ (`series`: the UID to read
-where a folder holds several); its label is a volume file labels/<stem>.<ext>.
+where a folder holds several); its label is a volume file labels/<stem>.<ext>. Image and label must have one
+shape and lie on one voxel grid (direction, spacing, origin; `same_grid`), else one line says what differs.
 
 Slice k of volume <stem> is named <stem>_<kkkk>; the folder also gets `slices.json` (MANIFEST), which records
 the volume of every slice, so that splits and study folds keep each volume whole without guessing it from the
@@ -40,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.io import write_image_atomic
-from medseg.data.volume_io import is_dicom_folder, read_volume, volume_stem
+from medseg.data.volume_io import is_dicom_folder, read_volume, same_grid, volume_stem
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, write_text_atomic
 
@@ -131,11 +132,15 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
     of_volume: dict[str, list[str]] = {}
     with atomic_folder(out) as tmp:
         for stem, image_path, label_path in pairs:
-            image = read_volume(image_path, series).array
-            labels = read_volume(label_path).array
+            image_volume, label_volume = read_volume(image_path, series), read_volume(label_path)
+            image, labels = image_volume.array, label_volume.array
             if image.shape != labels.shape:
                 raise MedsegError(f"{image_path.name} is {image.shape} but {label_path.name} is {labels.shape}; "
                                   "image and label volumes must match voxel for voxel")
+            differs = same_grid(image_volume, label_volume)
+            if differs:
+                raise MedsegError(f"{image_path.name} and {label_path.name} lie on different voxel grids ({differs}); "
+                                  "resample the label onto the image (e.g. SimpleITK Resample) so voxels pair up")
             image = to_uint8(image, window)
             for k in range(image.shape[2]):
                 label = labels[:, :, k].T
