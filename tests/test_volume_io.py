@@ -1,6 +1,7 @@
 """Volumes in every format medseg reads: NIfTI, NRRD and MHA give the same slices; DICOM series in HU, ordered by
 position, chosen among several, with missing or duplicate slices refused in one line."""
 
+import locale
 import random
 import shutil
 
@@ -12,7 +13,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import run_cli
-from medseg.data.volume_io import read_volume
+from medseg.data.volume_io import keeping_locale, read_volume
 from medseg.data.volumes import make_slices
 from medseg.errors import MedsegError
 
@@ -64,7 +65,8 @@ def _write_series(folder, voxels, uid, description, names=None):
         for key, value in tags.items():
             piece.SetMetaData(key, value)
         writer.SetFileName(str(folder / (names[k] if names else f"{uid}.{k}.dcm")))
-        writer.Execute(piece)
+        with keeping_locale():  # GDCM leaves the locale at "C"
+            writer.Execute(piece)
 
 
 def test_nifti_mha_and_nrrd_give_the_same_voxels_geometry_and_slices(tmp_path):
@@ -96,7 +98,9 @@ def test_dicom_series_reads_hu_in_position_order_even_when_files_are_shuffled(tm
     raw = pydicom.dcmread(tmp_path / "series" / names[0])
     assert float(raw.RescaleSlope) == SLOPE and float(raw.RescaleIntercept) == INTERCEPT
     np.testing.assert_array_equal(raw.pixel_array.T, (_phantom()[:, :, 0] - INTERCEPT) / SLOPE)  # stored != HU
+    before = locale.setlocale(locale.LC_ALL)
     volume = read_volume(tmp_path / "series")
+    assert locale.setlocale(locale.LC_ALL) == before  # GDCM's "C" locale is undone: text files stay UTF-8
     np.testing.assert_array_equal(volume.array, _phantom())
     np.testing.assert_allclose(volume.spacing, SPACING, atol=1e-4)
     np.testing.assert_allclose(volume.direction, DIRECTION, atol=1e-5)

@@ -13,10 +13,17 @@ pydicom: it finds the series in a folder (GetGDCMSeriesIDs), sorts files by posi
 
 Geometry is reported in SimpleITK's LPS convention (spacing, origin, direction columns per voxel axis);
 nibabel's RAS affine is converted to it.
+
+GDCM's DICOM writer (SimpleITK 2.5) sets the process locale to "C" and leaves it there; Python's text files then
+default to ASCII, and a recipe or report with a non-ASCII character fails to read or write. Reading did not do
+so here, but every DICOM call runs inside `keeping_locale`, which puts the locale back, so that a GDCM build
+that does cannot break the rest of the process; writers of DICOM (the tests) use it too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import locale
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,13 +58,24 @@ def volume_stem(path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def keeping_locale():
+    """Restore the process locale after GDCM (through SimpleITK) has set it to "C"."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def is_dicom_folder(path: Path) -> bool:
     """Whether `path` is a folder holding at least one DICOM series."""
     if not path.is_dir():
         return False
     import SimpleITK as sitk
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    with keeping_locale():
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
 
 
 def same_grid(a: Volume, b: Volume) -> str | None:
@@ -83,7 +101,8 @@ def read_volume(path: str | Path, series: str | None = None) -> Volume:
     """The volume in a NIfTI / NRRD / MetaImage file or a DICOM series folder (`series`: its UID, when several)."""
     path = Path(path)
     if path.is_dir():
-        return _read_dicom(path, series)
+        with keeping_locale():
+            return _read_dicom(path, series)
     if path.name.lower().endswith(NIFTI):
         return _read_nifti(path)
     if path.name.lower().endswith(ITK_FILES):
