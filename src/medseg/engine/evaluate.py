@@ -25,8 +25,17 @@ from medseg.data.splits import cases_for
 from medseg.engine.inference import InferencePlan, build_plan, inference_dataset, stored_tiling
 from medseg.engine.postprocess import FROM_OPTION, TUNED, PostProcessing, choose_threshold
 from medseg.engine.predict import check_threshold
-from medseg.engine.run import Run, now, slug
-from medseg.engine.score import case_spacing, overlay_cases, parse_spacing, spacing_record, write_overlay, write_report
+from medseg.engine.run import Run, slug
+from medseg.engine.score import (
+    case_spacing,
+    model_record,
+    overlay_cases,
+    parse_spacing,
+    report_record,
+    spacing_record,
+    write_overlay,
+    write_report,
+)
 from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, check_output_folder, user_write_errors
@@ -90,27 +99,16 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     default_protocol = run.recipe().eval.protocol
     protocol_def = get_protocol(protocol or default_protocol)
     cases, split = select_cases(run, data, split)
-    report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
-    if report.errors:
-        first = report.errors[0]
-        raise MedsegError(f"{data}: {first.line()} — run `medseg check-data {data}` to see all problems")
-
-    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
-                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     scorer = protocol_def.scorer(predictor.num_classes)
     stems, sizes, pixels, used = [], [], [], []
     by_stem = {c.stem: c for c in cases}
-    with Progress("evaluate", len(cases)) as progress:
-        for batch in loader:
-            probs = plan.batch_at_original_size(batch["image"], batch["size"])
-            for resized, mask, stem, size in zip(probs, batch["mask"], batch["stem"], batch["size"]):
-                labels = postprocessing.apply(predict_labels(resized[None], threshold)[0])
-                used.append(case_spacing(spacing_choice, by_stem[stem]))
-                scorer.add(resized, mask, labels if decided else None, spacing=used[-1])
-                stems.append(stem)
-                sizes.append(size)
-                pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
-            progress.update(len(batch["stem"]))
+    for stem, size, resized, mask in case_probabilities(plan, data, cases, batch_size, workers, "evaluate"):
+        labels = postprocessing.apply(predict_labels(resized[None], threshold)[0])
+        used.append(case_spacing(spacing_choice, by_stem[stem]))
+        scorer.add(resized, mask, labels if decided else None, spacing=used[-1])
+        stems.append(stem)
+        sizes.append(size)
+        pixels.append((int((mask > 0).sum()), int((labels > 0).sum())))
     per_case = scorer.per_case()
     summary = scorer.summary()
 
@@ -128,27 +126,31 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
         chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
         for stem in chosen:
             _write_overlay(tmp / "overlays" / f"{stem}.png", by_stem[stem], plan, threshold, postprocessing)
-        info = {
-            "protocol": protocol_def.definition(),
-            "metrics": summary,
-            "cases": len(stems),
-            "split": split,
-            "data": str(data.resolve()),
-            "run": str(run.path.resolve()),
-            "model": {**{k: predictor.config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe")
-                          if k in predictor.config}, "level": level},
-            "numeric": predictor.mode.to_dict(),
-            "spacing": spacing_record(spacing_choice, used),
-            "inference": plan.to_dict(),
-            "decision": {"threshold": threshold, "threshold_source": threshold_source,
-                         "postprocess": postprocessing.to_dict(),
-                         "applies_to": "label metrics, overlays and predicted_pixels; map metrics use the "
-                                       "probabilities"},
-            "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
-            "created": now(),
-        }
+        info = report_record(
+            protocol_def, summary, len(stems), split, data, spacing_record(spacing_choice, used),
+            run=str(run.path.resolve()), model={**model_record(predictor.config), "level": level},
+            numeric=predictor.mode.to_dict(), inference=plan.to_dict(),
+            decision={"threshold": threshold, "threshold_source": threshold_source,
+                      "postprocess": postprocessing.to_dict(),
+                      "applies_to": "label metrics, overlays and predicted_pixels; map metrics use the probabilities"})
         write_report(tmp, info, stems, sizes, pixels, per_case, chosen, protocol_def.rank_metric)
     return final
+
+
+def case_probabilities(plan: InferencePlan, data: Path, cases: list[Case], batch_size: int, workers: int | None,
+                       task: str):
+    """Check `data`'s `cases` (one line naming the first problem), then yield (stem, size, probabilities at the
+    mask's size, mask) for each, with progress: what evaluate and tune-threshold score."""
+    report = check_data(data, plan.num_classes, plan.reference.mask_threshold, stems={c.stem for c in cases})
+    if report.errors:
+        raise MedsegError(f"{data}: {report.errors[0].line()} — run `medseg check-data {data}` to see all problems")
+    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
+                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
+    with Progress(task, len(cases)) as progress:
+        for batch in loader:
+            probs = plan.batch_at_original_size(batch["image"], batch["size"])
+            yield from zip(batch["stem"], batch["size"], probs, batch["mask"])
+            progress.update(len(batch["stem"]))
 
 
 def plan_suffix(plan: InferencePlan) -> str:

@@ -119,6 +119,21 @@ def write_per_case(path: Path, stems: list[str], sizes: list[tuple[int, int]], p
     path.write_text(buffer.getvalue())
 
 
+def model_record(config: dict[str, Any]) -> dict[str, Any]:
+    """The model a report names: the keys of its config.json that identify it."""
+    return {k: config[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe") if k in config}
+
+
+def report_record(protocol_def, summary: dict[str, Any], cases: int, split: str, data: Path,
+                  spacing: dict[str, Any], **source: Any) -> dict[str, Any]:
+    """summary.json of evaluate and score: the protocol, the numbers, what was scored, then `source` (what made
+    the predictions: a run and its plan, or a predictions folder)."""
+    record = {"protocol": protocol_def.definition(), "metrics": summary, "cases": cases, "split": split,
+              "data": str(data.resolve()), **source, "spacing": spacing}
+    readme = data / "README.md"
+    return {**record, "synthetic": readme.is_file() and "SYNTHETIC" in readme.read_text(), "created": now()}
+
+
 def write_report(folder: Path, info: dict[str, Any], stems: list[str], sizes: list[tuple[int, int]],
                  pixels: list[tuple[int, int]], per_case: dict[str, list[float]], chosen: list[str],
                  rank_metric: str) -> None:
@@ -374,22 +389,10 @@ def score(pred_dir: str | Path, data: str | Path, protocol: str | None = None, s
         used.append(case_space)
         kinds[kind] = kinds.get(kind, 0) + 1
     per_case, summary = scorer.per_case(), scorer.summary()
-    info = {
-        "protocol": protocol_def.definition(),
-        "metrics": summary,
-        "cases": len(stems),
-        "split": split,
-        "data": str(data.resolve()),
-        "predictions": str(pred_dir.resolve()),
-        "inputs": kinds,
-        "model": ({k: model[k] for k in ("name", "in_channels", "num_classes", "checkpoint", "recipe") if k in model}
-                  if model else None),
-        "predict_settings": manifest.get("settings"),
-        "num_classes": num_classes,
-        "spacing": spacing_record(spacing_choice, used),
-        "synthetic": (data / "README.md").is_file() and "SYNTHETIC" in (data / "README.md").read_text(),
-        "created": now(),
-    }
+    info = report_record(protocol_def, summary, len(stems), split, data, spacing_record(spacing_choice, used),
+                         predictions=str(pred_dir.resolve()), inputs=kinds,
+                         model=model_record(model) if model else None, predict_settings=manifest.get("settings"),
+                         num_classes=num_classes)
     by_stem = {c.stem: c for c in cases}
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)

@@ -19,19 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-from medseg.data.check import check_data
-from medseg.data.dataset import collate_inference
-from medseg.engine.evaluate import select_cases
-from medseg.engine.inference import build_plan, inference_dataset
+from medseg.engine.evaluate import case_probabilities, select_cases
+from medseg.engine.inference import build_plan
 from medseg.engine.run import Run, now
-from medseg.engine.train import default_workers
 from medseg.errors import MedsegError
 from medseg.files import user_write_errors, write_text_atomic
 from medseg.metrics import Protocol, confusion_counts, summarize
 from medseg.models.saving import THRESHOLD_NAME
-from medseg.progress import Progress
 
 DEFAULT_GRID = "0.05..0.95 step 0.05"
 # Metrics that weigh false positives against false negatives; sensitivity or specificity alone would pick an end
@@ -97,20 +92,10 @@ def tune_threshold(run_path: str | Path, data: str | Path | None = None, metric:
         raise MedsegError(f"{run.path}: the network has {predictor.num_classes} output classes and decides by argmax, "
                           "which has no threshold to tune; tune-threshold is for binary (one-channel) networks")
     cases, _ = select_cases(run, data, "val")
-    report = check_data(data, predictor.num_classes, predictor.mask_threshold, stems={c.stem for c in cases})
-    if report.errors:
-        raise MedsegError(f"{data}: {report.errors[0].line()} — run `medseg check-data {data}` to see all problems")
-
-    loader = DataLoader(inference_dataset(plan, cases), batch_size=batch_size if plan.resizes else 1,
-                        collate_fn=collate_inference, num_workers=default_workers() if workers is None else workers)
     counts = []  # per case: (T, 2, 4) confusion counts, one row per threshold
-    with Progress("tune-threshold", len(cases)) as progress:
-        for batch in loader:
-            for prob, mask in zip(plan.batch_at_original_size(batch["image"], batch["size"]), batch["mask"]):
-                foreground = prob[0]
-                counts.append(torch.stack([confusion_counts((foreground >= t).long()[None], mask[None], 1)[0]
-                                           for t in thresholds]))
-            progress.update(len(batch["stem"]))
+    for _, _, prob, mask in case_probabilities(plan, data, cases, batch_size, workers, "tune-threshold"):
+        counts.append(torch.stack([confusion_counts((prob[0] >= t).long()[None], mask[None], 1)[0]
+                                   for t in thresholds]))
     stacked = torch.stack(counts)  # (N, T, 2, 4)
     scores = [summarize(stacked[:, i], rule)[metric]["value"] for i in range(len(thresholds))]
     ranked = [(-math.inf if math.isnan(s) else s) for s in scores]
