@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
+from medseg.files import atomic_file
 
 NIFTI = (".nii", ".nii.gz")
 ITK_FILES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -239,3 +240,41 @@ def _by_position(folder: Path, files: tuple[str, ...]) -> list[str]:
                           f"after {Path(files[gaps[0]]).name} where slices are {step:.2f} mm apart; "
                           "restore the missing files")
     return files
+
+
+def write_label_volume(labels: np.ndarray, like: Volume, out: str | Path, source: str | Path | None = None) -> Path:
+    """Write a label volume (X, Y, Z) as NIfTI (`out` ends in .nii or .nii.gz) on the voxel grid of `like`,
+    atomically. A NIfTI `source` lends its header (both qform and sform, codes and units), so the output lies
+    exactly where the input did; any other source gets the affine built from `like`'s LPS geometry (RAS in the
+    file, as NIfTI stores it), with qform and sform code 1 (scanner)."""
+    import gzip
+
+    import nibabel as nib
+
+    out = Path(out)
+    if labels.shape != like.array.shape:
+        raise ValueError(f"labels {labels.shape} do not match the volume {like.array.shape}")
+    data = np.ascontiguousarray(labels.astype(np.uint8 if labels.max(initial=0) <= 255 else np.uint16))
+    if source is not None and Path(source).name.lower().endswith(NIFTI):
+        reference = nib.load(str(source))
+        header = reference.header.copy()
+        header.set_data_dtype(data.dtype)
+        header.set_slope_inter(1, 0)
+        image = nib.Nifti1Image(data, reference.affine, header)
+        image.set_qform(reference.get_qform(), int(reference.header["qform_code"]) or 1)
+        image.set_sform(reference.get_sform(), int(reference.header["sform_code"]) or 1)
+    else:
+        linear = np.asarray(like.direction, np.float64).reshape(3, 3) * np.asarray(like.spacing)
+        affine = np.eye(4)
+        affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ linear  # LPS -> RAS
+        affine[:3, 3] = np.diag([-1.0, -1.0, 1.0]) @ np.asarray(like.origin, np.float64)
+        image = nib.Nifti1Image(data, affine)
+        image.set_qform(affine, 1)
+        image.set_sform(affine, 1)
+        image.header.set_xyzt_units("mm")
+    payload = image.to_bytes()
+    if out.name.lower().endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=6, mtime=0)
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(payload)
+    return out

@@ -47,6 +47,7 @@ from medseg.files import atomic_folder, write_text_atomic
 
 MODES = ("stack", "sum", "single")
 EDGES = ("triple", "repeat")
+SLICE_AXIS = 2  # slices are cut across the last voxel axis (axial for an axially acquired volume)
 MANIFEST = "slices.json"  # in a folder written by make_slices: {"volumes": {volume: [slice stems]}, ...}
 
 
@@ -157,7 +158,7 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
             raise MedsegError(f"no slice was written from {volumes}"
                               + (" (no slice has foreground)" if only_lesion else ""))
         record = {"volumes": len(pairs), "slices": written, "skipped_without_lesion": skipped, "mode": mode,
-                  "edge": None if mode == "single" else edge,
+                  "edge": None if mode == "single" else edge, "axis": SLICE_AXIS,
                   "window": list(window) if window else "per-volume min-max"}
         write_text_atomic(tmp / MANIFEST, json.dumps({**record, "volumes": of_volume}, indent=1) + "\n")
     return {**record, "out": str(out)}
@@ -175,3 +176,19 @@ def slice_volumes(root: str | Path) -> dict[str, str] | None:
         raise MedsegError(f"cannot read {path}: it must be the {{\"volumes\": {{volume: [slice stems]}}}} record "
                           "`medseg slices` writes; restore it, or delete it and set data.split.groups") from None
     return found
+
+
+def slicing_record(root: str | Path) -> dict | None:
+    """How the slices of a folder written by `make_slices` were made ({mode, edge, window, axis}: what a network
+    trained on them needs to slice a new volume the same way), or None for any other folder."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        window = record["window"]
+        return {"mode": record["mode"], "edge": record["edge"], "axis": record.get("axis", SLICE_AXIS),
+                "window": [float(v) for v in window] if isinstance(window, list) else None}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise MedsegError(f"cannot read {path}: it must be the record `medseg slices` writes; restore it, or write "
+                          "the slices again") from None

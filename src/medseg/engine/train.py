@@ -42,6 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from medseg.config import Recipe
 from medseg.data.splits import differing_splits
+from medseg.data.volumes import slicing_record
 from medseg.engine.allocator import tune_allocator
 from medseg.engine.callbacks import (
     EpochCSVLogger,
@@ -405,6 +406,7 @@ def export_model(run: Run, recipe: Recipe, data: Path) -> Path:
     state = torch.load(chosen, map_location="cpu", weights_only=True)["state_dict"]
     module = SegmentationModule(recipe.to_dict())
     module.load_state_dict(state)
+    slicing = slicing_record(data)
     extra = {
         "paper": model_info(recipe.model.name).paper,
         "size_multiple": model_info(recipe.model.name).size_multiple,
@@ -415,5 +417,7 @@ def export_model(run: Run, recipe: Recipe, data: Path) -> Path:
         "recipe": recipe.name,
         "checkpoint": chosen.name,
         "trained_on": str(data),
+        # slices from `medseg slices`: how they were cut, so predict slices a new volume the same way
+        **({"slicing": slicing} if slicing else {}),
     }
     return save_model(module.model, run.model_dir, extra=extra)
