@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from medseg.metrics.confusion import EMPTY_RULES
+from medseg.metrics.protocols import per_image_summary
 
 VOLUME_METRICS = ("dice", "iou", "hd95_mm", "assd_mm")
 SLICE_METRICS = ("dice", "iou")
@@ -182,3 +183,43 @@ def slice_metrics(pred: np.ndarray, truth: np.ndarray,
                          "iou": int(both[k]) / (total - int(both[k])), "reference_voxels": int(reference[k]),
                          "predicted_voxels": int(predicted[k])})
     return rows
+
+
+@dataclass(frozen=True)
+class VolumeProtocol:
+    """The volume protocol as summary.json records it (the `definition()` of medseg's protocols)."""
+
+    empty: str = "nan"
+    name: str = "volume"
+    rank_metric: str = "dice"
+
+    def definition(self) -> dict:
+        return {"name": self.name,
+                "description": "per-volume Dice and IoU (voxels) and HD95 / ASSD between 3D surfaces in mm, per "
+                               "foreground, then mean / median / std over the volumes (nnU-Net-style, ours)",
+                "metrics": list(VOLUME_METRICS), "definitions": DEFINITIONS,
+                "units": {"dice": "fraction", "iou": "fraction", "hd95_mm": "mm", "assd_mm": "mm"},
+                "empty": self.empty,
+                "empty_rules": {
+                    "both_empty": f"dice and iou {EMPTY_RULES[self.empty]}, hd95_mm and assd_mm NaN (NaN is left "
+                                  "out of the mean and counted in n_nan)",
+                    "one_empty": "dice and iou 0; hd95_mm and assd_mm = the volume's diagonal in mm (the worst "
+                                 "distance the volume allows)"},
+                "aggregation": "per-volume values; mean, std (population) and median over the volumes that are not "
+                               "NaN; with several foregrounds <metric>_label<k> is each one's and <metric> the "
+                               "per-volume mean over them"}
+
+
+def summarize_volumes(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{metric: mean / std / median / n / n_nan over the volumes} of `volume_metrics` rows of several volumes
+    (each volume's rows in one order of foregrounds)."""
+    names = list(dict.fromkeys(row["labels"] for row in rows))
+    out = {}
+    for metric in VOLUME_METRICS:
+        per_foreground = torch.tensor([[row[metric] for row in rows if row["labels"] == name] for name in names],
+                                      dtype=torch.float64)  # (foregrounds, volumes)
+        out[metric] = per_image_summary(per_foreground.nanmean(dim=0))
+        if len(names) > 1:
+            out.update({f"{metric}_label{name}": per_image_summary(values) for name, values in
+                        zip(names, per_foreground)})
+    return out
