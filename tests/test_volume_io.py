@@ -13,7 +13,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import run_cli
-from medseg.data.volume_io import keeping_locale, read_volume
+from dicom_series import sitk_image, write_series
+from medseg.data.volume_io import read_volume
 from medseg.data.volumes import make_slices
 from medseg.errors import MedsegError
 
@@ -29,11 +30,7 @@ def _phantom() -> np.ndarray:
 
 
 def _image(voxels: np.ndarray) -> sitk.Image:
-    image = sitk.GetImageFromArray(voxels.transpose(2, 1, 0))
-    image.SetSpacing(SPACING)
-    image.SetOrigin(ORIGIN)
-    image.SetDirection(DIRECTION)
-    return image
+    return sitk_image(voxels, SPACING, ORIGIN, DIRECTION)
 
 
 def _pairs(tmp_path, ext: str):
@@ -48,25 +45,8 @@ def _pairs(tmp_path, ext: str):
 
 
 def _write_series(folder, voxels, uid, description, names=None):
-    """One DICOM file per slice, HU stored through RescaleSlope / RescaleIntercept, per-slice position tags."""
-    folder.mkdir(parents=True, exist_ok=True)
-    volume = sitk.Cast(_image(voxels), sitk.sitkFloat32)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    columns = DIRECTION[0::3][:3], DIRECTION[1::3][:3]
-    orientation = "\\".join(str(v) for v in (*columns[0], *columns[1]))
-    for k in range(volume.GetDepth()):
-        piece = volume[:, :, k]
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": uid,
-                "0008|103e": description, "0020|0037": orientation, "0020|0013": str(k + 1),
-                "0020|0032": "\\".join(str(v) for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
-                "0008|0018": f"{uid}.{k + 1}", "0028|1053": str(SLOPE), "0028|1052": str(INTERCEPT),
-                "0028|0100": "16", "0028|0101": "16", "0028|0102": "15", "0028|0103": "1"}
-        for key, value in tags.items():
-            piece.SetMetaData(key, value)
-        writer.SetFileName(str(folder / (names[k] if names else f"{uid}.{k}.dcm")))
-        with keeping_locale():  # GDCM leaves the locale at "C"
-            writer.Execute(piece)
+    write_series(folder, voxels, uid, description, spacing=SPACING, origin=ORIGIN, direction=DIRECTION, slope=SLOPE,
+                 intercept=INTERCEPT, names=names)
 
 
 def test_nifti_mha_and_nrrd_give_the_same_voxels_geometry_and_slices(tmp_path):

@@ -283,17 +283,37 @@ def predict_command(
                                        "off (default: the training crop for a network trained on crops, else off)"),
     overlap: Optional[float] = typer.Option(None, help="tile overlap, a fraction in [0, 1) (default 0.5)"),
     tta: str = typer.Option("none", help="test-time augmentation: none, or flips (the 4 flip combinations averaged)"),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="for a DICOM series: also write <stem>.seg.dcm, a DICOM "
+                                   "SEG referencing the source series"),
+    series: Optional[str] = typer.Option(None, help="the SeriesInstanceUID to read where a DICOM folder holds several"),
 ) -> None:
-    """Predict masks for images of any size; masks are written at each input's size. Every input is checked
-    first; OUT/predict.json lists inputs, outputs, skipped inputs and settings, and says "complete": true only
-    when every output is written.
+    """Predict masks for images of any size; masks are written at each input's size. Volumes (NIfTI, NRRD, MHA/MHD,
+    DICOM series folders) of a network trained on `medseg slices` output are cut as its slices were and give
+    <stem>.nii.gz label volumes on the input's grid. Every input is checked first; OUT/predict.json lists inputs,
+    outputs, skipped inputs and settings, and says "complete": true only when every output is written.
 
     Example: medseg predict runs/unet-kvasir_seg photo.jpg scans/ --out predictions --overlay
+    Example: medseg predict runs/unet-liver ct/case07.nii.gz dicom/patient3/ --out seg --dicom-seg
     """
     from medseg.engine.postprocess import PostProcessing
     from medseg.engine.predict import MANIFEST, predict
+    from medseg.engine.volume_predict import predict_volumes, volume_inputs
 
     postprocessing = PostProcessing(largest_component, min_size, fill_holes)
+    volumes = volume_inputs(inputs)
+    if volumes:
+        unused = [name for name, given in (("--overlay", overlay), ("--save-attention", save_attention),
+                                           ("--skip-bad", skip_bad)) if given]
+        if unused:
+            raise MedsegError(f"{unused[0]} is for 2D images; volumes give label volumes (and --probabilities maps)")
+        manifest = predict_volumes(run, volumes, out, probabilities, threshold, batch_size, device, level, precision,
+                                   ensemble=ensemble, tile=tile, overlap=overlap, tta=tta, native=native,
+                                   postprocessing=postprocessing, dicom_seg=dicom_seg, series=series)
+        console.print(Text(f"wrote {len(volumes)} label volume(s) to {out}; manifest {out / MANIFEST}"),
+                      soft_wrap=True)
+        return
+    if dicom_seg or series:
+        raise MedsegError("--dicom-seg and --series are for DICOM series folders; the inputs are 2D images")
     manifest = predict(run, inputs, out, overlay, probabilities, native, threshold, batch_size, device, level,
                        save_attention, precision, skip_bad, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta,
                        postprocessing=postprocessing)

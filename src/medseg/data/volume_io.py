@@ -162,19 +162,7 @@ def _from_sitk(image, path: Path) -> Volume:
 def _read_dicom(folder: Path, series: str | None) -> Volume:
     import SimpleITK as sitk
 
-    ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    if not ids:
-        raise MedsegError(f"{folder} holds no DICOM series; give a folder of one series' .dcm files")
-    if series is not None:
-        if series not in ids:
-            raise MedsegError(f"{folder} has no DICOM series {series}; it holds {_describe(folder, ids)}")
-        chosen = series
-    elif len(ids) > 1:
-        raise MedsegError(f"{folder} holds {len(ids)} DICOM series: {_describe(folder, ids)}; "
-                          "pick one with --series UID")
-    else:
-        chosen = ids[0]
-    files = _by_position(folder, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen))
+    chosen, files = dicom_series_files(folder, series)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -182,6 +170,28 @@ def _read_dicom(folder: Path, series: str | None) -> Volume:
     except RuntimeError as exc:
         raise MedsegError(f"cannot read DICOM series {chosen} in {folder}: {_first_line(exc)}") from None
     return _from_sitk(image, folder)
+
+
+def dicom_series_files(folder: Path, series: str | None = None) -> tuple[str, list[str]]:
+    """The UID of the series `read_volume(folder, series)` reads and its files in slice order: file k is the
+    volume's slice Z = k (writers of DICOM derived from a volume, e.g. SEG, map slices to files with it)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    with keeping_locale():
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+        if not ids:
+            raise MedsegError(f"{folder} holds no DICOM series; give a folder of one series' .dcm files")
+        if series is not None:
+            if series not in ids:
+                raise MedsegError(f"{folder} has no DICOM series {series}; it holds {_describe(folder, ids)}")
+            chosen = series
+        elif len(ids) > 1:
+            raise MedsegError(f"{folder} holds {len(ids)} DICOM series: {_describe(folder, ids)}; "
+                              "pick one with --series UID")
+        else:
+            chosen = ids[0]
+        return chosen, _by_position(folder, sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), chosen))
 
 
 def _tag(path: str, key: str) -> str:

@@ -311,6 +311,7 @@ def _sidecar(source: Path, folder: Path, config: dict[str, Any], network: Segmen
         # predict's defaults travel with the file: tiles (None: whole images) and the tuned decision threshold
         "tiling": config.get("tiling"),
         "threshold": read_threshold(folder),
+        "slicing": config.get("slicing"),  # how volumes are cut for a network trained on `medseg slices` output
         "preprocessing": {**prep.to_dict(), "normalize_values": normalisation_values(prep),
                           "size_multiple": network.card.size_multiple, "export_size": list(size),
                           "steps": "image as float in [0, 1] with in_channels channels; resize to `size` (bilinear, "

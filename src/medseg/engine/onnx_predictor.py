@@ -99,7 +99,8 @@ class OnnxPredictor:
                        "num_classes": self.num_classes, "kwargs": self.sidecar.get("options", {}),
                        "preprocessing": {k: prep[k] for k in ("size", "in_channels", "normalize", "crop")
                                          if k in prep},
-                       "tiling": self.sidecar.get("tiling"), "mask_threshold": self.mask_threshold}
+                       "tiling": self.sidecar.get("tiling"), "mask_threshold": self.mask_threshold,
+                       "slicing": self.sidecar.get("slicing")}
         self.threshold = self.sidecar.get("threshold")  # tuned with `medseg tune-threshold` before export
         self.mode = NumericMode("32-true", False, "ONNX export, fp32")
         self.last_attention: dict[str, torch.Tensor] = {}

@@ -207,7 +207,6 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
                      "series": series},
         "inputs": [str(p) for p in volumes], "outputs": [], "skipped": [], "volumes": [],
     }
-    class_names = [f"class {k}" for k in range(1, max(2, predictor.num_classes))]
     with user_write_errors(), stale_removed_once(out):
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -228,8 +227,7 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
                 if dicom_seg:
                     from medseg.data.dicom_seg import write_dicom_seg
 
-                    written.append(write_dicom_seg(result.labels, path, out / f"{stem}.seg.dcm", series,
-                                                   class_names).name)
+                    written.append(write_dicom_seg(result.labels, path, out / f"{stem}.seg.dcm", series).name)
                 manifest["outputs"] += written
                 manifest["volumes"].append({
                     "input": str(path), "outputs": written, "shape": list(volume.array.shape),
