@@ -131,7 +131,7 @@ def evaluate_volumes(run: Run, data: Path, labels: str | None = None, per_slice:
                                   "resample the label onto the image (e.g. SimpleITK Resample) so voxels pair up")
             _check_reference(reference.array, label_path, predictor.num_classes, merging)
             predicted = predict_volume(plan, image, slicing, threshold, postprocessing, batch_size).labels
-            truth = reference.array.astype(np.int64)
+            truth = reference.array  # its own dtype: an int64 copy of a CT-sized label volume would cost GBs
             for row in volume_metrics(predicted, truth, image.spacing, foregrounds, protocol.empty):
                 rows.append({"volume": stem, **row})
             if per_slice:
