@@ -191,8 +191,12 @@ def evaluate_command(
     min_size: Optional[int] = typer.Option(None, min=0, help=MIN_SIZE_HELP + RECIPE_DEFAULT),
     fill_holes: Optional[bool] = typer.Option(None, "--fill-holes/--no-fill-holes",
                                               help=FILL_HOLES_HELP + RECIPE_DEFAULT),
+    labels: Optional[str] = typer.Option(None, help="volumes: reference labels merged as one foreground, e.g. 1,2 "
+                                         "(default: every label > 0 for a binary model, label k for class k)"),
+    per_slice: bool = typer.Option(False, "--per-slice", help="volumes: also per_slice.csv (Dice, IoU per slice)"),
 ) -> None:
-    """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays.
+    """Score a run: per_case.csv, summary.json (naming the protocol), report.md and overlays. A --data folder of
+    volume pairs (images/ + labels/, as `medseg slices` reads) is scored per volume: per_volume.csv, HD95 in mm.
 
     Example: medseg evaluate runs/unet-kvasir_seg --data ../shared/data/kvasir_seg
     """
@@ -206,7 +210,7 @@ def evaluate_command(
         postprocessing = from_flags(largest_component, min_size, fill_holes, recipe)
     folder = evaluate(run, data, protocol, split, batch_size, device, overlays, level=level, precision=precision,
                       spacing=spacing, ensemble=ensemble, tile=tile, overlap=overlap, tta=tta, threshold=threshold,
-                      postprocessing=postprocessing)
+                      postprocessing=postprocessing, labels=labels, per_slice=per_slice)
     _print_summary(folder)
 
 

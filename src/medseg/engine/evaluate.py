@@ -66,17 +66,32 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
              batch_size: int = 8, device: str = "auto", overlays: int = 8, workers: int | None = None,
              level: int | None = None, precision: str = "auto", spacing: str | None = None, *,
              ensemble: list[str | Path] = (), tile: str | None = None, overlap: float | None = None,
-             tta: str = "none", threshold: float | None = None, postprocessing: PostProcessing | None = None) -> Path:
+             tta: str = "none", threshold: float | None = None, postprocessing: PostProcessing | None = None,
+             labels: str | None = None, per_slice: bool = False) -> Path:
     """Score the run's saved model on `data` (default: the folder it was trained on; pruned to `level` if given);
     returns the eval folder. `spacing`: the pixel spacing of the surface metrics (`score.parse_spacing`);
     `ensemble`, `tile`, `overlap` and `tta` plan the inference as in predict. The label metrics use `threshold`
     (None: the model folder's tuned one, else the protocol's) and `postprocessing` (None: the recipe's
-    eval.postprocess); map metrics use the probabilities."""
+    eval.postprocess); map metrics use the probabilities. A folder of volume pairs is scored per volume in mm
+    (`medseg.engine.volume_evaluate`, with `labels` and `per_slice`)."""
+    from medseg.engine.volume_evaluate import evaluate_volumes, is_volume_folder  # it imports this module
+
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()
     if not data.is_dir():
         raise MedsegError(f"data folder {data} does not exist" + ("" if data != run.data_root() else
                           " (the run was trained on it; give --data where it is now)"))
+    if is_volume_folder(data):
+        only_2d = {"--protocol": protocol, "--spacing": spacing, "--split": split not in ("auto", "all")}
+        for flag in (flag for flag, given in only_2d.items() if given):
+            raise MedsegError(f"{flag} applies to 2D data folders, but {data} holds volumes (scored per volume "
+                              "with their own voxel spacing, in mm); drop it")
+        return evaluate_volumes(run, data, labels, per_slice, batch_size, device, level, precision,
+                                ensemble=ensemble, tile=tile, overlap=overlap, tta=tta, threshold=threshold,
+                                postprocessing=postprocessing)
+    if labels is not None or per_slice:
+        raise MedsegError(f"--labels and --per-slice apply to a folder of volume pairs, but {data} is a 2D data "
+                          "folder; drop them, or give the volumes the slices were cut from")
     if split not in SPLITS:
         raise MedsegError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if overlays < -1:
