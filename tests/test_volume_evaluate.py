@@ -14,10 +14,9 @@ import pytest
 
 from conftest import TINY, medseg_inprocess, refused
 from medseg.data.volume_io import read_volume
-from medseg.data.volumes import make_slices
+from medseg.data.volumes import is_volume_folder, make_slices
 from medseg.engine.evaluate import evaluate
 from medseg.engine.inference import build_plan
-from medseg.engine.volume_evaluate import is_volume_folder
 from medseg.engine.volume_predict import predict_volume, slicing_of
 from medseg.errors import MedsegError
 from test_volume_metrics import scipy_surface_distances

@@ -76,7 +76,8 @@ def recipes_command() -> None:
 
 @app.command("check-data")
 def check_data_command(
-    data: Path = typer.Argument(..., help="data folder (DATA/images + DATA/masks, or nnU-Net raw layout)"),
+    data: Path = typer.Argument(..., help="data folder (DATA/images + DATA/masks, or nnU-Net raw layout), or a folder "
+                                "of volume pairs (images/ + labels/ of NIfTI, NRRD, MHA/MHD or DICOM series folders)"),
     num_classes: int = typer.Option(1, min=1, max=256,
                                     help="1 = binary masks (0/255 or 0/1); >= 2 = integer label masks"),
     mask_threshold: Optional[int] = typer.Option(None, min=0,
@@ -84,27 +85,40 @@ def check_data_command(
     recipe: Optional[str] = typer.Option(None, help="take num_classes and mask_threshold from this recipe"),
     all_files: bool = typer.Option(False, "--all", help="one line per file, instead of one per problem with a count "
                                    "and the first files"),
+    series: Optional[str] = typer.Option(None, help="volumes: the DICOM series UID to read where a folder holds "
+                                         "several"),
 ) -> None:
     """Report every problem of a data folder at once: unpaired or unreadable files, size mismatches,
     unexpected mask values; empty masks as information. Files sharing a problem share one line (--all: one line
     per file). Exit code 1 when there are errors.
+
+    A folder of volume pairs gets the volume check (pairs, readable volumes, shapes and voxel grids, NaN voxels,
+    integer labels; volumes, slices, spacing and anisotropy).
 
     Example: medseg check-data ../shared/data/kvasir_seg
     """
     from medseg.config import load_recipe
     from medseg.data.check import check_data
     from medseg.data.io import RECIPE_KEYS, SettingNames
+    from medseg.data.volume_check import check_volumes, summary_lines
+    from medseg.data.volumes import is_volume_folder
 
     names = SettingNames(num_classes="--num-classes", mask_threshold="--mask-threshold")
     if recipe:
         chosen = load_recipe(recipe)
         num_classes, mask_threshold = chosen.model.num_classes, chosen.data.mask_threshold
         names = RECIPE_KEYS  # the settings came from the recipe: fix them there
-    report = check_data(data, num_classes, mask_threshold, names=names, progress=True)
+    volumes = data.is_dir() and is_volume_folder(data)
+    if series is not None and not volumes:
+        raise MedsegError(f"--series is for folders of volumes, and {data} is not one; leave --series out")
+    report = check_volumes(data, num_classes, series, progress=True) if volumes else \
+        check_data(data, num_classes, mask_threshold, names=names, progress=True)
     stats = report.stats
     lines = [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
              f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
-    if stats.get("height"):
+    if volumes:
+        lines = summary_lines(report)
+    elif stats.get("height"):
         lines.append(f"  sizes: height {stats['height'][0]}-{stats['height'][1]}, width {stats['width'][0]}-"
                      f"{stats['width'][1]} ({stats['distinct_sizes']} distinct); channels {stats['channels']}; "
                      f"dtypes {stats['dtypes']}")

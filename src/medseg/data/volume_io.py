@@ -184,10 +184,10 @@ def dicom_series_files(folder: Path, series: str | None = None) -> tuple[str, li
             raise MedsegError(f"{folder} holds no DICOM series; give a folder of one series' .dcm files")
         if series is not None:
             if series not in ids:
-                raise MedsegError(f"{folder} has no DICOM series {series}; it holds {_describe(folder, ids)}")
+                raise MedsegError(f"{folder} has no DICOM series {series}; it holds {describe_series(folder, ids)}")
             chosen = series
         elif len(ids) > 1:
-            raise MedsegError(f"{folder} holds {len(ids)} DICOM series: {_describe(folder, ids)}; "
+            raise MedsegError(f"{folder} holds {len(ids)} DICOM series: {describe_series(folder, ids)}; "
                               "pick one with --series UID")
         else:
             chosen = ids[0]
@@ -203,15 +203,24 @@ def _tag(path: str, key: str) -> str:
     return reader.GetMetaData(key).strip() if reader.HasMetaDataKey(key) else ""
 
 
-def _describe(folder: Path, ids: list[str]) -> str:
+def series_ids(folder: str | Path) -> list[str]:
+    """The UIDs of the DICOM series in `folder` (empty when it holds none)."""
+    import SimpleITK as sitk
+
+    with keeping_locale():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def describe_series(folder: Path, ids: list[str]) -> str:
     """Each series as 'UID ("description", N slices)'."""
     import SimpleITK as sitk
 
     parts = []
-    for uid in ids:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        description = _tag(files[0], _SERIES_DESCRIPTION) or "no description"
-        parts.append(f'{uid} ("{description}", {len(files)} slices)')
+    with keeping_locale():
+        for uid in ids:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+            description = _tag(files[0], _SERIES_DESCRIPTION) or "no description"
+            parts.append(f'{uid} ("{description}", {len(files)} slices)')
     return ", ".join(parts)
 
 

@@ -36,11 +36,12 @@ stems (`slice_volumes`).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from medseg.data.io import write_image_atomic
+from medseg.data.io import IMAGE_EXTENSIONS, write_image_atomic
 from medseg.data.volume_io import is_dicom_folder, read_volume, same_grid, volume_stem
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, write_text_atomic
@@ -51,15 +52,17 @@ SLICE_AXIS = 2  # slices are cut across the last voxel axis (axial for an axiall
 MANIFEST = "slices.json"  # in a folder written by make_slices: {"volumes": {volume: [slice stems]}, ...}
 
 
-def _volumes(folder: Path, series_folders: bool = False) -> dict[str, Path]:
+def _volumes(folder: Path, series_folders: bool = False, ignored: list[Path] | None = None) -> dict[str, Path]:
     """{stem: volume file}, and {folder name: DICOM series folder} where `series_folders`; two files of one stem
-    (case01.nii.gz and case01.mha) are an error naming them."""
+    (case01.nii.gz and case01.mha) are an error naming them. Entries that are neither go to `ignored`."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
         stem = path.name if series_folders and is_dicom_folder(path) else volume_stem(path)
         if stem is None:
+            if ignored is not None:
+                ignored.append(path)
             continue
         if stem in found:
             raise MedsegError(f"{folder}: {found[stem].name} and {path.name} are both volume {stem}; keep one")
@@ -67,27 +70,72 @@ def _volumes(folder: Path, series_folders: bool = False) -> dict[str, Path]:
     return found
 
 
-def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
-    """(stem, image volume, label volume) for every pair; unpaired files are an error naming them."""
+@dataclass
+class VolumePairing:
+    """What a volume folder holds: (stem, image, label) pairs, the volumes without a partner, and the entries of
+    its image and label folders that are not volumes (nor, among images, DICOM series folders)."""
+
+    pairs: list[tuple[str, Path, Path]]
+    unpaired_images: list[Path]
+    unpaired_labels: list[Path]
+    ignored: list[Path]
+    nnunet: bool
+
+
+def pair_volumes(root: str | Path) -> VolumePairing:
+    """Pair the image and label volumes of `root` without refusing unpaired ones (`medseg check-data` lists them);
+    a folder without the layout, or two files of one stem, is an error."""
     root = Path(root)
-    if (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir():
-        images = {s.removesuffix("_0000"): p for s, p in _volumes(root / "imagesTr", True).items()
+    ignored: list[Path] = []
+    nnunet = (root / "imagesTr").is_dir() and (root / "labelsTr").is_dir()
+    if nnunet:
+        images = {s.removesuffix("_0000"): p for s, p in _volumes(root / "imagesTr", True, ignored).items()
                   if s.endswith("_0000")}
-        labels = _volumes(root / "labelsTr")
+        labels = _volumes(root / "labelsTr", ignored=ignored)
     else:
         label_dir = next((root / d for d in ("labels", "masks") if (root / d).is_dir()), None)
         if not (root / "images").is_dir() or label_dir is None:
             raise MedsegError(f"{root} has no volume pairs: expected images/ + labels/ (NIfTI, NRRD, MHA/MHD or DICOM "
                               "series folders, same stems) or nnU-Net's imagesTr/<case>_0000.nii.gz + "
                               "labelsTr/<case>.nii.gz")
-        images, labels = _volumes(root / "images", True), _volumes(label_dir)
-    unpaired = sorted(set(images) ^ set(labels))
+        images, labels = _volumes(root / "images", True, ignored), _volumes(label_dir, ignored=ignored)
+    return VolumePairing(
+        pairs=[(stem, images[stem], labels[stem]) for stem in sorted(set(images) & set(labels))],
+        unpaired_images=[images[stem] for stem in sorted(set(images) - set(labels))],
+        unpaired_labels=[labels[stem] for stem in sorted(set(labels) - set(images))],
+        ignored=ignored, nnunet=nnunet,
+    )
+
+
+def find_pairs(root: str | Path) -> list[tuple[str, Path, Path]]:
+    """(stem, image volume, label volume) for every pair; unpaired files are an error naming them."""
+    root = Path(root)
+    pairing = pair_volumes(root)
+    unpaired = sorted(volume_stem(p) or p.name for p in pairing.unpaired_images + pairing.unpaired_labels)
     if unpaired:
         raise MedsegError(f"{root}: volumes without a partner: {', '.join(unpaired[:5])}; "
                           "every image needs a label volume")
-    if not images:
+    if not pairing.pairs:
         raise MedsegError(f"{root} holds no volumes (.nii[.gz], .nrrd, .nhdr, .mha, .mhd or DICOM series folders)")
-    return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
+    return pairing.pairs
+
+
+def is_volume_folder(data: str | Path) -> bool:
+    """Whether `data` holds volume pairs rather than a 2D data folder: its images/ (or imagesTr/) holds volume files
+    or DICOM series folders and no 2D image, so that a stray NIfTI in a 2D folder leaves it a 2D folder (ours).
+    Series folders are probed only when no volume file is found: a 2D folder costs a listing."""
+    data = Path(data)
+    for name in ("images", "imagesTr"):
+        folder = data / name
+        if not folder.is_dir():
+            continue
+        entries = [path for path in folder.iterdir() if not path.name.startswith(".")]
+        if any(path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file() for path in entries):
+            return False
+        if any(volume_stem(path) is not None for path in entries):
+            return True
+        return any(path.is_dir() and is_dicom_folder(path) for path in entries)
+    return False
 
 
 def to_uint8(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:

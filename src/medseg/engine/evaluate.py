@@ -22,6 +22,7 @@ from medseg.data.check import check_data
 from medseg.data.dataset import collate_inference, load_image_tensor, load_labels
 from medseg.data.formats import Case, discover
 from medseg.data.splits import cases_for
+from medseg.data.volumes import is_volume_folder
 from medseg.engine.inference import InferencePlan, build_plan, inference_dataset, stored_tiling
 from medseg.engine.postprocess import FROM_OPTION, TUNED, PostProcessing, choose_threshold
 from medseg.engine.predict import check_threshold
@@ -74,7 +75,7 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
     (None: the model folder's tuned one, else the protocol's) and `postprocessing` (None: the recipe's
     eval.postprocess); map metrics use the probabilities. A folder of volume pairs is scored per volume in mm
     (`medseg.engine.volume_evaluate`, with `labels` and `per_slice`)."""
-    from medseg.engine.volume_evaluate import evaluate_volumes, is_volume_folder  # it imports this module
+    from medseg.engine.volume_evaluate import evaluate_volumes  # it imports this module
 
     run = Run(run_path).require()
     data = Path(data) if data is not None else run.data_root()

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.volume_io import VOLUME_FILES, is_dicom_folder, read_volume, same_grid
+from medseg.data.volume_io import read_volume, same_grid
 from medseg.data.volumes import find_pairs
 from medseg.engine.evaluate import MOVE_ASIDE, plan_suffix
 from medseg.engine.inference import build_plan
@@ -50,18 +50,6 @@ from medseg.metrics.volume import (
 from medseg.progress import Progress
 
 SHOWN = 3  # best and worst volumes named in report.md
-
-
-def is_volume_folder(data: Path) -> bool:
-    """Whether `data` holds volume pairs (volume files or DICOM series folders in images/ or imagesTr/) rather
-    than a 2D data folder; only the image folder's entries are looked at, so a 2D folder costs a listing."""
-    for name in ("images", "imagesTr"):
-        folder = data / name
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name.lower().endswith(VOLUME_FILES) or (path.is_dir() and is_dicom_folder(path)):
-                    return True
-    return False
 
 
 def parse_labels(text: str | None) -> tuple[int, ...] | None:
