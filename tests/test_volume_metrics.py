@@ -15,6 +15,7 @@ from medseg.metrics.volume import (
     label,
     merged,
     slice_metrics,
+    surface_distances_mm,
     volume_metrics,
 )
 
@@ -148,3 +149,22 @@ def test_shape_and_spacing_mismatch_are_refused():
         volume_metrics(cube(), cube(shape=(10, 10, 11)), SPACING, [1])
     with pytest.raises(ValueError, match="one value per axis"):
         volume_metrics(cube(), cube(), (1.0, 1.0), [1])
+
+
+def test_one_distance_computation_equals_monais_two_metric_functions():
+    """HD95 and ASSD from one `get_edge_surface_distance` equal MONAI's compute_hausdorff_distance(percentile=95)
+    and compute_average_surface_distance(symmetric=True) exactly, which compute the distances once each."""
+    import torch
+    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+    rng = np.random.default_rng(3)
+    for spacing in ((1.0, 1.0, 1.0), (0.7, 0.9, 2.5)):
+        for _ in range(4):
+            pred = ndimage.binary_dilation(rng.random((14, 12, 9)) > 0.93, iterations=1)
+            truth = ndimage.binary_dilation(rng.random((14, 12, 9)) > 0.93, iterations=1)
+            pred_hot, truth_hot = torch.from_numpy(pred)[None, None], torch.from_numpy(truth)[None, None]
+            hd95 = compute_hausdorff_distance(pred_hot, truth_hot, include_background=True, percentile=95,
+                                              spacing=list(spacing))
+            assd = compute_average_surface_distance(pred_hot, truth_hot, include_background=True, symmetric=True,
+                                                    spacing=list(spacing))
+            assert surface_distances_mm(pred, truth, spacing) == (float(hd95[0, 0]), float(assd[0, 0]))

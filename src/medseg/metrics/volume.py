@@ -6,7 +6,8 @@ IoU per case and per label, NaN when prediction and reference are both empty) an
 `medseg.metrics.surface`, now on 3D surfaces with the volume's voxel spacing, so distances are in mm:
 - Dice = 2|P∩R| / (|P| + |R|), IoU = |P∩R| / |P∪R|, counted in voxels;
 - HD95 and ASSD by MONAI (`compute_hausdorff_distance(percentile=95)`,
-  `compute_average_surface_distance(symmetric=True)`) with `spacing=` the volume's (X, Y, Z) voxel size: the
+  `compute_average_surface_distance(symmetric=True)`; computed once from the distances both of them take from
+  `monai.metrics.utils.get_edge_surface_distance`) with `spacing=` the volume's (X, Y, Z) voxel size: the
   surface of a mask is its voxels minus its binary erosion (voxels on the volume's border count), distances are
   Euclidean between voxel centres in mm. HD95 is the larger of the two directed 95th percentiles (linear
   interpolation), ASSD the mean of both directions' distances pooled.
@@ -124,21 +125,22 @@ def surface_distances_mm(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[
     if not (in_pred and in_truth):
         worst = diagonal_mm(pred.shape, spacing)
         return worst, worst
-    from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+    from monai.metrics.utils import get_edge_surface_distance
 
     # MONAI crops to the union's bounding box plus one voxel itself; cropping first (same box, the volume's border
     # still counting as outside) keeps its float copies to the lesion's size rather than the whole CT.
     box = tuple(slice(max(int(i.min()) - 1, 0), int(i.max()) + 2) for i in np.nonzero(pred | truth))
-    pred_hot = torch.from_numpy(np.ascontiguousarray(pred[box]))[None, None]
-    truth_hot = torch.from_numpy(np.ascontiguousarray(truth[box]))[None, None]
-    spacing = [float(s) for s in spacing]
+    pred_box = torch.from_numpy(np.ascontiguousarray(pred[box])).float()  # float, as MONAI's compute_* cast
+    truth_box = torch.from_numpy(np.ascontiguousarray(truth[box])).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(pred_hot, truth_hot, include_background=True, percentile=95,
-                                          spacing=spacing)
-        assd = compute_average_surface_distance(pred_hot, truth_hot, include_background=True, symmetric=True,
-                                                spacing=spacing)
-    return float(hd95[0, 0]), float(assd[0, 0])
+        # One surface extraction and distance transform per direction for both metrics: what
+        # compute_hausdorff_distance(percentile=95) and compute_average_surface_distance(symmetric=True) each do
+        _, directed, _ = get_edge_surface_distance(pred_box, truth_box, distance_metric="euclidean",
+                                                   spacing=[float(s) for s in spacing], symmetric=True)
+    hd95 = torch.max(torch.stack([torch.quantile(d, 0.95) for d in directed]))
+    assd = torch.cat(directed).mean()
+    return float(hd95.float()), float(assd.float())  # float32, as MONAI's result tensors hold them
 
 
 def volume_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
