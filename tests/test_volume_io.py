@@ -156,13 +156,17 @@ def test_pydicom_ct_small_reads_as_a_one_slice_series_in_hu(tmp_path):
 
 
 @pytest.mark.parametrize("ext", [".mha", ".nrrd", ".dcm"])
-def test_check_data_on_a_volume_folder_points_at_medseg_slices(tmp_path, ext):
+def test_check_data_on_a_volume_folder_checks_the_volumes(tmp_path, ext):
     folder = tmp_path / "volumes"
-    if ext == ".dcm":
+    if ext == ".dcm":  # a series' files right in images/: neither 2D nor a volume folder, and the message says so
         _write_series(folder / "images", _phantom(), "1.2.3.4.1", "axial CT")
     else:
         folder = _pairs(tmp_path, ext)
     result = run_cli("check-data", str(folder))
-    assert result.returncode != 0
-    assert "medseg slices VOLUMES --out DATA" in result.stdout + result.stderr, (result.stdout + result.stderr)[-2000:]
-    assert "convert it to NIfTI" not in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if ext == ".dcm":
+        assert result.returncode == 2 and "put its folder in VOLUMES/images/" in output, output[-2000:]
+    else:
+        assert result.returncode == 0, output[-2000:]
+        assert "1 volume pair, 6 slices" in output and "label values {0, 1}" in output
+    assert "convert it to NIfTI" not in output

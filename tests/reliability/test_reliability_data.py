@@ -194,8 +194,8 @@ ONE_FILE_CASES = {
     "complex-tiff": (_complex_tiff, "error", "unreadable", [f"images/{STEM}.tif", "complex64", "8- or 16-bit"]),
     "splits-not-json": (_bad_splits_file, "error", "splits", ["splits.json", "cannot read", "train/val/test"]),
     "splits-ghost-stem": (_splits_ghost_stem, "error", "splits", ["splits.json", "['ghost']", "fix the file"]),
-    "only-volumes": (_only_volumes, "error", "no-cases", ["no image/mask pairs", "images/case1.nii.gz",
-                                                          "NIfTI volume", "medseg slices"]),
+    # images/ + masks/ of volumes is a volume folder: check-data checks the volumes (issue 17)
+    "only-volumes": (_only_volumes, "error", "unreadable", ["images/case1.nii.gz", "cannot read volume"]),
 }
 
 

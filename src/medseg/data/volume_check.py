@@ -61,9 +61,11 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _without_path(exc: MedsegError, path: Path) -> str:
-    """volume_io's message without the path it names (the report names the file on its own)."""
+    """volume_io's message without the path it names (the report names the file on its own), so that files with
+    one problem share one line; a library's message quoting the path keeps only the file's name."""
     # "P: about 2 slices missing", "cannot read volume P: ...", "P holds no DICOM series"
-    return str(exc).replace(f" {path}", "").replace(f"{path}: ", "").replace(f"{path} ", "the folder ").strip()
+    message = str(exc).replace(f" {path}", "").replace(f"{path}: ", "").replace(f"{path} ", "the folder ")
+    return message.replace(str(path), path.name).strip()
 
 
 def _read(path: Path, rel: str, series: str | None, found: _PairFindings) -> Volume | None:
@@ -220,7 +222,8 @@ def _span(low: float, high: float, spec: str) -> str:
 def summary_lines(report: DataReport) -> list[str]:
     """The summary `medseg check-data` prints above the problems of a volume folder."""
     stats = report.stats
-    lines = [f"{report.root} ({report.kind} layout): {stats['volumes']} volume pairs, {stats['slices']} slices"]
+    pairs = f"{stats['volumes']} volume pair" + ("" if stats["volumes"] == 1 else "s")
+    lines = [f"{report.root} ({report.kind} layout): {pairs}, {stats['slices']} slices"]
     if stats["shape"]:
         shape = " x ".join(_span(low, high, "d") for low, high in stats["shape"])
         spacing = " x ".join(_span(low, high, ".3g") for low, high in stats["spacing_mm"])
