@@ -187,6 +187,8 @@ def test_cli_checks_a_volume_folder_and_a_2d_folder_as_before(good, broken, phan
     assert "images/two_series" in result.stdout and "labels/grid.nii.gz" in result.stdout
     result = medseg_inprocess("check-data", str(broken), "--series", UIDS[0])
     assert "dicom-series" not in result.stdout
+    result = medseg_inprocess("check-data", str(good), "--mask-threshold", "127")
+    assert result.returncode != 0 and "--mask-threshold is for 2D masks" in result.error_line()
     assert not is_volume_folder(phantom)
     result = medseg_inprocess("check-data", str(phantom))
     assert result.returncode == 0 and "(folder layout)" in result.stdout and "volume" not in result.stdout

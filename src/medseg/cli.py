@@ -111,14 +111,15 @@ def check_data_command(
     volumes = data.is_dir() and is_volume_folder(data)
     if series is not None and not volumes:
         raise MedsegError(f"--series is for folders of volumes, and {data} is not one; leave --series out")
+    if volumes and mask_threshold is not None and not recipe:
+        raise MedsegError(f"--mask-threshold is for 2D masks, and {data} holds volumes, whose labels are integers "
+                          "(binary: every label > 0 is foreground); leave --mask-threshold out")
     report = check_volumes(data, num_classes, series, progress=True) if volumes else \
         check_data(data, num_classes, mask_threshold, names=names, progress=True)
     stats = report.stats
-    lines = [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
-             f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
-    if volumes:
-        lines = summary_lines(report)
-    elif stats.get("height"):
+    lines = summary_lines(report) if volumes else [f"{report.root} ({report.kind} layout): {report.n_cases} cases, "
+                                                   f"{'binary' if num_classes == 1 else f'{num_classes} classes'}"]
+    if stats.get("height"):
         lines.append(f"  sizes: height {stats['height'][0]}-{stats['height'][1]}, width {stats['width'][0]}-"
                      f"{stats['width'][1]} ({stats['distinct_sizes']} distinct); channels {stats['channels']}; "
                      f"dtypes {stats['dtypes']}")
