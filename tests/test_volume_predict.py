@@ -180,7 +180,7 @@ def test_volume_refusals_are_one_line(trained, tiny_run, tmp_path):
     run, volumes = trained
     nifti = str(volumes / "images" / "case2.nii.gz")
     refused(medseg_inprocess("predict", str(tiny_run.path), nifti, "--out", str(tmp_path / "a")),
-            "was not trained on slices from `medseg slices`")
+            f"{nifti} is a NIfTI volume", "was not trained on slices from `medseg slices`")
     refused(medseg_inprocess("predict", str(run), nifti, "--out", str(tmp_path / "b"), "--dicom-seg"),
             "--dicom-seg", "not a DICOM series folder")
     png = tmp_path / "slice.png"

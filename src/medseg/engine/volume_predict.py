@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medseg.data.io import IMAGE_EXTENSIONS, scale_to_unit, to_channels
-from medseg.data.volume_io import Volume, is_dicom_folder, read_volume, volume_stem, write_label_volume
+from medseg.data.volume_io import NIFTI, Volume, is_dicom_folder, read_volume, volume_stem, write_label_volume
 from medseg.data.volumes import EDGES, MODES, SLICE_AXIS, slice_image, to_uint8
 from medseg.engine.inference import InferencePlan, build_plan
 from medseg.engine.postprocess import PostProcessing, choose_threshold
@@ -175,6 +175,12 @@ def _stem(path: Path) -> str:
     return volume_stem(path) or path.name
 
 
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        return "a DICOM series"
+    return "a NIfTI volume" if path.name.lower().endswith(NIFTI) else "a NRRD/MetaImage volume"
+
+
 def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path, probabilities: bool = False,
                     threshold: float | None = None, batch_size: int = 8, device: str = "auto",
                     level: int | None = None, precision: str = "auto", *, ensemble: list[str | Path] = (),
@@ -190,7 +196,10 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
     out = check_output_folder(out, "--out")
     plan = build_plan([model_path, *ensemble], device, level, precision, tile, overlap, tta, native, batch_size)
     predictor = plan.reference
-    slicing = slicing_of(predictor.config)
+    try:
+        slicing = slicing_of(predictor.config)
+    except MedsegError as exc:  # the usual reason: a volume given to a 2D model; name it
+        raise MedsegError(f"{volumes[0]} is {_kind(volumes[0])}, but {exc}") from None
     tuned = predictor.threshold if len(plan.predictors) == 1 else None
     threshold, threshold_source = choose_threshold(threshold, tuned, predictor.num_classes)
     not_dicom = [p for p in volumes if not p.is_dir()]
