@@ -186,7 +186,7 @@ def test_volume_refusals_are_one_line(trained, tiny_run, tmp_path):
     png = tmp_path / "slice.png"
     png.write_bytes((volumes.parent / "slices" / "images" / "case0_0000.png").read_bytes())
     refused(medseg_inprocess("predict", str(run), nifti, str(png), "--out", str(tmp_path / "c")),
-            "predict volumes and 2D images in separate calls")
+            "1 of 2 input(s) cannot be predicted", "case2.nii.gz", "predicts volumes given in a call of their own")
     refused(medseg_inprocess("predict", str(run), nifti, "--out", str(tmp_path / "d"), "--overlay"),
             "--overlay is for 2D images")
     refused(medseg_inprocess("predict", str(run), str(png), "--out", str(tmp_path / "e"), "--dicom-seg"),

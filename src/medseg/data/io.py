@@ -41,7 +41,8 @@ _PILLOW_16BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 # Files given where a 2D image is expected, by what they are and what to do instead (`non_2d_format`).
-_SLICES = "turn volumes into 2D image/mask slices with `medseg slices VOLUMES --out DATA`"
+_SLICES = ("turn volumes into 2D image/mask slices with `medseg slices VOLUMES --out DATA` (a network trained on "
+           "them predicts volumes given in a call of their own)")
 _NON_2D_FORMATS = {
     (".nii", ".nii.gz"): f"a NIfTI volume, not a 2D image; {_SLICES}",
     (".nrrd", ".nhdr", ".mha", ".mhd"): f"a NRRD/MetaImage volume, not a 2D image; {_SLICES}",

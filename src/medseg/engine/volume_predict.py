@@ -126,23 +126,17 @@ def predict_volume(plan: InferencePlan, volume: Volume, slicing: Slicing, thresh
 
 
 def volume_inputs(inputs: list[str]) -> list[Path] | None:
-    """The volumes `inputs` name (volume files, folders of them, DICOM series folders, folders of series folders,
-    glob patterns), or None when they name none (2D images: predict's own path). A mix is refused in one line."""
+    """The volumes `inputs` name when they name only volumes (volume files, folders of them, DICOM series folders,
+    folders of series folders, glob patterns); None otherwise: 2D images, or a mix, which predict's 2D path checks
+    (it names each volume among the bad inputs, with how to predict it)."""
     volumes: list[Path] = []
-    others: list[str] = []
     for item in inputs:
         paths = [Path(p) for p in sorted(glob.glob(item))] if any(ch in item for ch in "*?[") else [Path(item)]
-        for path in paths:
+        for path in paths or [Path(item)]:
             found = _volumes_in(path)
-            if found:
-                volumes += found
-            else:
-                others.append(str(path))
-    if not volumes:
-        return None
-    if others:
-        raise MedsegError(f"{others[0]} is not a volume, but {volumes[0]} is: predict volumes and 2D images in "
-                          "separate calls (volumes give NIfTI label volumes, images give PNG masks)")
+            if not found:
+                return None
+            volumes += found
     stems: dict[str, Path] = {}
     for path in volumes:
         stem = _stem(path)
@@ -150,7 +144,7 @@ def volume_inputs(inputs: list[str]) -> list[Path] | None:
             raise MedsegError(f"two input volumes share the name {stem!r} ({stems[stem]} and {path}); their outputs "
                               "would overwrite each other — predict them into different --out folders")
         stems[stem] = path
-    return list(dict.fromkeys(volumes))
+    return list(dict.fromkeys(volumes)) or None
 
 
 def _volumes_in(path: Path) -> list[Path]:
