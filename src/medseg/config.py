@@ -227,6 +227,7 @@ class TrainConfig(Strict):
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
     gradient_clip: float | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # value: clamp each gradient element (PraNet's code)
     freeze: FreezeConfig | None = None  # e.g. {groups: [encoder], epochs: 30}
     # Where each epoch's numbers go. csv is always on (RUN/metrics.csv, which RUN/curves.png is drawn from) and
     # is put first when missing; tensorboard writes RUN/tensorboard/, mlflow a local store in RUN/mlruns/ (no

@@ -1,0 +1,91 @@
+"""The baselines of M2SNet's comparison tables (seed 001, Tables 1-6): parameter counts pinned to their sources,
+forward shapes at a small size, local encoder weights, and a short CPU training check per network."""
+
+import pytest
+import timm
+import torch
+
+import medseg
+from medseg.config import load_recipe
+from medseg.errors import MedsegError
+from medseg.losses import build_loss
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _batch(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(2, size, size, dtype=torch.long)
+    truth[0, 10:40, 12:44] = 1
+    truth[1, 30:60, 5:25] = 1
+    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
+    return images, truth
+
+
+def _training_lowers_the_recipe_loss(recipe_name: str, steps: int = 4, lr: float = 1e-3) -> tuple[float, float]:
+    """A few Adam steps with the recipe's own loss (and deep-supervision weights) on one tiny batch."""
+    recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
+    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    images, truth = _batch()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    return losses[0], losses[-1]
+
+
+# PraNet: the reference code's count on DengPingFan/PraNet lib/PraNet_Res2Net.py is 32,547,319, which includes the
+# Res2Net ImageNet classifier resnet.fc (2048 * 1000 + 1000 = 2,049,000) that PraNet never calls.
+PRANET_REFERENCE, RES2NET_FC = 32_547_319, 2048 * 1000 + 1000
+
+
+def test_pranet_parameter_count_is_the_reference_code_less_its_unused_classifier():
+    assert n_params(medseg.create_model("pranet", 3, 1)) == PRANET_REFERENCE - RES2NET_FC == 30_498_319
+
+
+def test_pranet_deep_supervision_in_training_and_one_map_in_eval():
+    model = medseg.create_model("pranet", 3, 1)
+    x = torch.randn(1, 3, 64, 96)
+    outputs = model.train()(x)
+    assert isinstance(outputs, list) and len(outputs) == 4
+    assert all(o.shape == (1, 1, 64, 96) for o in outputs)
+    with torch.no_grad():
+        single = model.eval()(x)
+    assert single.shape == (1, 1, 64, 96)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model(torch.randn(1, 3, 48, 64))
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("pranet", 3, 2)
+
+
+def test_pranet_reverse_attention_adds_a_residual_to_the_coarser_map():
+    from medseg.models.pranet import ReverseAttention
+
+    attention = ReverseAttention(8, 4, 3, 2, 3).eval()
+    features = torch.randn(1, 8, 6, 6)
+    certain = torch.full((1, 1, 6, 6), 30.0)  # sigmoid = 1: reverse attention erases every feature
+    with torch.no_grad():
+        residual = attention(torch.zeros_like(features), certain) - certain
+        assert torch.allclose(attention(features, certain) - certain, residual, atol=1e-5)
+
+
+def test_pranet_loads_a_local_res2net50d_file(tmp_path):
+    backbone = timm.create_model("res2net50d", pretrained=False)  # with its fc, which is reported unused
+    torch.save(backbone.state_dict(), tmp_path / "res2net50d.pth")
+    model = medseg.create_model("pranet", 3, 1, encoder_weights=str(tmp_path / "res2net50d.pth"))
+    assert torch.equal(model.encoder.layer4[0].conv1.weight, backbone.layer4[0].conv1.weight)
+    assert any("fc" in key for key in model.load_reports[0].unused)
+
+
+def test_pranet_recipe_trains_on_cpu():
+    first, last = _training_lowers_the_recipe_loss("pranet")
+    assert last < first
