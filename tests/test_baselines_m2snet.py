@@ -89,3 +89,31 @@ def test_pranet_loads_a_local_res2net50d_file(tmp_path):
 def test_pranet_recipe_trains_on_cpu():
     first, last = _training_lowers_the_recipe_loss("pranet")
     assert last < first
+
+
+# ResUNet++: the paper's "4.07M" is Keras' total of DebeshJha/ResUNetPlusPlus m_resunet.py, which counts BatchNorm's
+# moving mean and variance too; resunet++_pytorch.py (the same network) has 4,062,993 trainable parameters.
+def test_resunetpp_parameter_count_matches_the_reference_code_and_the_papers_keras_total():
+    model = medseg.create_model("resunetpp", 3, 1)
+    assert n_params(model) == 4_062_993
+    moving_statistics = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean",
+                                                                                           "running_var")))
+    assert n_params(model) + moving_statistics == 4_070_385  # "4.07M"
+
+
+def test_resunetpp_forward_and_its_recipe_optimiser():
+    from medseg.engine.optim import build_optimizer, build_scheduler
+
+    model = medseg.create_model("resunetpp", 3, 2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 72)).shape == (1, 2, 64, 72)
+    recipe = load_recipe("resunetpp")
+    optimizer = build_optimizer(model, recipe.optim)
+    assert isinstance(optimizer, torch.optim.NAdam) and optimizer.defaults["eps"] == 1e-7
+    scheduler = build_scheduler(optimizer, recipe.schedule, recipe.train.epochs, 10)["scheduler"]
+    assert scheduler.min_lrs == [1e-6] * len(optimizer.param_groups)
+
+
+def test_resunetpp_recipe_trains_on_cpu():
+    first, last = _training_lowers_the_recipe_loss("resunetpp")
+    assert last < first
