@@ -49,7 +49,7 @@ class GateBeforeConcat(nn.Module):
         return torch.cat([decoder, self.gate(decoder, skip)], dim=1)
 
 
-class Res2NetUNet(Gated, SegmentationNetwork):
+class Res2NetUNet(SegmentationNetwork):
     groups = {"encoder": ("network.encoder",)}
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, architecture: str = "unet",
@@ -69,10 +69,6 @@ class Res2NetUNet(Gated, SegmentationNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
-
-    def first_layer_gates(self) -> dict[str, AttentionGate]:
-        gates = {name: module.gate for name, module in self.named_modules() if isinstance(module, GateBeforeConcat)}
-        return dict(list(gates.items())[-1:])  # the gate on the finest skip (1/2 resolution)
 
 
 RES2NET50 = EncoderCard(family="timm", name=ENCODER, module="network.encoder.model", first_conv="conv1.0.weight")
@@ -94,6 +90,14 @@ ATTENTION_UNET = _card("Oktay et al., Attention U-Net: Learning Where to Look fo
 
 @register_model("unet_res2net50", UNET, architecture="unet", attention=False)
 @register_model("unetpp_res2net50", UNETPP, architecture="unetpp", attention=False)
-@register_model("attention_unet_res2net50", ATTENTION_UNET, architecture="unet", attention=True)
 class Res2NetBaseline(Res2NetUNet):
-    """U-Net / UNet++ / Attention U-Net decoders on a Res2Net-50 encoder (M2SNet's R2-50 baselines, smp)."""
+    """U-Net / UNet++ decoders (smp) on a Res2Net-50 encoder: M2SNet's R2-50 baselines."""
+
+
+@register_model("attention_unet_res2net50", ATTENTION_UNET, architecture="unet", attention=True)
+class AttentionRes2NetUNet(Gated, Res2NetUNet):
+    """Attention U-Net: smp's U-Net decoder with additive attention gates, on a Res2Net-50 encoder (M2SNet's)."""
+
+    def first_layer_gates(self) -> dict[str, AttentionGate]:
+        gates = {name: module.gate for name, module in self.named_modules() if isinstance(module, GateBeforeConcat)}
+        return dict(list(gates.items())[-1:])  # the gate on the finest skip (1/2 resolution)
