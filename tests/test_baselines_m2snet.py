@@ -4,6 +4,7 @@ forward shapes at a small size, local encoder weights, and a short CPU training 
 import pytest
 import timm
 import torch
+import torchvision
 
 import medseg
 from medseg.config import load_recipe
@@ -168,3 +169,33 @@ def test_attention_unet_res2net50_trains_on_cpu():  # the U-Net decoder with gat
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+# ACSNet: the paper states no count; ReaFly/ACSNet models/ACSNet.py, ACSNet(1), has 29,450,709 parameters.
+def test_acsnet_parameter_count_matches_the_reference_code():
+    assert n_params(medseg.create_model("acsnet", 3, 1)) == 29_450_709
+
+
+def test_acsnet_side_outputs_at_their_own_sizes_and_the_main_one_in_eval(tmp_path):
+    from medseg.models.acsnet import NonLocalBlock, local_context_attention
+
+    model = medseg.create_model("acsnet", 3, 1)
+    outputs = model.train()(torch.randn(2, 3, 64, 96))
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6)]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    features = torch.randn(1, 4, 8, 8)
+    certain, unsure = torch.full((1, 1, 8, 8), 50.0), torch.zeros(1, 1, 8, 8)
+    assert torch.allclose(local_context_attention(features, certain), features)  # confident: unchanged
+    assert torch.allclose(local_context_attention(features, unsure), 2 * features)  # p = 0.5: doubled
+    assert torch.equal(NonLocalBlock(8).eval()(features.repeat(1, 2, 1, 1)), features.repeat(1, 2, 1, 1))  # identity
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    loaded = medseg.create_model("acsnet", 1, 1, encoder_weights=str(tmp_path / "resnet34.pth"))
+    assert loaded.encoder.conv1.weight.shape[1] == 1 and "fc.weight" in loaded.load_reports[0].unused
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("acsnet", 3, 3)
+
+
+def test_acsnet_recipe_trains_on_cpu():
+    first, last = _training_lowers_the_recipe_loss("acsnet", size=64)
+    assert last < first
