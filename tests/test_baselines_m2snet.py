@@ -199,3 +199,23 @@ def test_acsnet_side_outputs_at_their_own_sizes_and_the_main_one_in_eval(tmp_pat
 def test_acsnet_recipe_trains_on_cpu():
     first, last = _training_lowers_the_recipe_loss("acsnet", size=64)
     assert last < first
+
+
+# M2SNet Table 7 ablations: options of m2snet / msnet; the defaults stay the pinned networks.
+def test_m2snet_ablation_orders_and_addition_units():
+    from medseg.models.m2snet import AllOnesRegionalSum, SubtractionUnit
+
+    counts = [n_params(medseg.create_model("msnet", 3, 1, orders=n)) for n in range(5)]
+    assert counts[4] == n_params(medseg.create_model("msnet", 3, 1)) == 27_692_329
+    assert counts == sorted(set(counts))  # each order adds units
+    assert n_params(medseg.create_model("msnet", 3, 1, unit="addition")) == counts[4]  # AU: no extra parameters
+    fpn = medseg.create_model("m2snet", 3, 1, orders=0).eval()
+    assert not [m for m in fpn.modules() if isinstance(m, (SubtractionUnit, AllOnesRegionalSum))]
+    with torch.no_grad():
+        assert fpn(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    unit = SubtractionUnit(addition=True).eval()
+    a, b = torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(unit(a, b, []), unit.fuse(a + b))
+    with pytest.raises(MedsegError, match="orders must be 0-4"):
+        medseg.create_model("m2snet", 3, 1, orders=5)
