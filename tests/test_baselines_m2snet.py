@@ -25,7 +25,7 @@ def _batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return images, truth
 
 
-def _training_lowers_the_recipe_loss(recipe_name: str, size: int = 32, steps: int = 3) -> tuple[float, float]:
+def _training_lowers_the_recipe_loss(recipe_name: str, size: int = 32, steps: int = 2) -> tuple[float, float]:
     """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)
@@ -162,7 +162,7 @@ def test_attention_unet_res2net50_trains_on_cpu():  # the U-Net decoder with gat
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     images, truth = _batch()
     losses = []
-    for _ in range(3):
+    for _ in range(2):
         optimizer.zero_grad()
         loss, _ = criterion(model(images), truth)
         loss.backward()
@@ -194,11 +194,8 @@ def test_acsnet_side_outputs_at_their_own_sizes_and_the_main_one_in_eval(tmp_pat
     assert loaded.encoder.conv1.weight.shape[1] == 1 and "fc.weight" in loaded.load_reports[0].unused
     with pytest.raises(MedsegError, match="binary only"):
         medseg.create_model("acsnet", 3, 3)
-
-
-def test_acsnet_recipe_trains_on_cpu():
-    first, last = _training_lowers_the_recipe_loss("acsnet", size=64)
-    assert last < first
+    with pytest.raises(ValueError, match="at least 64 px"):
+        model(torch.randn(1, 3, 32, 64))
 
 
 # M2SNet Table 7 ablations: options of m2snet / msnet; the defaults stay the pinned networks.
@@ -219,3 +216,20 @@ def test_m2snet_ablation_orders_and_addition_units():
         assert torch.allclose(unit(a, b, []), unit.fuse(a + b))
     with pytest.raises(MedsegError, match="orders must be 0-4"):
         medseg.create_model("m2snet", 3, 1, orders=5)
+
+
+
+def test_acsnet_recipe_trains_on_cpu():  # side outputs at 1/2..1/16 against the mask resized by the criterion
+    first, last = _training_lowers_the_recipe_loss("acsnet", size=64)
+    assert last < first
+
+
+def test_pranet_recipe_clamps_gradients_by_value_in_the_trainer(tmp_path):
+    from medseg.engine.precision import NumericMode
+    from medseg.engine.run import Run
+    from medseg.engine.train import build_trainer
+
+    recipe = load_recipe("pranet")
+    trainer = build_trainer(recipe, Run(tmp_path), NumericMode("32-true", False, "test"), progress=False)
+    assert trainer.gradient_clip_val == 0.5 and trainer.gradient_clip_algorithm == "value"
+    assert load_recipe("unet").train.gradient_clip_algorithm == "norm"  # every other recipe keeps the norm

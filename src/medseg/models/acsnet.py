@@ -45,6 +45,7 @@ DECODER_WIDTHS = (512, 256, 128, 64, 64)  # d5..d1
 GLOBAL_WIDTH = 64
 GLOBAL_OUT = (256, 128, 64, 64)  # the global context given to the levels of d5, d4, d3, d2
 POOL_SIZES = (1, 3, 5)
+MIN_SIZE = 64  # the 1/32 map must survive the non-local blocks' 2 x 2 max pooling
 
 
 class ConvBNReLU(nn.Sequential):
@@ -158,6 +159,9 @@ class ACSNet(SegmentationNetwork):
         self.select = nn.ModuleList(AdaptiveSelection(d, i) for d, i in zip((d5, d4, d3, d2), inputs[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if min(x.shape[-2:]) < MIN_SIZE:
+            raise ValueError(f"acsnet needs inputs of at least {MIN_SIZE} px (its non-local blocks pool the 1/32 map "
+                             f"2 x 2), got {tuple(x.shape[-2:])}")
         encoder = self.encoder
         e1 = encoder.relu(encoder.bn1(encoder.conv1(x)))
         e2 = encoder.layer1(encoder.maxpool(e1))
