@@ -35,6 +35,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for name, state in states.items():
         torch.save(state, folder / name)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), folder / "resnet50.pth")
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), folder / "resnet34.pth")  # with its fc
     for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
         save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
@@ -55,7 +56,9 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "fovea_vgg16": ("fovea_unet", {"encoder": "vgg16", **SWAPPED}, "vgg16", "resnet50"),
     "fovea_resnet50": ("fovea_unet", {"encoder": "resnet50", **SWAPPED}, "resnet50", "vgg16"),
     "fovea_mobilenet_v2": ("fovea_unet", {"encoder": "mobilenet_v2", **SWAPPED}, "mobilenet_v2", "ghostnet_100"),
+    "acsnet": ("acsnet", {}, "resnet34", "resnet50"),
 }
+BINARY_ONLY = {"acsnet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
 
 
 def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
@@ -73,7 +76,8 @@ def _one_line(error: pytest.ExceptionInfo, *names: str) -> str:
 @pytest.mark.parametrize("case", CASES)
 def test_encoder_file_loads_into_a_one_channel_network_with_the_first_conv_adapted(files, case):
     name, options, good, _ = CASES[case]
-    model = medseg.create_model(name, 1, 2, encoder_weights=str(files[good]), **options).eval()
+    classes = 1 if name in BINARY_ONLY else 2
+    model = medseg.create_model(name, 1, classes, encoder_weights=str(files[good]), **options).eval()
     card = model.card.encoder
     state = {_renamed(k, card.rename): v for k, v in read_state_dict(files[good]).items()}
     encoder = model.get_submodule(card.module).state_dict()
@@ -88,13 +92,14 @@ def test_encoder_file_loads_into_a_one_channel_network_with_the_first_conv_adapt
     assert f"into {card.label} (first conv adapted 3->1 channels" in report.summary()
     assert model.spec.options["encoder_weights"] == str(files[good])
     with torch.no_grad():
-        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, classes, 64, 64)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_partial_and_wrong_encoder_files_are_refused_in_one_line(files, case, tmp_path):
     name, options, good, wrong = CASES[case]
-    model = medseg.create_model(name, 1, 2, **options)
+    classes = 1 if name in BINARY_ONLY else 2
+    model = medseg.create_model(name, 1, classes, **options)
     card, used = model.card.encoder, model.get_submodule(model.card.encoder.module).state_dict()
     state = read_state_dict(files[good])
     # a tensor the encoder takes (a layout may leave some of the file's blocks unused)
@@ -103,11 +108,11 @@ def test_partial_and_wrong_encoder_files_are_refused_in_one_line(files, case, tm
     partial = tmp_path / f"partial_{good}.pth"
     torch.save({k: v for k, v in state.items() if k != dropped}, partial)
     with pytest.raises(MedsegError) as error:
-        medseg.create_model(name, 1, 2, encoder_weights=str(partial), **options)
+        medseg.create_model(name, 1, classes, encoder_weights=str(partial), **options)
     message = _one_line(error, str(partial), card.label, repr(_renamed(dropped, card.rename)), "absent in the file")
     assert "1 of" in message
     with pytest.raises(MedsegError) as error:
-        medseg.create_model(name, 1, 2, encoder_weights=str(files[wrong]), **options)
+        medseg.create_model(name, 1, classes, encoder_weights=str(files[wrong]), **options)
     _one_line(error, str(files[wrong]), card.label, "first '", " in the file, ", " needs (")
 
 
@@ -246,7 +251,8 @@ def test_random_init_where_the_paper_is_pretrained_is_warned_and_a_random_backbo
 def test_every_slot_weights_list_names_has_a_loading_test():
     from medseg.engine.weight_files import weight_slots
 
-    tested = {medseg.create_model(name, 1, 2, **options).card.encoder.label for name, options, _, _ in CASES.values()}
+    tested = {medseg.create_model(name, 1, 1 if name in BINARY_ONLY else 2, **options).card.encoder.label
+              for name, options, _, _ in CASES.values()}
     listed = {slot.card.label for slot in weight_slots() if slot.used_by != ("lossnet",)}
     assert listed == tested
 
@@ -255,7 +261,9 @@ def test_weights_list_gives_the_line_that_saves_each_file():
     result = run_cli("weights", "list")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "timm res2net50d: m2snet, msnet  (model.encoder_weights)" in out
+    assert ("timm res2net50d: attention_unet_res2net50, m2snet, msnet, pranet, unet_res2net50, unetpp_res2net50  "
+            "(model.encoder_weights)") in out
+    assert "torchvision resnet34: acsnet  (model.encoder_weights)" in out
     assert "timm.create_model('res2net50d', pretrained=True).state_dict(), 'res2net50d.pth')" in out
     assert "smp dpn68: stsnet encoder=dpn68" in out and "get_encoder('dpn68', weights='imagenet')" in out
     assert "torchvision vgg16: lossnet  (loss.N.vgg_weights" in out and "vgg16(weights='IMAGENET1K_V1')" in out

@@ -166,12 +166,12 @@ class LossTerm(BaseModel):
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "adam"
+    name: Literal["sgd", "adam", "adamw", "nadam"] = "adam"
     lr: float = Field(1e-3, gt=0)
     momentum: float = 0.9  # sgd
     nesterov: bool = False  # sgd
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw / nadam
     eps: float = 1e-8
     group_lr: dict[str, float] = Field(default_factory=dict)  # lr multiplier per model.param_groups() name
     kernel_l2: float = Field(0.0, ge=0)  # Keras-style L2 added to the loss: kernel_l2 * sum(w^2) of conv kernels
@@ -183,7 +183,7 @@ class ScheduleConfig(Strict):
     step_size: int = 30  # step
     gamma: float = 0.1  # step, multistep
     milestones: list[int] = Field(default_factory=lambda: [30])  # multistep: epochs after which lr x gamma
-    min_lr: float = 0.0  # cosine
+    min_lr: float = 0.0  # cosine, plateau
     power: float = 0.9  # poly
     warmup_epochs: float | None = None  # warmup_linear: peak position; None = (epochs + 1) / 2, a triangle
     factor: float = 0.1  # plateau
@@ -227,6 +227,7 @@ class TrainConfig(Strict):
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
     extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
     gradient_clip: float | None = None
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # value: clamp each gradient element (PraNet's code)
     freeze: FreezeConfig | None = None  # e.g. {groups: [encoder], epochs: 30}
     # Where each epoch's numbers go. csv is always on (RUN/metrics.csv, which RUN/curves.png is drawn from) and
     # is put first when missing; tensorboard writes RUN/tensorboard/, mlflow a local store in RUN/mlruns/ (no

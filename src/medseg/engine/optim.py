@@ -56,6 +56,8 @@ def build_optimizer(model: SegmentationNetwork, optim: OptimConfig) -> torch.opt
                                weight_decay=optim.weight_decay)
     if optim.name == "adam":
         return torch.optim.Adam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.name == "nadam":  # its momentum_decay 4e-3 is Keras' Nadam schedule_decay
+        return torch.optim.NAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
 
 
@@ -126,7 +128,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleConfig, 
             raise MedsegError("schedule plateau reacts to epoch metrics; set schedule.interval: epoch")
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode=schedule.mode, factor=schedule.factor, patience=schedule.patience,
-            threshold=schedule.threshold, threshold_mode=schedule.threshold_mode)
+            threshold=schedule.threshold, threshold_mode=schedule.threshold_mode, min_lr=schedule.min_lr)
         return {"scheduler": scheduler, "interval": "epoch", "monitor": schedule.monitor, "strict": True}
     return {"scheduler": scheduler, "interval": schedule.interval}
 

@@ -381,6 +381,7 @@ def build_trainer(recipe: Recipe, run: Run, mode: NumericMode, devices: int = 1,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         gradient_clip_val=train.gradient_clip,
+        gradient_clip_algorithm=train.gradient_clip_algorithm,
         default_root_dir=run.path,
         log_every_n_steps=10,
     )

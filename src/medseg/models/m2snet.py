@@ -24,6 +24,17 @@ authors' code (Xiaoqi-Zhao-DLUT/MSNet-M2SNet: model/miccai_msnet.py, model/res2n
 Parameters (3 in, 1 out): M2SNet 27,692,585, MSNet 27,692,329 (backbone 23,669,352 + head), which is
 the paper's Table 6 "27.7" (its "MB" column counts millions of parameters). Inputs: any multiple of 32.
 
+Ablations of Table 7 (Sec. 4.5.1), as options of both names (the defaults build the networks above):
+- `orders` = n in 0..4 keeps the pyramid's units of order <= n (order = levels spanned - 1: S54..S21 are order 1,
+  S54321 order 4) and sums only those into CE_k; `orders: 0` is the FPN baseline, CE4..CE1 = d4, d3, d2, x1 (no units).
+  The paper's rows add CE terms order by order from the FPN baseline up to the full pyramid, then LossNet (a loss
+  term of the recipe); which CBRs stay in the partial pyramids is ours (every CE_k keeps its CBR, S5432's extra CBR
+  exists only with order 4), as the released code has only the full network.
+- `unit: addition` replaces |A - B| by A + B in every unit (Table 7's "AU"), with the same parameters, as the paper
+  says ("no additional parameters are introduced").
+Table 8's ASPP / DenseASPP subtraction units (Fig. 7) are not built: the paper gives their parameter totals (29.2M,
+29.6M) but not their dilation rates, widths or which convolutions A and B share.
+
 Multi-class (paper Sec. 1 and 4.1: GOALS' three OCT layers; the released code is binary only): `num_classes` = C
 > 1 changes only the output conv to C channels, read with a softmax over background and the C - 1 classes
 (recipes/m2snet_goals.yaml; the per-class losses are in medseg.losses.m2snet).
@@ -36,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
 from medseg.models.blocks import ConvBNReLU
 from medseg.models.registry import register_model
@@ -58,17 +70,22 @@ class AllOnesRegionalSum(nn.Module):
 
 
 class SubtractionUnit(nn.Module):
-    """MSU (or MSNet's single-scale SU when no regional filters are given): CBR of summed |differences|."""
+    """MSU (or MSNet's single-scale SU when no regional filters are given): CBR of summed |differences|.
+    `addition=True` is Table 7's addition unit (AU): the same unit with A + B in place of |A - B|."""
 
-    def __init__(self):
+    def __init__(self, addition: bool = False):
         super().__init__()
         self.fuse = ConvBNReLU(WIDTH, WIDTH, bias=True)
+        self.addition = addition
+
+    def combine(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b if self.addition else (a - b).abs()
 
     def forward(self, deeper: torch.Tensor, shallower: torch.Tensor, regional: list[nn.Module]) -> torch.Tensor:
         deeper = F.interpolate(deeper, size=shallower.shape[-2:], mode="bilinear", align_corners=False)
-        difference = (deeper - shallower).abs()
+        difference = self.combine(deeper, shallower)
         for phi in regional:
-            difference = difference + (phi(deeper) - phi(shallower)).abs()
+            difference = difference + self.combine(phi(deeper), phi(shallower))
         return self.fuse(difference)
 
 
@@ -79,20 +96,32 @@ PYRAMID = {
     "s5432": ("s543", "s432"), "s4321": ("s432", "s321"),
     "s54321": ("s5432_reduced", "s4321"),
 }
+# The complementarity-enhanced features (Eq. 3) and the units summed into each, lowest order first; a unit's order
+# is the number of levels it spans minus one (Table 7 adds the orders one by one).
+ENHANCED = {"ce3": ("s43", "s543"), "ce2": ("s32", "s432", "s5432"), "ce1": ("s21", "s321", "s4321", "s54321")}
+UNIT_ORDER = {name: len(name) - 2 for name in PYRAMID}
+FPN_SKIPS = {"ce4": "d4", "ce3": "d3", "ce2": "d2", "ce1": "x1"}  # orders = 0: the reduced features themselves
 
 
 class SubtractionNetwork(SegmentationNetwork):
-    def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True):
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, multi_scale: bool = True, orders: int = 4,
+                 unit: str = "subtraction"):
         super().__init__()
+        if orders not in range(5) or unit not in ("subtraction", "addition"):
+            raise MedsegError(f"orders must be 0-4 and unit 'subtraction' or 'addition' (Table 7 ablations), got "
+                              f"orders={orders!r}, unit={unit!r}")
+        self.orders = orders
         self.encoder = timm.create_model(ENCODER, pretrained=False, features_only=True, in_chans=in_channels)
         self.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
         channels = self.encoder.feature_info.channels()  # 64, 256, 512, 1024, 2048
         self.reduce = nn.ModuleDict({f"d{k}": ConvBNReLU(channels[k - 1], WIDTH, bias=True) for k in (2, 3, 4, 5)})
-        self.regional = (nn.ModuleList([AllOnesRegionalSum(WIDTH, 3), AllOnesRegionalSum(WIDTH, 5)]) if multi_scale
-                         else nn.ModuleList())
-        self.units = nn.ModuleDict({name: SubtractionUnit() for name in PYRAMID})
-        self.s5432_reduce = ConvBNReLU(WIDTH, WIDTH, bias=True)
-        self.enhance = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("ce3", "ce2", "ce1")})
+        self.regional = (nn.ModuleList([AllOnesRegionalSum(WIDTH, 3), AllOnesRegionalSum(WIDTH, 5)])
+                         if multi_scale and orders else nn.ModuleList())  # the FPN baseline has no units to use them
+        self.units = nn.ModuleDict({name: SubtractionUnit(addition=unit == "addition") for name in PYRAMID
+                                    if UNIT_ORDER[name] <= orders})
+        if orders == 4:
+            self.s5432_reduce = ConvBNReLU(WIDTH, WIDTH, bias=True)
+        self.enhance = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ENHANCED if orders})
         self.p5 = ConvBNReLU(channels[4], WIDTH, bias=True)
         self.decode = nn.ModuleDict({name: ConvBNReLU(WIDTH, WIDTH, bias=True) for name in ("o4", "o3", "o2")})
         self.head = nn.Conv2d(WIDTH, num_classes, 3, padding=1)
@@ -102,13 +131,17 @@ class SubtractionNetwork(SegmentationNetwork):
         f = {"x1": self.stem_pool(stem), **{f"d{k}": self.reduce[f"d{k}"](stages[k - 2]) for k in (2, 3, 4, 5)}}
         regional = list(self.regional)
         for name, (deeper, shallower) in PYRAMID.items():
+            if name not in self.units:
+                continue
             if name == "s54321":
                 f["s5432_reduced"] = self.s5432_reduce(f["s5432"])
             f[name] = self.units[name](f[deeper], f[shallower], regional)
-        ce4 = f["s54"]
-        ce3 = self.enhance["ce3"](f["s43"] + f["s543"])
-        ce2 = self.enhance["ce2"](f["s32"] + f["s432"] + f["s5432"])
-        ce1 = self.enhance["ce1"](f["s21"] + f["s321"] + f["s4321"] + f["s54321"])
+        if self.orders:
+            ce4 = f["s54"]
+            ce3, ce2, ce1 = (self.enhance[ce](sum(f[u] for u in units if u in self.units))
+                             for ce, units in ENHANCED.items())
+        else:
+            ce4, ce3, ce2, ce1 = (f[skip] for skip in FPN_SKIPS.values())
         out = self.p5(stages[3])
         for name, skip in (("o4", ce4), ("o3", ce3), ("o2", ce2)):
             out = self.decode[name](_up(out, skip) + skip)
