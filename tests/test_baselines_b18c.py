@@ -88,3 +88,41 @@ def test_transunet_loads_a_timm_file_and_resamples_its_position_grid(transunet, 
 def test_transunet_recipe_trains(transunet):
     losses = losses_of_a_few_steps(*transunet, size=64, steps=2)  # 105M parameters: two steps on a CPU
     assert losses[-1] < losses[0]
+
+
+# --- FCN-8s -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fcn8s():
+    return recipe_model("fcn8s", "optim.lr=1e-2")  # the recipe's from-scratch setting
+
+
+def test_fcn8s_parameter_count_is_the_papers_134m():
+    # Long et al. CVPR 2015 Table 1: FCN-VGG16 "134M"; 21 PASCAL classes. The fixed bilinear upsampling kernels
+    # (lr_mult 0 in voc-fcn8s/net.py) are buffers here.
+    model = medseg.create_model("fcn8s", 3, 21)
+    assert n_params(model) == 134_362_751
+    assert abs(n_params(model) / 134e6 - 1) < 0.01
+
+
+def test_fcn8s_scores_any_input_size_at_that_size_and_upsamples_bilinearly(fcn8s):
+    from medseg.models.fcn import FixedBilinearUpsampling
+
+    model, _ = fcn8s
+    model.eval()
+    with torch.no_grad():
+        for size in ((64, 64), (70, 93), (17, 250)):
+            assert model(torch.randn(1, 3, *size)).shape == (1, 2, *size)
+        up = FixedBilinearUpsampling(1, 2)
+        # a constant map stays constant inside (bilinear interpolation), a ramp stays a ramp
+        assert torch.allclose(up(torch.ones(1, 1, 4, 4))[..., 2:-2, 2:-2], torch.ones(1, 1, 6, 6))
+        ramp = up(torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 4, 4))[0, 0, 3]
+        assert torch.allclose(ramp[2:-2].diff(), torch.full((5,), 0.5))
+    assert not any("up" in name for name, _ in model.named_parameters())
+    assert not any(name.startswith("up") for name in model.state_dict())
+    assert model.card.encoder.first_conv in model.encoder.state_dict()  # where a timm vgg16 file's first conv goes
+
+
+def test_fcn8s_recipe_trains(fcn8s):
+    losses = losses_of_a_few_steps(*fcn8s, size=64, steps=3)
+    assert losses[-1] < losses[0]
