@@ -126,3 +126,39 @@ def test_fcn8s_scores_any_input_size_at_that_size_and_upsamples_bilinearly(fcn8s
 def test_fcn8s_recipe_trains(fcn8s):
     losses = losses_of_a_few_steps(*fcn8s, size=64, steps=3)
     assert losses[-1] < losses[0]
+
+
+# --- ResU-Net and RU-Net (the R2U-Net paper's variants, FocusNet Table 1) ---------------------------------------
+
+def test_resunet_and_runet_have_r2unets_parameter_count():
+    # R2U-Net paper (Alom et al. 2018, abstract): the variants have "the same number of network parameters";
+    # R2U-Net in this skeleton is STS-Net Table 1's 39.09M (39,091,393, tests/test_unet_variants.py).
+    for name in ("resunet", "runet"):
+        assert n_params(medseg.create_model(name, 3, 1)) == 39_091_393, name
+
+
+def test_resunet_and_runet_units_differ_from_r2unet_only_by_recurrence_and_residual():
+    from medseg.models.blocks import DoubleConv
+    from medseg.models.unet_variants import RecurrentConv
+
+    torch.manual_seed(0)
+    r2unet, runet, resunet = (medseg.create_model(name, 1, 1).eval() for name in ("r2unet", "runet", "resunet"))
+    runet.load_state_dict(r2unet.state_dict())  # same tensors, same names
+    unit, plain = r2unet.encoder[1], runet.encoder[1]
+    x = torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        projected = unit.project(x)
+        assert torch.allclose(unit(x), projected + plain(x), atol=1e-5)  # RU-Net = R2U-Net unit minus the identity
+        residual = resunet.encoder[1]
+        assert isinstance(residual.body, DoubleConv)
+        assert not any(isinstance(m, RecurrentConv) for m in resunet.modules())
+        assert torch.allclose(residual(x), residual.project(x) + residual.body(residual.project(x)), atol=1e-6)
+        for model in (runet, resunet):
+            assert model(torch.randn(1, 1, 64, 48)).shape == (1, 1, 64, 48)
+
+
+@pytest.mark.parametrize("name", ["resunet", "runet"])
+def test_resunet_and_runet_recipes_train(name):
+    model, recipe = recipe_model(name)
+    losses = losses_of_a_few_steps(model, recipe, size=32, steps=2)
+    assert losses[-1] < losses[0]
