@@ -162,3 +162,54 @@ def test_resunet_and_runet_recipes_train(name):
     model, recipe = recipe_model(name)
     losses = losses_of_a_few_steps(model, recipe, size=32, steps=2)
     assert losses[-1] < losses[0]
+
+
+# --- GCT and SRM as STS-Net attention options (STS-Net Table 9) -------------------------------------------------
+
+RESNEXT50_STAGE_CHANNELS = 64 + 256 + 512 + 1024 + 2048
+DEEPLABV3_RESNEXT50 = 39_105_858  # tests/test_stsnet.py: STS-Net without its 5 x 3 ESCA weights
+
+
+def test_gct_and_srm_add_their_papers_parameters_at_the_five_stages():
+    # GCT (Yang et al. CVPR 2020): alpha, gamma, beta = 3C per module. SRM (Lee et al. ICCV 2019): the channel-wise
+    # FC's 2C + BatchNorm's 2C affine parameters (its running statistics are buffers).
+    assert n_params(medseg.create_model("stsnet", 3, 2, attention="gct")) == (
+        DEEPLABV3_RESNEXT50 + 3 * RESNEXT50_STAGE_CHANNELS)
+    assert n_params(medseg.create_model("stsnet", 3, 2, attention="srm")) == (
+        DEEPLABV3_RESNEXT50 + 4 * RESNEXT50_STAGE_CHANNELS)
+    assert n_params(medseg.create_model("stsnet", 3, 2)) == 39_105_873  # the default (ESCA) network is unchanged
+
+
+def test_gct_follows_its_equations_and_starts_as_the_identity():
+    from medseg.models.stsnet import GCT
+
+    torch.manual_seed(0)
+    gct = GCT(6)
+    x = torch.randn(2, 6, 5, 4)
+    assert torch.allclose(gct(x), x)  # gamma = beta = 0: gate 1 + tanh(0) = 1
+    for parameter in (gct.alpha, gct.gamma, gct.beta):
+        torch.nn.init.normal_(parameter)
+    s = gct.alpha * (x.pow(2).sum(dim=(2, 3), keepdim=True) + 1e-5).sqrt()  # Eq. 1
+    s_hat = 6 ** 0.5 * s / (s.pow(2).sum(dim=1, keepdim=True) + 6 * 1e-5).sqrt()  # Eq. 2: sqrt(C) s_c / ||s||_2
+    assert torch.allclose(gct(x), x * (1 + torch.tanh(gct.gamma * s_hat + gct.beta)), atol=1e-6)  # Eq. 3
+
+
+def test_srm_pools_style_and_gates_by_a_channelwise_fc():
+    from medseg.models.stsnet import SRM
+
+    torch.manual_seed(0)
+    srm = SRM(3).eval()
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.allclose(srm(x), x * 0.5)  # a zero CFC: sigmoid(0) everywhere
+    torch.nn.init.normal_(srm.cfc)
+    mean, std = x.mean(dim=(2, 3)), (x.var(dim=(2, 3)) + 1e-5).sqrt()
+    z = srm.cfc[:, 0] * mean + srm.cfc[:, 1] * std
+    z = z / (1 + 1e-5) ** 0.5  # BatchNorm at its initial running statistics (mean 0, var 1) and affine (1, 0)
+    assert torch.allclose(srm(x), x * torch.sigmoid(z)[..., None, None], atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["gct", "srm"])
+def test_stsnet_recipe_trains_with_gct_and_srm(attention):
+    model, recipe = recipe_model("stsnet", f"model.attention={attention}")
+    losses = losses_of_a_few_steps(model, recipe, size=64, steps=2)
+    assert losses[-1] < losses[0]
