@@ -32,6 +32,11 @@ attention families of its ablations (Tables 5, 6, 8, 9).
   `encoder=` from `smp_encoder_card`'s table (its first-conv key); with 1 or 4+ input channels the file's
   first conv is adapted by timm's adapt_input_conv, which is what smp's patch_first_conv does.
 
+`deeplabv3_stsnet`: DeepLabV3 at STS-Net Table 1's 18.85M. The authors' code holds no baselines (its `duibi`
+folder is not released), so the setting is found by count (ours): smp DeepLabV3 (OS 8, ASPP 256, rates 12/24/36)
+on each smp encoder, DPN68 is the only one within 1 % (18,876,972 with 3 in and 2 classes, +0.14 %; the next is
+3 % off), and DPN68 is one of the paper's own encoders (Table 5).
+
 Parameters (3 in, 2 classes): 39,105,873 = smp DeepLabV3-ResNeXt50 39,105,858 + 5 x 3 ESCA weights, the
 paper's "39.10M" (Table 1). The paper reports MACs for a batch of 4 (its 571.35G = 4 x our 142.4 GMACs).
 """
@@ -192,6 +197,11 @@ DEEPLABV3PLUS = NetworkCard(
     paper="Chen et al., Encoder-Decoder with Atrous Separable Convolution for Semantic Image Segmentation "
           "(DeepLabV3+), ECCV 2018, via segmentation_models_pytorch",
     size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
+DEEPLABV3_STSNET = NetworkCard(
+    paper="Chen et al., Rethinking Atrous Convolution for Semantic Image Segmentation (DeepLabV3), arXiv:1706.05587, "
+          "2017, at STS-Net Table 1's 18.85M: segmentation_models_pytorch DeepLabV3 on DPN68",
+    size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head",
+    encoder=smp_encoder_card("dpn68", "network.encoder"))
 PAN = NetworkCard(
     paper="Li et al., Pyramid Attention Network for Semantic Segmentation, BMVC 2018, via segmentation_models_pytorch",
     size_multiple=32, default_size=512, paper_num_classes=2, head="network.segmentation_head", encoder=RESNEXT50)
@@ -203,6 +213,7 @@ class STSNet(SMPSegmentation):
 
 
 @register_model("deeplabv3", DEEPLABV3, decoder="deeplabv3", attention="none")
+@register_model("deeplabv3_stsnet", DEEPLABV3_STSNET, decoder="deeplabv3", attention="none", encoder="dpn68")
 @register_model("deeplabv3plus", DEEPLABV3PLUS, decoder="deeplabv3plus", attention="none")
 @register_model("pan", PAN, decoder="pan", attention="none")
 class SMPBaseline(SMPSegmentation):
