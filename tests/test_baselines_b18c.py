@@ -216,6 +216,8 @@ def test_srm_pools_style_and_gates_by_a_channelwise_fc():
     z = srm.cfc[:, 0] * mean + srm.cfc[:, 1] * std
     z = z / (1 + 1e-5) ** 0.5  # BatchNorm at its initial running statistics (mean 0, var 1) and affine (1, 0)
     assert torch.allclose(srm(x), x * torch.sigmoid(z)[..., None, None], atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        srm.train()(x[:1])
 
 
 @pytest.mark.parametrize("attention", ["gct", "srm"])

@@ -73,7 +73,10 @@ CARD = NetworkCard(
     paper="Long, Shelhamer & Darrell, Fully Convolutional Networks for Semantic Segmentation (FCN-8s), CVPR 2015",
     size_multiple=1, default_size=500, paper_num_classes=21, head="score",
     encoder=EncoderCard(family="timm", name=ENCODER, module="encoder", first_conv="features.0.weight"),
-    paper_weights="ImageNet VGG-16 (the reference net fine-tunes from it, through FCN-32s and FCN-16s)")
+    paper_weights="ImageNet VGG-16 (the reference net fine-tunes from it, through FCN-32s and FCN-16s)",
+    # torch 2.14.1 on a CPU: the backward of the 4096 -> C score conv under bf16 autocast + channels_last corrupts
+    # the heap ("free(): invalid next size", measured); `precision: auto` keeps fp32 for this network
+    fast_path=False)
 
 
 @register_model("fcn8s", CARD)

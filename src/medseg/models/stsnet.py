@@ -108,6 +108,9 @@ class SRM(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:  # BatchNorm over one value per channel is undefined
+            raise ValueError("SRM attention normalises its style features over the batch: train with "
+                             "train.batch_size >= 2 (and a last batch of at least 2 images)")
         flat = x.flatten(2)
         style = torch.stack([flat.mean(dim=2), (flat.var(dim=2) + self.eps).sqrt()], dim=2)  # (B, C, 2)
         z = (style * self.cfc).sum(dim=2)[..., None, None]
