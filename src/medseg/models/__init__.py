@@ -2,6 +2,7 @@
 
 from medseg.models import (  # noqa: F401  (registers the networks)
     acsnet,
+    fcn,
     focusnet,
     fovea_unet,
     m2snet,
@@ -10,6 +11,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     res2net_unets,
     resunetpp,
     stsnet,
+    transunet,
     unet,
     unet_variants,
 )

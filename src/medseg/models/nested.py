@@ -21,6 +21,12 @@ L4 9,203,741 vs 8.9506M (+2.8 %). No plausible configuration reproduces all four
 (we searched ~660k); this one follows the paper's text. The unpruned network with its four
 deep-supervision heads has 9,203,840. UNet++ (Zhou et al., DLMIA 2018) is the same graph without gates:
 ours uses BN and transposed-conv upsampling like ANU-Net, so the two differ only by the gates.
+
+`unetpp_stsnet`: UNet++ as STS-Net's Table 1 counts it (36.62M): filters 64-1024 (`base_channels=64`), x2 bilinear
+upsampling (align_corners) instead of the transposed conv (`upsample="bilinear"`: node X_{i,j} concatenates j skips
+of width F_i and the up-sampled F_{i+1}-wide X_{i+1,j-1}), one head, no gates: 36,629,698 parameters with 3 in and
+2 classes (+0.03 %). This is the widely used PyTorch form of UNet++ (conv-BN-ReLU blocks, bilinear up) at the
+classic U-Net widths; STS-Net's released code holds no baselines, so the form is identified by its count (ours).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from medseg.models.blocks import AttentionGate, DoubleConv
 from medseg.models.registry import register_model
 
 FILTERS = (32, 64, 128, 256, 512)
+UPSAMPLING = ("transpose", "bilinear")
 DEPTH = 4
 
 
@@ -47,8 +54,12 @@ class NestedUNet(Prunable, Gated, SegmentationNetwork):
     levels = tuple(range(1, DEPTH + 1))
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = True,
-                 deep_supervision: bool = True, level: int = DEPTH, pruned: bool = False):
+                 deep_supervision: bool = True, level: int = DEPTH, pruned: bool = False, base_channels: int = 32,
+                 upsample: str = "transpose"):
         super().__init__()
+        if upsample not in UPSAMPLING:
+            raise MedsegError(f"unknown upsample {upsample!r}; choose one of {', '.join(UPSAMPLING)}")
+        filters = [base_channels * 2**i for i in range(DEPTH + 1)]
         if not 1 <= level <= DEPTH:
             raise MedsegError(f"level must be 1..{DEPTH}, got {level}")
         if level < DEPTH and not pruned:
@@ -63,17 +74,21 @@ class NestedUNet(Prunable, Gated, SegmentationNetwork):
         self.up = nn.ModuleDict()
         self.gates = nn.ModuleDict()
         for i, j in _nodes(level):
-            width = FILTERS[i]
+            width = filters[i]
             if j == 0:
-                self.blocks[f"x{i}{j}"] = DoubleConv(in_channels if i == 0 else FILTERS[i - 1], width, bias=True)
+                self.blocks[f"x{i}{j}"] = DoubleConv(in_channels if i == 0 else filters[i - 1], width, bias=True)
                 continue
-            self.up[f"x{i}{j}"] = nn.ConvTranspose2d(FILTERS[i + 1], width, 2, stride=2)
-            self.blocks[f"x{i}{j}"] = DoubleConv((j + 1) * width, width, bias=True)
+            if upsample == "transpose":
+                self.up[f"x{i}{j}"], up_width = nn.ConvTranspose2d(filters[i + 1], width, 2, stride=2), width
+            else:  # no parameters: the deeper node keeps its width
+                self.up[f"x{i}{j}"], up_width = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), \
+                    filters[i + 1]
+            self.blocks[f"x{i}{j}"] = DoubleConv(j * width + up_width, width, bias=True)
             if attention:
                 for k in range(j):
-                    self.gates[f"x{i}{j}_{k}"] = AttentionGate(width, width, width // 2)
+                    self.gates[f"x{i}{j}_{k}"] = AttentionGate(up_width, width, width // 2)
         head_levels = [level] if pruned or not deep_supervision else range(1, level + 1)
-        self.heads = nn.ModuleDict({f"y{j}": nn.Conv2d(FILTERS[0], num_classes, 1) for j in head_levels})
+        self.heads = nn.ModuleDict({f"y{j}": nn.Conv2d(filters[0], num_classes, 1) for j in head_levels})
 
     def forward_heads(self, x: torch.Tensor, level: int) -> dict[int, torch.Tensor]:
         """Logits of every head up to `level`, computing only the nodes with i + j <= level."""
@@ -129,3 +144,15 @@ UNETPP = NetworkCard(
 @register_model("unetpp", UNETPP, attention=False)
 class ANUNet(NestedUNet):
     """Nested U-Net (filters 32-512, deep supervision, prunable); `anunet` adds an attention gate per skip."""
+
+
+UNETPP_STSNET = NetworkCard(
+    paper="Zhou et al., UNet++: A Nested U-Net Architecture for Medical Image Segmentation, DLMIA 2018 "
+          "(at STS-Net Table 1's 36.62M: filters 64-1024, bilinear upsampling)",
+    size_multiple=16, default_size=512, paper_num_classes=2, head="heads")
+
+
+@register_model("unetpp_stsnet", UNETPP_STSNET, attention=False, base_channels=64, upsample="bilinear",
+                deep_supervision=False)
+class UNetPPWide(NestedUNet):
+    """UNet++ at the classic U-Net widths (64-1024) with bilinear upsampling and one head (STS-Net's baseline)."""

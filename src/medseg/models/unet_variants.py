@@ -1,18 +1,24 @@
-"""Attention U-Net, R2U-Net and Attention R2U-Net: the U-Net variants ANU-Net (Computers & Graphics
-2020, Sec. 4.3, Tables 2-5) and FocusNet (ISBI 2019) compare against.
+"""Attention U-Net, R2U-Net, Attention R2U-Net, ResU-Net and RU-Net: the U-Net variants ANU-Net (Computers &
+Graphics 2020, Sec. 4.3, Tables 2-5), STS-Net (Table 1) and FocusNet (ISBI 2019, Table 1) compare against.
 
 - Attention U-Net: Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018.
 - R2U-Net: Alom et al., "Recurrent Residual Convolutional Neural Network based on U-Net (R2U-Net) for
   Medical Image Segmentation", arXiv:1802.06955 (2018); the recurrent convolutional layer of Sec. 3.1
   applies one 3x3 conv t + 1 times, each time to the input plus the previous output; a 1x1 conv matches
   the channels and the block is residual.
+- ResU-Net and RU-Net: the R2U-Net paper's own ablations (its Fig. 4 (c) and (b); FocusNet's Table 1 copies their
+  rows from it): the residual unit without recurrence (two 3x3 conv-BN-ReLU plus the identity) and the recurrent
+  unit without the residual sum. Ours: both keep R2U-Net's 1x1 projection to the level's width, so the four
+  variants differ only in the unit and have the same parameter count, as the paper says they do ("same number
+  of network parameters"). The paper's widths for those experiments are not in its text we could read, so the
+  widths are the skeleton's below; the STS-Net Table 1 count of R2U-Net (39.09M) is this skeleton's.
 
 All three share one skeleton, the common reference form of these networks (ours): five
 encoder levels of 64-1024 channels with 2x2 max pooling, decoder upsampling by x2 nearest + 3x3
 conv-BN-ReLU ("up-conv"), concatenation [skip, up], a 1x1 head. With `attention`, every skip passes an
 additive attention gate gated by the up-conv output, with F_int = F / 2. Convs keep their bias, as in
-that form. Parameters (3 in, 1 out): attention_unet 34,878,573; r2unet (t = 2) 39,091,393;
-r2attunet 39,442,925 (pinned in tests/test_unet_variants.py).
+that form. Parameters (3 in, 1 out): attention_unet 34,878,573; r2unet (t = 2) 39,091,393 (STS-Net Table 1:
+39.09M); r2attunet 39,442,925 (pinned in tests/test_unet_variants.py); resunet and runet 39,091,393.
 """
 
 from __future__ import annotations
@@ -43,26 +49,33 @@ class RecurrentConv(nn.Module):
 
 
 class RecurrentResidualBlock(nn.Module):
-    """RRCNN block: 1x1 conv to the output width, two recurrent convs, residual sum."""
+    """RRCNN block: 1x1 conv to the output width, two recurrent convs (or, with `recurrent=False`, two plain
+    3x3 conv-BN-ReLU: the residual unit), and the residual sum unless `residual=False` (the recurrent unit)."""
 
-    def __init__(self, in_channels: int, out_channels: int, steps: int = 2):
+    def __init__(self, in_channels: int, out_channels: int, steps: int = 2, recurrent: bool = True,
+                 residual: bool = True):
         super().__init__()
         self.project = nn.Conv2d(in_channels, out_channels, 1)
-        self.body = nn.Sequential(RecurrentConv(out_channels, steps), RecurrentConv(out_channels, steps))
+        self.body = (nn.Sequential(RecurrentConv(out_channels, steps), RecurrentConv(out_channels, steps))
+                     if recurrent else DoubleConv(out_channels, out_channels, bias=True))
+        self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.project(x)
-        return x + self.body(x)
+        return x + self.body(x) if self.residual else self.body(x)
 
 
 class UNetVariant(Gated, SegmentationNetwork):
     """U-Net skeleton with a choice of level block (double conv or recurrent residual) and optional gates."""
 
-    def __init__(self, in_channels: int, num_classes: int, recurrent: bool, attention: bool, steps: int = 2):
+    def __init__(self, in_channels: int, num_classes: int, recurrent: bool, attention: bool, steps: int = 2,
+                 residual: bool | None = None):
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Module:
-            return RecurrentResidualBlock(cin, cout, steps) if recurrent else DoubleConv(cin, cout, bias=True)
+            if residual is None:  # the two published forms: plain double conv, or the recurrent residual block
+                return RecurrentResidualBlock(cin, cout, steps) if recurrent else DoubleConv(cin, cout, bias=True)
+            return RecurrentResidualBlock(cin, cout, steps, recurrent=recurrent, residual=residual)
 
         self.encoder = nn.ModuleList([block(in_channels, WIDTHS[0])])
         self.encoder.extend(block(WIDTHS[i], WIDTHS[i + 1]) for i in range(4))
@@ -113,3 +126,19 @@ class R2UNet(UNetVariant):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1, attention: bool = False, steps: int = 2):
         super().__init__(in_channels, num_classes, recurrent=True, attention=attention, steps=steps)
+
+
+@register_model("resunet", R2UNET)
+class ResUNet(UNetVariant):
+    """ResU-Net (the R2U-Net paper's baseline): residual units of two 3x3 convs in the same U-Net."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1):
+        super().__init__(in_channels, num_classes, recurrent=False, attention=False, residual=True)
+
+
+@register_model("runet", R2UNET)
+class RUNet(UNetVariant):
+    """RU-Net (the R2U-Net paper): recurrent conv units (t = 2) without the residual sum, in the same U-Net."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 1, steps: int = 2):
+        super().__init__(in_channels, num_classes, recurrent=True, attention=False, steps=steps, residual=False)
