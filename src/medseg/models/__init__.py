@@ -1,6 +1,15 @@
 """Networks: the registry, shared blocks, one file per family. Importing this package registers them all."""
 
-from medseg.models import focusnet, fovea_unet, m2snet, nested, stsnet, unet, unet_variants  # noqa: F401  (registers the networks)
+from medseg.models import (  # noqa: F401  (registers the networks)
+    focusnet,
+    fovea_unet,
+    m2snet,
+    nested,
+    segnet,
+    stsnet,
+    unet,
+    unet_variants,
+)
 from medseg.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 from medseg.models.saving import load_model, save_model
 
