@@ -4,6 +4,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     enet,
     focusnet,
     fovea_unet,
+    lednet,
     m2snet,
     nested,
     segnet,
