@@ -1,10 +1,10 @@
 """The baselines of Fovea-UNet's Tables 2 and 3 (SegNet, ENet, LEDNet, DoubleU-Net): parameter counts pinned to
-their sources, forward shapes, the wiring their papers describe, local encoder weights, recipes, and a short CPU
-training check."""
+their sources, forward shapes, the wiring their papers describe, recipes, a short CPU training check, and Table 5's
+Inception-v3 encoder of Fovea-UNet. Their local encoder files (torchvision vgg16_bn / vgg19, timm inception_v3) are
+tested with every other slot's in tests/test_pretrained.py."""
 
 import pytest
 import torch
-import torchvision
 
 import medseg
 from medseg.config import load_recipe
@@ -85,19 +85,6 @@ def test_enet_refuses_more_input_channels_than_its_initial_block_holds():
         medseg.create_model("enet", 16, 1)
 
 
-@pytest.mark.parametrize("name,vgg,second_conv", [("segnet", "vgg16_bn", 3), ("doubleunet", "vgg19", 2)])
-def test_vgg_encoders_load_a_local_torchvision_file(tmp_path, name, vgg, second_conv):
-    features = getattr(torchvision.models, vgg)(weights=None).features
-    state = {f"features.{k}": v for k, v in features.state_dict().items()}  # torchvision's layout (no classifier)
-    path = tmp_path / f"{vgg}.pth"
-    torch.save(state, path)
-    model = medseg.create_model(name, 1, 1, encoder_weights=str(path))
-    report = model.load_reports[0]
-    assert report.loaded == len(model.encoder.state_dict())
-    assert torch.allclose(model.encoder[0].weight, state["features.0.weight"].sum(dim=1, keepdim=True))
-    assert torch.equal(model.encoder[second_conv].weight, state[f"features.{second_conv}.weight"])
-
-
 # the two 29M-parameter networks train at 32 px to keep the file short; their 64 px forwards are checked above
 @pytest.mark.parametrize("name,size", [("segnet", 32), ("enet", 64), ("lednet", 64), ("doubleunet", 32)])
 def test_the_recipes_network_trains_a_few_cpu_steps_and_predicts_at_input_size(name, size):
@@ -121,3 +108,15 @@ def test_the_recipes_network_trains_a_few_cpu_steps_and_predicts_at_input_size(n
     assert losses[-1] < losses[0], losses
     with torch.no_grad():
         assert model.eval()(x).shape == (2, recipe.model.num_classes, size, size)
+
+
+def test_fovea_unet_takes_table5s_inception_v3_backbone():
+    # Fovea-UNet Table 5 compares InceptionNet (its ref. 33: Inception-v3) as the encoder: timm's, through smp
+    model = medseg.create_model("fovea_unet", 3, 1, encoder="inception_v3", nhsic=False).eval()
+    with torch.no_grad():
+        features = model.encoder(torch.randn(1, 3, 128, 128))
+        assert [tuple(f.shape[1:]) for f in features] == [(64, 61, 61), (192, 28, 28), (288, 13, 13), (768, 13, 13)]
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    with pytest.raises(MedsegError, match="nhsic: false"):
+        medseg.create_model("fovea_unet", 3, 1, encoder="inception_v3")
+
