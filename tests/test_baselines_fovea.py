@@ -85,7 +85,7 @@ def test_enet_refuses_more_input_channels_than_its_initial_block_holds():
         medseg.create_model("enet", 16, 1)
 
 
-# the two 29M-parameter networks train at 32 px to keep the file short; their 64 px forwards are checked above
+# the 29M-parameter networks train at 32 px to keep the file short; their 64 px forwards are checked above
 @pytest.mark.parametrize("name,size", [("segnet", 32), ("enet", 64), ("lednet", 64), ("doubleunet", 32)])
 def test_the_recipes_network_trains_a_few_cpu_steps_and_predicts_at_input_size(name, size):
     """A few Adam steps on one small batch lower the loss; eval gives logits at the input size."""
@@ -120,3 +120,42 @@ def test_fovea_unet_takes_table5s_inception_v3_backbone():
     with pytest.raises(MedsegError, match="nhsic: false"):
         medseg.create_model("fovea_unet", 3, 1, encoder="inception_v3")
 
+
+
+def test_triple_unet_count_outputs_and_a_descent_step():
+    # Triple U-Net MedIA 2020, the authors' source/model.py: net() has 96,833,984 parameters (the paper prints none)
+    recipe = load_recipe("triple_unet")
+    model = medseg.create_model("triple_unet", recipe.model.in_channels, recipe.model.num_classes)
+    assert n_params(model) == 96_833_984
+    # 97M parameters: one SGD step instead of the Adam steps above (no dropout, BN on the same batch: deterministic)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    target = torch.zeros(2, 1, 64, 64)
+    target[:, :, 16:48, 16:48] = 1
+    criterion = create_loss("dice", smooth=1.0, per_image=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    outputs = model(x)  # nuclei, H branch, RGB branch
+    assert [tuple(o.shape) for o in outputs] == [(2, 1, 64, 64)] * 3
+    before = sum(criterion(o, target) for o in outputs)
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = sum(criterion(o, target) for o in model(x))
+    assert after < before
+    with pytest.raises(MedsegError, match="needs in_channels=3"):
+        medseg.create_model("triple_unet", 1, 1)
+
+
+def test_triple_unet_hematoxylin_image_separates_the_stains():
+    from medseg.models.triple_unet import STAINS, hematoxylin_image
+
+    model = medseg.create_model("triple_unet", 3, 1)
+    stains = torch.tensor(STAINS)
+    stains = stains / stains.norm(dim=1, keepdim=True)
+    amount = 100.0  # optical density (0-255 scale) of one stain, none of the others: pixel = 255^(1 - OD/255) - 1
+    log255 = torch.log(torch.tensor(255.0))
+    pixels = torch.exp((255.0 - amount * stains[:2]) * log255 / 255.0) - 1  # a pure H pixel, a pure E pixel
+    rgb = (pixels / 255.0).T.reshape(1, 3, 1, 2)
+    h = hematoxylin_image(rgb, model.inverse_stains)
+    assert h.shape == (1, 3, 1, 2) and torch.equal(h[:, 0], h[:, 2])  # the H image repeated to three channels
+    assert torch.allclose(h[0, 0, 0], torch.tensor([255.0 ** (-amount / 255.0), 1.0]), atol=1e-4)  # E pixel: no H

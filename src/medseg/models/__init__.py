@@ -10,6 +10,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     nested,
     segnet,
     stsnet,
+    triple_unet,
     unet,
     unet_variants,
 )
