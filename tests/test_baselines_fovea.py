@@ -159,3 +159,25 @@ def test_triple_unet_hematoxylin_image_separates_the_stains():
     h = hematoxylin_image(rgb, model.inverse_stains)
     assert h.shape == (1, 3, 1, 2) and torch.equal(h[:, 0], h[:, 2])  # the H image repeated to three channels
     assert torch.allclose(h[0, 0, 0], torch.tensor([255.0 ** (-amount / 255.0), 1.0]), atol=1e-4)  # E pixel: no H
+
+
+def test_deeplabv3plus_on_its_papers_xception65():
+    # DeepLabV3+ ECCV 2018 prints no count: smp DeepLabV3Plus on timm xception65, output stride 16, ASPP 6/12/18
+    recipe = load_recipe("deeplabv3plus_xception")
+    model = medseg.create_model(recipe.model.name, 3, recipe.model.num_classes)
+    assert n_params(model) == 41_037_122
+    assert model.network.encoder.output_stride == 16
+    rates = [branch[0][0].dilation[0] for branch in list(model.network.decoder.aspp[0].convs)[1:4]]
+    assert rates == [6, 12, 18]
+    torch.manual_seed(0)  # one SGD step lowers a Dice loss on a fixed batch; eval logits at the input size
+    x = torch.rand(2, 3, 64, 64)
+    target = torch.zeros(2, 1, 64, 64)
+    target[:, :, 16:48, 16:48] = 1
+    criterion = create_loss("dice", smooth=1.0, per_image=True)
+    model.network.decoder.aspp[0].project[3].p = 0.0  # the ASPP dropout off: the same loss function before and after
+    before = criterion(model(x), target)
+    before.backward()
+    torch.optim.SGD(model.parameters(), lr=0.05).step()
+    with torch.no_grad():
+        assert criterion(model(x), target) < before
+        assert model.eval()(x).shape == (2, 2, 64, 64)

@@ -38,7 +38,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for vgg in ("vgg16_bn", "vgg19"):  # torchvision's layout; the classifier (unused by the slots) is left out
         features = getattr(torchvision.models, vgg)(weights=None).features.state_dict()
         torch.save({f"features.{k}": v for k, v in features.items()}, folder / f"{vgg}.pth")
-    torch.save(timm.create_model("inception_v3", pretrained=False).state_dict(), folder / "inception_v3.pth")
+    for name in ("inception_v3", "xception65"):
+        torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / f"{name}.pth")
     for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
         save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
@@ -62,6 +63,7 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "fovea_inception_v3": ("fovea_unet", {"encoder": "inception_v3", **SWAPPED}, "inception_v3", "resnet50"),
     "segnet": ("segnet", {}, "vgg16_bn", "vgg19"),
     "doubleunet": ("doubleunet", {}, "vgg19", "vgg16_bn"),
+    "deeplabv3plus_xception": ("deeplabv3plus_xception", {}, "xception65", "inception_v3"),
 }
 
 

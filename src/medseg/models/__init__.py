@@ -1,6 +1,7 @@
 """Networks: the registry, shared blocks, one file per family. Importing this package registers them all."""
 
 from medseg.models import (  # noqa: F401  (registers the networks)
+    deeplab,
     doubleunet,
     enet,
     focusnet,
