@@ -17,9 +17,9 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("name,num_classes,expected,paper", [
-    # SegNet TPAMI 2017 Table 6: "29.5M" (ENet 2016 Table 3: SegNet "29.46M"); our VGG16-BN layers, 2 classes
+    # SegNet TPAMI 2017: "29.5M" (ENet 2016 Table 3: SegNet "29.46M"); our VGG16-BN layers, 2 classes
     ("segnet", 2, 29_444_162, 29.5e6),
-    # LEDNet ICIP 2019 Table 2: "0.94M". The authors' train/lednet.py Net(20) counts 925,663 = ours + its unused
+    # LEDNet ICIP 2019: "0.94M". The authors' train/lednet.py Net(20) counts 925,663 = ours + its unused
     # encoder-only 1x1 classifier 128 -> 20 (2,580): exactly the code; the code itself is 1.5 % under the paper
     ("lednet", 20, 925_663 - 2_580, None),
     # DoubleU-Net CBMS 2020, the authors' Keras model.py: trainable weights of build_model (one sigmoid per U-Net),

@@ -14,13 +14,14 @@ Built from the paper (Table 1, Fig. 1-2) and the authors' code (xiaoyufenfei/LED
   conv of the features (to the classes) and added to a global-pooling branch; every conv is conv-BN-ReLU with bias;
   bilinear x8 (align_corners=True) to the input size.
 Ours, where the code is fixed to Cityscapes: the upsamplings go to the size of the map they are added to (the code's
-h // 4, h // 2, which agree with it at inputs that are multiples of 64), and the final one to the input size (the
+h // 4, h // 2, which agree with it at inputs that are multiples of 32), and the final one to the input size (the
 code's fixed 512 x 1024). With one sigmoid output, the 1x1 branch and the global branch end without ReLU: the
 code's conv-BN-ReLU ends make every score >= 0, a sigmoid probability >= 0.5 everywhere, and nothing could be
 background. The encoder-only classifier of the code's pretraining stage is not built (the network trains end to end).
 
 Parameters (3 in): 923,083 for the code's 20 Cityscapes labels, whose `Net(20)` counts 925,663 = ours + the
-2,580 parameters of that unused encoder-only classifier (1x1 conv 128 -> 20). The paper gives "0.94M" (Table 2):
+2,580 parameters of that unused encoder-only classifier (1x1 conv 128 -> 20); with its weights, our output equals
+the code's at 512 x 1024 to the last bit (checked once). The paper gives "0.94M" in its comparison table:
 the code is 1.5 % under it.
 """
 
