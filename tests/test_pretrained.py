@@ -36,6 +36,11 @@ def files(tmp_path_factory) -> dict[str, Path]:
         torch.save(state, folder / name)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), folder / "resnet50.pth")
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), folder / "resnet34.pth")  # with its fc
+    for vgg in ("vgg16_bn", "vgg19"):  # torchvision's layout; the classifier (unused by the slots) is left out
+        features = getattr(torchvision.models, vgg)(weights=None).features.state_dict()
+        torch.save({f"features.{k}": v for k, v in features.items()}, folder / f"{vgg}.pth")
+    for name in ("inception_v3", "xception65"):
+        torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / f"{name}.pth")
     for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
         save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
@@ -57,6 +62,10 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "fovea_resnet50": ("fovea_unet", {"encoder": "resnet50", **SWAPPED}, "resnet50", "vgg16"),
     "fovea_mobilenet_v2": ("fovea_unet", {"encoder": "mobilenet_v2", **SWAPPED}, "mobilenet_v2", "ghostnet_100"),
     "acsnet": ("acsnet", {}, "resnet34", "resnet50"),
+    "fovea_inception_v3": ("fovea_unet", {"encoder": "inception_v3", **SWAPPED}, "inception_v3", "resnet50"),
+    "segnet": ("segnet", {}, "vgg16_bn", "vgg19"),
+    "doubleunet": ("doubleunet", {}, "vgg19", "vgg16_bn"),
+    "deeplabv3plus_xception": ("deeplabv3plus_xception", {}, "xception65", "inception_v3"),
 }
 BINARY_ONLY = {"acsnet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
 

@@ -2,16 +2,22 @@
 
 from medseg.models import (  # noqa: F401  (registers the networks)
     acsnet,
+    deeplab,
+    doubleunet,
+    enet,
     fcn,
     focusnet,
     fovea_unet,
+    lednet,
     m2snet,
     nested,
     pranet,
     res2net_unets,
     resunetpp,
+    segnet,
     stsnet,
     transunet,
+    triple_unet,
     unet,
     unet_variants,
 )

@@ -32,7 +32,8 @@ paper is silent the choices are ours (marked).
   H-GhostNet = a GhostNet layout with nHSIC; plain GhostNet =
   `nhsic: false`.
 - Ablations by option: `pooling` (Table 4), `boundaries` (Fig. 4), `encoder: vgg16 | resnet50 |
-  mobilenet_v2` with `nhsic: false` (Table 5; smp encoders, F4 kept at 1/8).
+  mobilenet_v2 | inception_v3` with `nhsic: false` (Table 5; smp encoders, Inception-v3 (the paper's ref. 33)
+  through smp's timm-universal encoder, F4 at 1/8).
 
 Other choices where the paper is silent (ours): attention at a working resolution of at most
 32 x 32 (bilinear, align_corners=True) with Z upsampled back; Z = sigmoid(1x1 conv of [z_collect,
@@ -180,20 +181,27 @@ def ghost_card(layout: str) -> EncoderCard:
                        rename=tuple(rename))
 
 
-SWAPPED_ENCODERS = ("vgg16", "resnet50", "mobilenet_v2")  # paper Table 5's other backbones
+SWAPPED_ENCODERS = ("vgg16", "resnet50", "mobilenet_v2", "inception_v3")  # paper Table 5's other backbones
+SMP_NAMES = {"inception_v3": "tu-inception_v3"}  # smp's timm-universal encoder: timm's Inception-v3 (paper ref. 33)
+UNDILATED = ("vgg16", "inception_v3")  # no output-stride-8 form: their 1/16 feature is resized to 1/8
+# Inception-v3's slot: a timm inception_v3 file under smp's timm-universal wrapper (`model.`); fc is unused
+INCEPTION_V3 = EncoderCard(family="timm", name="inception_v3", module="encoder.body",
+                           first_conv="model.Conv2d_1a_3x3.conv.weight", rename=(("", "model."),))
 
 
 class SwappedEncoder(nn.Module):
     """Table 5's backbone swap: an smp encoder (random init or `encoder_weights`) giving four features at
-    1/2, 1/4, 1/8, 1/8: ResNet-50 and MobileNetV2 dilate their 1/16 stage (output stride 8); VGG-16 cannot
-    (max pooling), so its 1/16 feature is resized bilinearly to 1/8 (ours)."""
+    1/2, 1/4, 1/8, 1/8: ResNet-50 and MobileNetV2 dilate their 1/16 stage (output stride 8); VGG-16 and
+    Inception-v3 cannot (smp builds them for stride 32 only), so their 1/16 feature is resized bilinearly to 1/8
+    (ours). Inception-v3's unpadded convs leave its maps a few pixels short of 1/2, 1/4, 1/8 (61, 28, 13 at
+    128 px); the decoder upsamples to each skip's own size and to the input's, so no padding is added (ours)."""
 
     def __init__(self, name: str, in_channels: int = 3):
         super().__init__()
         from segmentation_models_pytorch.encoders import get_encoder
 
-        self.body = get_encoder(name, in_channels=in_channels, depth=4, weights=None,
-                                output_stride=32 if name == "vgg16" else 8)
+        self.body = get_encoder(SMP_NAMES.get(name, name), in_channels=in_channels, depth=4, weights=None,
+                                output_stride=32 if name in UNDILATED else 8)
         self.channels = tuple(self.body.out_channels[1:5])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -272,6 +280,8 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
         """The timm ghostnet_100 slot of a GhostNet layout, else the swapped smp encoder's at `encoder.body`."""
         if options["encoder"] in GHOST_LAYOUTS:
             return ghost_card(options["encoder"])
+        if options["encoder"] == "inception_v3":
+            return INCEPTION_V3
         return smp_encoder_card(options["encoder"], "encoder.body")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
