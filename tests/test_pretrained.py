@@ -39,11 +39,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for vgg in ("vgg16_bn", "vgg19"):  # torchvision's layout; the classifier (unused by the slots) is left out
         features = getattr(torchvision.models, vgg)(weights=None).features.state_dict()
         torch.save({f"features.{k}": v for k, v in features.items()}, folder / f"{vgg}.pth")
-    for name in ("inception_v3", "xception65"):
+    for name in ("inception_v3", "xception65", "vit_base_r50_s16_224"):
         torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / f"{name}.pth")
     for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
         save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
+    # timm's VGG-16 (fcn8s) under another name than smp's vgg16 file; its 1000-class head is left out (unused)
+    timm_vgg = {k: v for k, v in timm.create_model("vgg16", pretrained=False).state_dict().items()
+                if not k.startswith("head.fc")}
+    torch.save(timm_vgg, folder / "timm_vgg16.pth")
     return {path.stem: path for path in folder.iterdir()}
 
 
@@ -66,6 +70,8 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "segnet": ("segnet", {}, "vgg16_bn", "vgg19"),
     "doubleunet": ("doubleunet", {}, "vgg19", "vgg16_bn"),
     "deeplabv3plus_xception": ("deeplabv3plus_xception", {}, "xception65", "inception_v3"),
+    "fcn8s": ("fcn8s", {}, "timm_vgg16", "resnet34"),
+    "transunet": ("transunet", {}, "vit_base_r50_s16_224", "resnet34"),
 }
 BINARY_ONLY = {"acsnet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
 
@@ -274,7 +280,8 @@ def test_weights_list_gives_the_line_that_saves_each_file():
             "(model.encoder_weights)") in out
     assert "torchvision resnet34: acsnet  (model.encoder_weights)" in out
     assert "timm.create_model('res2net50d', pretrained=True).state_dict(), 'res2net50d.pth')" in out
-    assert "smp dpn68: stsnet encoder=dpn68" in out and "get_encoder('dpn68', weights='imagenet')" in out
+    assert "smp dpn68: deeplabv3_stsnet, stsnet encoder=dpn68" in out
+    assert "get_encoder('dpn68', weights='imagenet')" in out
     assert "torchvision vgg16: lossnet  (loss.N.vgg_weights" in out and "vgg16(weights='IMAGENET1K_V1')" in out
 
 
@@ -284,8 +291,9 @@ def test_weights_inspect_reports_what_a_file_fits(files, tmp_path):
     result = run_cli("weights", "inspect", str(files["res2net50d"]), "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
     assert f"{files['res2net50d']}: state dict, 524 tensors" in result.stdout
-    assert ("full match: timm res2net50d (522 tensors; 2 of the file's unused) -> m2snet, msnet with "
-            "model.encoder_weights") in result.stdout
+    assert ("full match: timm res2net50d (522 tensors; 2 of the file's unused) -> attention_unet_res2net50, m2snet, "
+            "msnet, pranet, unet_res2net50, unetpp_res2net50 with model.encoder_weights"
+            ) in " ".join(result.stdout.split())
     report = json.loads((tmp_path / "r.json").read_text())
     assert [m["slot"] for m in report["matches"] if m["status"] == "full"] == ["timm res2net50d"]
     assert report["prefixes"]["layer1"] == 96 and report["format"] == "state dict"
