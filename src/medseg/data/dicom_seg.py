@@ -1,5 +1,5 @@
-"""Writing a predicted label volume as a DICOM Segmentation (SEG) of the series it was predicted from (issue 17,
-item 3: `medseg predict --dicom-seg`).
+"""Writing a predicted label volume as a DICOM Segmentation (SEG) of the series it was predicted from
+(`medseg predict --dicom-seg`).
 
 Standard: DICOM PS3.3 A.51 (Segmentation IOD) and C.8.20 (Segmentation Image module), built with highdicom, which
 copies the patient, study and frame of reference of the source images and lists them in ReferencedSeriesSequence

@@ -1,4 +1,4 @@
-"""`medseg check-data VOLUMES` on a folder of volume pairs (issue 17): the report `check_data` gives a 2D folder,
+"""`medseg check-data VOLUMES` on a folder of volume pairs: the report `check_data` gives a 2D folder,
 for the image / label volumes that `medseg slices`, `predict` and `evaluate --data` read.
 
 The papers train on 2D slices and say nothing about checking volumes; what is checked is what `medseg slices`

@@ -1,4 +1,4 @@
-"""`medseg evaluate RUN --data VOLUMES`: score a run trained on slices on whole volumes, in millimetres (issue 17).
+"""`medseg evaluate RUN --data VOLUMES`: score a run trained on slices on whole volumes, in millimetres.
 
 VOLUMES is a folder of image / label volume pairs as `medseg slices` reads them (`data/volumes.find_pairs`:
 images/ + labels/ of NIfTI, NRRD, MetaImage or DICOM series folders, or nnU-Net's imagesTr/labelsTr). Each image

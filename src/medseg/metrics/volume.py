@@ -1,4 +1,4 @@
-"""Per-volume metrics of 3D label volumes in millimetres: Dice, IoU, HD95 and ASSD per foreground (issue 17).
+"""Per-volume metrics of 3D label volumes in millimetres: Dice, IoU, HD95 and ASSD per foreground.
 
 The papers score 2D slices (STS-Net, Sci. Rep. 2025, Eq. 10-11; ANU-Net, Computers & Graphics 2020, Sec. 4.2)
 and say nothing about whole volumes; the volume protocol here is ours and follows nnU-Net's evaluation (Dice and
