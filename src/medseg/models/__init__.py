@@ -8,6 +8,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     fcn,
     focusnet,
     fovea_unet,
+    infnet,
     lednet,
     m2snet,
     nested,

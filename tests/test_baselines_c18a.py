@@ -1,0 +1,81 @@
+"""More baselines of the seed papers' tables (issue 18, second round): Inf-Net (M2SNet Table 3), CaraNet and
+DenseASPP (STS-Net Table 1). Parameter counts pinned to their sources, forward shapes at a small size, local encoder
+weights, and a short CPU training check per network."""
+
+import pytest
+import timm
+import torch
+
+import medseg
+from medseg.config import load_recipe
+from medseg.errors import MedsegError
+from medseg.losses import build_loss
+
+RES2NET_FC = 2048 * 1000 + 1000  # the Res2Net ImageNet classifier the reference codes build and never call
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(2, size, size, dtype=torch.long)
+    truth[0, size // 8:size // 2, size // 4:size // 2 + 4] = 1
+    truth[1, size // 2:size - 4, 3:size // 3] = 1
+    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
+    return images, truth
+
+
+def _training_lowers_the_recipe_loss(recipe_name: str, size: int = 64, steps: int = 2) -> tuple[float, float]:
+    """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
+    recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
+    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
+    images, truth = _batch(size)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    return losses[0], losses[-1]
+
+
+# Inf-Net: the reference code DengPingFan/Inf-Net Code/model_lung_infection/InfNet_Res2Net.py, Inf_Net(32, 1), has
+# 33,121,721 parameters, of which 2,049,000 are Res2Net's unused ImageNet classifier resnet.fc.
+INFNET_REFERENCE = 33_121_721
+
+
+def test_infnet_parameter_count_is_the_reference_code_less_its_unused_classifier():
+    assert n_params(medseg.create_model("infnet", 3, 1)) == INFNET_REFERENCE - RES2NET_FC == 31_072_721
+
+
+def test_infnet_outputs_edge_guidance_and_local_weights(tmp_path):
+    model = medseg.create_model("infnet", 3, 1)
+    x = torch.randn(2, 3, 64, 96)
+    outputs = model.train()(x)
+    assert isinstance(outputs, list) and len(outputs) == 5  # S2, S3, S4, S_g, edge
+    assert all(o.shape == (2, 1, 64, 96) for o in outputs)
+    with torch.no_grad():
+        assert model.eval()(x[:1]).shape == (1, 1, 64, 96)
+    # the edge guidance (64 ch) is concatenated after each reverse attention's 1x1 reduction
+    assert [ra.inner[0][0].in_channels for ra in model.reverse] == [256 + 64, 64 + 64, 64 + 64]
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("infnet", 3, 2)
+    backbone = timm.create_model("res2net50d", pretrained=False)
+    torch.save(backbone.state_dict(), tmp_path / "res2net50d.pth")
+    loaded = medseg.create_model("infnet", 3, 1, encoder_weights=str(tmp_path / "res2net50d.pth"))
+    assert torch.equal(loaded.encoder.layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
+
+
+def test_infnet_recipe_trains_on_cpu_and_follows_the_codes_schedule():
+    recipe = load_recipe("infnet")
+    assert recipe.train.deep_supervision_weights == [1.0, 1.0, 1.0, 1.0, 0.0]  # no edge target in medseg
+    assert recipe.schedule.milestones == list(range(49, 99)) and recipe.train.epochs == 99  # x0.1 per epoch from 50
+    first, last = _training_lowers_the_recipe_loss("infnet")
+    assert last < first
