@@ -79,3 +79,35 @@ def test_infnet_recipe_trains_on_cpu_and_follows_the_codes_schedule():
     assert recipe.schedule.milestones == list(range(49, 99)) and recipe.train.epochs == 99  # x0.1 per epoch from 50
     first, last = _training_lowers_the_recipe_loss("infnet")
     assert last < first
+
+
+# CaraNet: the reference code AngeLouCN/CaraNet CaraNet.py, caranet(), has 46,642,560 parameters, STS-Net Table 1's
+# "46.64" M; 2,049,000 of them are Res2Net-101's unused ImageNet classifier resnet.fc.
+CARANET_REFERENCE = 46_642_560
+
+
+def test_caranet_parameter_count_is_the_reference_code_and_sts_nets_table_less_the_unused_classifier():
+    model = medseg.create_model("caranet", 3, 1)
+    assert n_params(model) == CARANET_REFERENCE - RES2NET_FC == 44_593_560
+    assert round(CARANET_REFERENCE / 1e6, 2) == 46.64  # STS-Net Table 1
+
+
+def test_caranet_outputs_context_module_and_axial_attention():
+    from medseg.models.caranet import AxialSelfAttention, ContextModule
+
+    model = medseg.create_model("caranet", 3, 1)
+    outputs = model.train()(torch.randn(2, 3, 64, 96))
+    assert len(outputs) == 4 and all(o.shape == (2, 1, 64, 96) for o in outputs)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    context = ContextModule(32, 8)
+    assert [branch[0][0].dilation[0] for branch in context.branches] == [1, 3, 5, 9]  # code: d = 8
+    x = torch.randn(1, 32, 4, 6)
+    assert torch.equal(AxialSelfAttention(32, "w")(x), x)  # gamma starts at 0: the identity
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("caranet", 3, 2)
+
+
+def test_caranet_recipe_trains_on_cpu():
+    first, last = _training_lowers_the_recipe_loss("caranet")
+    assert last < first
