@@ -111,3 +111,41 @@ def test_caranet_outputs_context_module_and_axial_attention():
 def test_caranet_recipe_trains_on_cpu():
     first, last = _training_lowers_the_recipe_loss("caranet")
     assert last < first
+
+
+# DenseASPP: the reference code DeepMotionAIResearch/DenseASPP models/DenseASPP.py with cfgs/DenseASPP121.py has
+# 8,265,857 parameters for one output and 8,280,851 for its 19 Cityscapes classes. (STS-Net Table 1's 46.15 M matches
+# none of the authors' configurations.)
+def test_denseaspp_parameter_count_matches_the_reference_code():
+    assert n_params(medseg.create_model("denseaspp", 3, 1)) == 8_265_857
+    assert n_params(medseg.create_model("denseaspp", 3, 19)) == 8_280_851
+
+
+def test_denseaspp_is_dilated_to_stride_8_loads_densenet121_and_trains(tmp_path):
+    model = medseg.create_model("denseaspp", 3, 2)
+    with torch.no_grad():
+        assert model.encoder(torch.randn(1, 3, 64, 96)).shape == (1, 1024, 8, 12)  # output stride 8
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 2, 64, 96)
+    assert [layer[-2].dilation[0] for layer in model.aspp] == [3, 6, 12, 18, 24]
+    import torchvision
+
+    densenet = torchvision.models.densenet121(weights=None)
+    torch.save(densenet.state_dict(), tmp_path / "densenet121.pth")
+    loaded = medseg.create_model("denseaspp", 1, 1, encoder_weights=str(tmp_path / "densenet121.pth"))
+    assert torch.equal(loaded.encoder.denseblock4.denselayer16.conv2.weight,
+                       densenet.features.denseblock4.denselayer16.conv2.weight)
+    assert loaded.encoder.conv0.weight.shape[1] == 1
+    assert "features.norm5.weight" in loaded.load_reports[0].unused  # DenseASPP's norm5 follows its own transition
+    torch.manual_seed(0)
+    model = medseg.create_model("denseaspp", 3, 1).train()
+    criterion = build_loss([{"name": "bce"}, {"name": "dice"}])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    images, truth = _batch(32)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

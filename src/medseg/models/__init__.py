@@ -4,6 +4,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     acsnet,
     caranet,
     deeplab,
+    denseaspp,
     doubleunet,
     enet,
     fcn,
