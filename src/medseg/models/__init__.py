@@ -2,12 +2,15 @@
 
 from medseg.models import (  # noqa: F401  (registers the networks)
     acsnet,
+    caranet,
     deeplab,
+    denseaspp,
     doubleunet,
     enet,
     fcn,
     focusnet,
     fovea_unet,
+    infnet,
     lednet,
     m2snet,
     nested,
