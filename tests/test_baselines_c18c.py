@@ -1,0 +1,80 @@
+"""More baselines of M2SNet's tables (seed 001, Tables 3-4): BCS-Net, NU-Net, SK-U-Net. Parameter counts pinned to
+their reference code, forward shapes at a small size, and a short CPU training check per network."""
+
+import pytest
+import timm
+import torch
+
+import medseg
+from medseg.config import load_recipe
+from medseg.errors import MedsegError
+from medseg.losses import build_loss
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(2, size, size, dtype=torch.long)
+    truth[0, size // 8:size // 2, size // 4:3 * size // 4] = 1
+    truth[1, size // 2:7 * size // 8, size // 8:size // 2] = 1
+    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
+    return images, truth
+
+
+def _recipe_training_losses(recipe_name: str, size: int, steps: int = 3) -> list[float]:
+    """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
+    recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
+    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
+    images, truth = _batch(size)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    return losses
+
+
+# BCS-Net: rmcong/BCS-Net-TIM22 (BCS-NET.zip, module/network.py), BCS_Net() has 48,644,127 parameters, including the
+# Res2Net classifier (2048 * 1000 + 1000) and three AttentionFusion modules (1,772,544) that its forward never calls.
+# Loaded into bcsnet by name, the reference weights give equal outputs (checked when the network was built).
+BCSNET_REFERENCE, RES2NET_FC, UNUSED_FUSION = 48_644_127, 2048 * 1000 + 1000, 1_772_544
+
+
+def test_bcsnet_parameter_count_is_the_reference_code_less_its_unused_modules():
+    model = medseg.create_model("bcsnet", 3, 1)
+    assert n_params(model) == BCSNET_REFERENCE - RES2NET_FC - UNUSED_FUSION == 44_822_583
+    assert n_params(model.encoder) == 23_669_352  # Res2Net-50-v1b without its classifier
+
+
+def test_bcsnet_four_supervised_maps_in_training_and_one_in_eval(tmp_path):
+    from medseg.models.bcsnet import GlobalContext
+
+    model = medseg.create_model("bcsnet", 3, 1)
+    x = torch.randn(2, 3, 64, 96)
+    outputs = model.train()(x)
+    assert isinstance(outputs, list) and [o.shape for o in outputs] == [(2, 1, 64, 96)] * 4
+    with torch.no_grad():
+        assert model.eval()(x[:1]).shape == (1, 1, 64, 96)
+    features = torch.randn(1, 16, 4, 4)
+    assert torch.equal(GlobalContext(16).eval()(features), features)  # delta starts at 0: the identity
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("bcsnet", 3, 2)
+    backbone = timm.create_model("res2net50d", pretrained=False)
+    torch.save(backbone.state_dict(), tmp_path / "res2net50d.pth")
+    loaded = medseg.create_model("bcsnet", 1, 1, encoder_weights=str(tmp_path / "res2net50d.pth"))
+    assert torch.equal(loaded.encoder.layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
+    assert loaded.encoder.conv1[0].weight.shape[1] == 1
+
+
+def test_bcsnet_recipe_trains_on_cpu():
+    losses = _recipe_training_losses("bcsnet", size=32, steps=2)
+    assert losses[-1] < losses[0]
