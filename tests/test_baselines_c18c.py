@@ -78,3 +78,29 @@ def test_bcsnet_four_supervised_maps_in_training_and_one_in_eval(tmp_path):
 def test_bcsnet_recipe_trains_on_cpu():
     losses = _recipe_training_losses("bcsnet", size=32, steps=2)
     assert losses[-1] < losses[0]
+
+
+# NU-Net: CGPxy/NU-net model_net.py `deep_unet7` (Keras); its trainable weights (Conv2D kernels and biases, BN gamma and
+# beta) come to 77,052,833, the 51 ConvBlocks + three 32-channel shortcuts + the 1x1 head counted layer by layer.
+def _keras_conv_block(c_in: int, c_out: int) -> int:
+    return 9 * c_in * c_out + c_out + 2 * c_out + 9 * c_out * c_out + c_out + 2 * c_out
+
+
+def test_nunet_parameter_count_matches_the_keras_layers():
+    blocks = [(3, 64), (64, 128), (160, 128), (128, 256), (288, 256), (256, 512), (544, 512), (512, 1024)]  # Conv1-8
+    blocks += [(64, 64)] * 6 + [(128, 128)] * 5 + [(128, 128)] * 4 + [(256, 256)] * 3 + [(256, 256)] * 2 + [(512, 512)]
+    blocks += [(256, 256)] * 3 + [(128, 128)] * 7 + [(64, 64)] * 5  # updata2 .. updata10
+    blocks += [(2880, 512), (1536, 512), (1024, 256), (768, 256), (512, 128), (384, 128), (256, 64)]  # up1 .. up7
+    shortcuts = sum(9 * c * 32 + 32 + 2 * 32 for c in (64, 128, 256))
+    keras_total = sum(_keras_conv_block(i, o) for i, o in blocks) + shortcuts + 64 + 1
+    assert n_params(medseg.create_model("nunet", 3, 1)) == keras_total == 77_052_833
+
+
+def test_nunet_forward_and_recipe_training_on_cpu():
+    model = medseg.create_model("nunet", 3, 2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 256)).shape == (1, 2, 128, 256)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        model(torch.randn(1, 3, 64, 128))
+    losses = _recipe_training_losses("nunet", size=128, steps=2)
+    assert losses[-1] < losses[0]

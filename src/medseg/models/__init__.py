@@ -12,6 +12,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     lednet,
     m2snet,
     nested,
+    nunet,
     pranet,
     res2net_unets,
     resunetpp,
