@@ -104,3 +104,50 @@ def test_nunet_forward_and_recipe_training_on_cpu():
         model(torch.randn(1, 3, 64, 128))
     losses = _recipe_training_losses("nunet", size=128, steps=2)
     assert losses[-1] < losses[0]
+
+
+# SK-U-Net: mbyr/bus_seg seg_lib.py `selective_unet()`, defaults (filters 16, compression 0.5, one gray channel);
+# its Keras trainable weights counted layer by layer: 3,934,977.
+def _keras_selective_layer(c_in: int, c_out: int) -> int:
+    hidden = c_out // 2
+    convs = 2 * (9 * c_in * c_out + c_out + 2 * c_out)  # dilated and plain 3x3 conv + BN
+    return convs + c_out * hidden + hidden + 2 * hidden + hidden * c_out + c_out  # Dense, BN, Dense
+
+
+def test_skunet_parameter_count_matches_the_keras_layers():
+    widths, inputs = [16, 32, 64, 128, 256], [1, 16, 32, 64, 128]
+    total = sum(_keras_selective_layer(i, w) + _keras_selective_layer(w, w) for i, w in zip(inputs, widths))
+    rising = widths[::-1]
+    total += sum(4 * i * o + o + _keras_selective_layer(2 * o, o) + _keras_selective_layer(o, o)
+                 for i, o in zip(rising, rising[1:]))
+    total += 16 + 1  # the 1x1 sigmoid head
+    assert n_params(medseg.create_model("skunet", 1, 1)) == total == 3_934_977
+
+
+def test_skunet_selects_between_its_two_receptive_fields_and_trains_on_cpu():
+    from medseg.models.skunet import SelectiveKernel
+
+    unit = SelectiveKernel(3, 4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        dilated, plain, mixed = unit.dilated(x), unit.plain(x), unit(x)
+    low, high = torch.minimum(dilated, plain), torch.maximum(dilated, plain)
+    assert torch.all(mixed >= low - 1e-6) and torch.all(mixed <= high + 1e-6)  # a convex mix of the two branches
+    model = medseg.create_model("skunet", 1, 1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 96)).shape == (1, 1, 64, 96)
+    recipe = load_recipe("skunet")
+    assert recipe.model.in_channels == 1 and recipe.data.size in (224, (224, 224))
+    torch.manual_seed(0)
+    model = medseg.create_model("skunet", 3, 1).train()
+    criterion = build_loss(recipe.to_dict()["loss"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
+    images, truth = _batch(64)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -17,6 +17,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     res2net_unets,
     resunetpp,
     segnet,
+    skunet,
     stsnet,
     transunet,
     triple_unet,
