@@ -1,7 +1,9 @@
 """Networks: the registry, shared blocks, one file per family. Importing this package registers them all."""
 
 from medseg.models import (  # noqa: F401  (registers the networks)
+)
     acsnet,
+    bcsnet,
     caranet,
     deeplab,
     denseaspp,
@@ -14,10 +16,12 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     lednet,
     m2snet,
     nested,
+    nunet,
     pranet,
     res2net_unets,
     resunetpp,
     segnet,
+    skunet,
     stsnet,
     transunet,
     triple_unet,
