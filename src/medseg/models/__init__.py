@@ -1,10 +1,10 @@
 """Networks: the registry, shared blocks, one file per family. Importing this package registers them all."""
 
 from medseg.models import (  # noqa: F401  (registers the networks)
-)
     acsnet,
     bcsnet,
     caranet,
+    centroidnet,
     deeplab,
     denseaspp,
     doubleunet,
