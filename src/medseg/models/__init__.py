@@ -20,6 +20,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     triple_unet,
     unet,
     unet_variants,
+    utnet,
 )
 from medseg.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 from medseg.models.saving import load_model, save_model
