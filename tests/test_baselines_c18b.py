@@ -1,5 +1,6 @@
-"""Second round of the seed papers' baselines (issue 18): UTNet (M2SNet Tables 1-6). Parameter counts pinned to
-their sources, forward shapes at a small size, and a short CPU training check with each network's own recipe."""
+"""Second round of the seed papers' baselines (issue 18): UTNet (M2SNet Tables 1-6), I2U-Net (STS-Net Table 1).
+Parameter counts pinned to their sources, forward shapes at a small size, and a short CPU training check with each
+network's own recipe."""
 
 import pytest
 import torch
@@ -83,4 +84,43 @@ def test_utnet_relative_position_bias_depends_only_on_the_offset():
 
 def test_utnet_recipe_trains_on_cpu():
     losses = _recipe_training_losses("utnet", size=128, steps=2, base_channels=8)
+    assert losses[-1] < losses[0]
+
+
+# I2U-Net: the authors' code (duweidai/I2U-Net Models/I2U_Net.py) gives I2U_Net_M(classes=1, channels=3) 27,494,133
+# parameters, STS-Net Table 1's "27.49M"; it includes two modules its forward never calls, the encoder's classifier
+# fc (Linear(512 + 32, 1000)) and bn2 (BatchNorm2d(32)), which medseg leaves out.
+I2UNET_REFERENCE, I2UNET_UNUSED = 27_494_133, (544 * 1000 + 1000) + 2 * 32
+
+
+def test_i2unet_parameter_count_is_the_reference_code_less_its_unused_modules():
+    assert n_params(medseg.create_model("i2unet", 3, 1)) == I2UNET_REFERENCE - I2UNET_UNUSED == 26_949_069
+    assert abs(I2UNET_REFERENCE / 27.49e6 - 1) < 0.01  # STS-Net Table 1
+
+
+def test_i2unet_forward_shape_and_minimum_size():
+    model = medseg.create_model("i2unet", 3, 2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 160)).shape == (1, 2, 128, 160)
+    with pytest.raises(ValueError, match="at least 128"):
+        model(torch.randn(1, 3, 96, 128))  # the centre pools the 1/32 map 4 x 4
+
+
+def test_i2unet_centre_starts_as_the_identity_and_dropblock_acts_in_training_only():
+    from medseg.models.i2unet import DropBlock, HybridFusion
+
+    fusion = HybridFusion(16).eval()
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(fusion(x), x)  # zero-initialised output conv (code: W = 0)
+    drop = DropBlock()
+    ones = torch.ones(4, 3, 16, 16)
+    assert torch.equal(drop.eval()(ones), ones)
+    torch.manual_seed(0)
+    dropped = drop.train()(ones)
+    assert (dropped == 0).any() and abs(dropped.mean().item() - 1) < 1e-5  # rescaled by the kept fraction
+
+
+def test_i2unet_recipe_trains_on_cpu():
+    losses = _recipe_training_losses("i2unet", size=128, steps=3)
     assert losses[-1] < losses[0]

@@ -8,6 +8,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     fcn,
     focusnet,
     fovea_unet,
+    i2unet,
     lednet,
     m2snet,
     nested,
