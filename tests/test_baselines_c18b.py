@@ -1,13 +1,15 @@
-"""Second round of the seed papers' baselines (issue 18): UTNet (M2SNet Tables 1-6), I2U-Net (STS-Net Table 1).
-Parameter counts pinned to their sources, forward shapes at a small size, and a short CPU training check with each
-network's own recipe."""
+"""Second round of the seed papers' baselines (issue 18): UTNet (M2SNet Tables 1-6), I2U-Net and UM-Net (STS-Net
+Table 1). Parameter counts pinned to their sources, forward shapes at a small size, and a short CPU training check
+(with the network's own recipe where it has one)."""
 
 import pytest
 import torch
+import torchvision
 
 import medseg
 from medseg.config import load_recipe
 from medseg.engine.optim import build_optimizer
+from medseg.errors import MedsegError
 from medseg.losses import build_loss
 
 
@@ -122,5 +124,60 @@ def test_i2unet_centre_starts_as_the_identity_and_dropblock_acts_in_training_onl
 
 
 def test_i2unet_recipe_trains_on_cpu():
-    losses = _recipe_training_losses("i2unet", size=128, steps=3)
+    losses = _recipe_training_losses("i2unet", size=128, steps=2)
+    assert losses[-1] < losses[0]
+
+
+# UM-Net: the authors' code (dxqllp/UM-Net UM-Net.py, modules.py; its class name "UM-Net" is not valid Python, counted
+# as UMNet) gives UM-Net(1) 22,789,266 parameters, STS-Net Table 1's "22.78M"; medseg leaves out the two modules its
+# forward never reaches or that nothing supervises publicly: the 1/32 ALGM's cascade conv-BN (64*64*9 + 64 + 2*64)
+# and the contour head line_predict (64*9 + 1).
+UMNET_REFERENCE, UMNET_LEFT_OUT = 22_789_266, (64 * 64 * 9 + 64 + 2 * 64) + (64 * 9 + 1)
+
+
+def test_umnet_parameter_count_is_the_reference_code_less_its_unreached_modules():
+    assert n_params(medseg.create_model("umnet", 3, 1)) == UMNET_REFERENCE - UMNET_LEFT_OUT == 22_751_633
+    assert abs(UMNET_REFERENCE / 22.78e6 - 1) < 0.01  # STS-Net Table 1
+
+
+def test_umnet_deep_supervision_local_weights_and_limits(tmp_path):
+    model = medseg.create_model("umnet", 3, 1)
+    outputs = model.train()(torch.randn(2, 3, 64, 96))
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6)]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    loaded = medseg.create_model("umnet", 1, 1, encoder_weights=str(tmp_path / "resnet34.pth"))
+    assert loaded.encoder.conv1.weight.shape[1] == 1 and "fc.weight" in loaded.load_reports[0].unused
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("umnet", 3, 2)
+    with pytest.raises(ValueError, match="at least 64 px"):
+        model(torch.randn(1, 3, 32, 64))
+
+
+def test_umnet_reverse_guidance_ignores_confident_foreground():
+    from medseg.models.umnet import ReverseContextGuidance
+
+    guidance = ReverseContextGuidance().eval()
+    feature, contour = torch.randn(1, 64, 8, 8), torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        certain = guidance(torch.full((1, 1, 8, 8), 50.0), contour, feature)  # 1 - sigmoid = 0: no reverse term
+        reference = guidance(torch.full((1, 1, 8, 8), 50.0), contour, torch.zeros_like(feature)) + feature
+    assert torch.allclose(certain, reference, atol=1e-5)
+
+
+def test_umnet_trains_on_cpu():
+    # no recipe: the repository has no training script (ours: BCE + Dice on the main and side outputs, Adam 1e-4)
+    torch.manual_seed(0)
+    model = medseg.create_model("umnet", 3, 1).train()
+    criterion = build_loss([{"name": "bce"}, {"name": "dice"}], [1.0] * 5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images, truth = _batch(64, 2)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     assert losses[-1] < losses[0]

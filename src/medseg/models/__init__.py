@@ -19,6 +19,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     stsnet,
     transunet,
     triple_unet,
+    umnet,
     unet,
     unet_variants,
     utnet,
