@@ -31,7 +31,8 @@ Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (seed 003), pinned d
 Parameters (3 in, 1 out): 22,751,633 = the reference code's UM-Net(1) count 22,789,266 (STS-Net Table 1: 22.78M;
 the code's class name "UM-Net" is not valid Python, counted as UMNet) less two modules its forward never reaches:
 the 1/32 ALGM's cascade conv-BN (37,056; that module is not cascaded) and the contour head (577).
-Inputs: multiples of 32, at least 64 px (the 1/32 non-local block pools 2 x 2).
+Inputs: multiples of 32, at least 64 px (the 1/32 non-local block pools 2 x 2). Checked against the reference code
+(its weights copied across, eval mode): sigmoid of the main output equals the code's to 6e-8 at 128 x 160.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ and its tables name the backbone "R-50 + ViT-B16" (the TransUNet entry's); no co
 gives 34.0M (UTNet with base_chan 32: 10.0M, base_chan 64: 40.0M; the code's ResNet50-UTNet: 29.2M), so medseg
 pins the reference code's own count and reports the difference.
 
+Checked against the reference code (weights copied across, dropout off): the four outputs are equal at 256 x 256.
+The code resizes keys / values only when the map's height differs from 8, so a 1/16 map of 8 x 16 fails there;
+medseg resizes whenever the map is not 8 x 8 (ours), which is the same on square inputs.
+
 Inputs: the relative position bias repeats its 8 x 8 table by whole cells, so every attention level (down to 1/16)
 must be a multiple of 8: H and W multiples of 128 (the code crops 256 x 256).
 """
