@@ -12,6 +12,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     fcn,
     focusnet,
     fovea_unet,
+    i2unet,
     infnet,
     lednet,
     m2snet,
@@ -25,8 +26,10 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     stsnet,
     transunet,
     triple_unet,
+    umnet,
     unet,
     unet_variants,
+    utnet,
 )
 from medseg.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 from medseg.models.saving import load_model, save_model

@@ -1,0 +1,183 @@
+"""Second round of the seed papers' baselines (issue 18): UTNet (M2SNet Tables 1-6), I2U-Net and UM-Net (STS-Net
+Table 1). Parameter counts pinned to their sources, forward shapes at a small size, and a short CPU training check
+(with the network's own recipe where it has one)."""
+
+import pytest
+import torch
+import torchvision
+
+import medseg
+from medseg.config import load_recipe
+from medseg.engine.optim import build_optimizer
+from medseg.errors import MedsegError
+from medseg.losses import build_loss
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _batch(size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    truth = torch.zeros(2, size, size, dtype=torch.long)
+    truth[0, size // 8: size // 2, size // 4: 3 * size // 4] = num_classes - 1
+    truth[1, size // 2: 7 * size // 8, size // 8: size // 2] = num_classes - 1
+    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * (truth[:, None] > 0).float()  # learnable signal
+    return images, truth
+
+
+def _recipe_training_losses(recipe_name: str, size: int, steps: int = 3, **narrower: int) -> list[float]:
+    """A few steps of the recipe's own optimiser, loss and deep-supervision weights on one tiny batch
+    (`narrower`: width options overridden so the check stays short on two busy cores)."""
+    recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    options = {**recipe.model.options(), **narrower}
+    model = medseg.create_model(recipe.model.name, 3, recipe.model.num_classes, **options).train()
+    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
+    optimizer = build_optimizer(model, recipe.optim)
+    images, truth = _batch(size, recipe.model.num_classes)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    return losses
+
+
+# UTNet: counted on the authors' code (yhygao/UTNet model/utnet.py) with train_deep.py's settings and the README's
+# default command: UTNet(1, 32, 4, reduce_size=8, block_list='1234', num_blocks=[1,1,1,1], num_heads=[4,4,4,4],
+# aux_loss=True) = 10,020,304; UTNet(3, 32, 1, ...) = 10,019,500. M2SNet's Table 6 says 34.0M for its UTNet, which
+# no configuration of the reference code gives (base_chan 64: 39,955,628; ResNet50-UTNet: 29,219,329).
+def test_utnet_parameter_count_matches_the_reference_code():
+    assert n_params(medseg.create_model("utnet", 1, 4)) == 10_020_304
+    assert n_params(medseg.create_model("utnet", 3, 1)) == 10_019_500
+    without_side_heads = medseg.create_model("utnet", 1, 4, deep_supervision=False)
+    assert n_params(without_side_heads) == 10_020_304 - (256 + 128 + 64 + 3) * 4  # code: aux_loss=False
+
+
+def test_utnet_deep_supervision_in_training_and_one_map_in_eval():
+    model = medseg.create_model("utnet", 3, 2, base_channels=8)  # narrow: the layout is the same, the test faster
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        outputs = model.train()(x)
+        assert isinstance(outputs, list) and len(outputs) == 4
+        assert all(o.shape == (1, 2, 128, 256) for o in outputs)
+        assert model.eval()(x).shape == (1, 2, 128, 256)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        model(torch.randn(1, 3, 64, 64))  # the 1/16 level must hold whole 8 x 8 cells of the position bias
+
+
+def test_utnet_relative_position_bias_depends_only_on_the_offset():
+    from medseg.models.utnet import RelativePositionBias
+
+    bias = RelativePositionBias(heads=2, size=4)(4, 4)[0]  # (heads, 16 queries, 16 keys) on a 4 x 4 grid
+    cell = lambda r, c: 4 * r + c  # noqa: E731
+    assert torch.equal(bias[:, cell(0, 0), cell(1, 2)], bias[:, cell(2, 1), cell(3, 3)])  # offset (+1, +2)
+    assert not torch.equal(bias[:, cell(0, 0), cell(1, 2)], bias[:, cell(0, 0), cell(2, 1)])
+    upsampled = RelativePositionBias(heads=2, size=4)
+    upsampled.table = RelativePositionBias(heads=2, size=4).table
+    big = upsampled(8, 8)[0]  # an 8 x 8 map: each 2 x 2 block of queries reads its cell's row
+    small = upsampled(4, 4)[0]
+    assert torch.equal(big[:, 8 * 3 + 5], small[:, cell(1, 2)])
+
+
+def test_utnet_recipe_trains_on_cpu():
+    losses = _recipe_training_losses("utnet", size=128, steps=2, base_channels=8)
+    assert losses[-1] < losses[0]
+
+
+# I2U-Net: the authors' code (duweidai/I2U-Net Models/I2U_Net.py) gives I2U_Net_M(classes=1, channels=3) 27,494,133
+# parameters, STS-Net Table 1's "27.49M"; it includes two modules its forward never calls, the encoder's classifier
+# fc (Linear(512 + 32, 1000)) and bn2 (BatchNorm2d(32)), which medseg leaves out.
+I2UNET_REFERENCE, I2UNET_UNUSED = 27_494_133, (544 * 1000 + 1000) + 2 * 32
+
+
+def test_i2unet_parameter_count_is_the_reference_code_less_its_unused_modules():
+    assert n_params(medseg.create_model("i2unet", 3, 1)) == I2UNET_REFERENCE - I2UNET_UNUSED == 26_949_069
+    assert abs(I2UNET_REFERENCE / 27.49e6 - 1) < 0.01  # STS-Net Table 1
+
+
+def test_i2unet_forward_shape_and_minimum_size():
+    model = medseg.create_model("i2unet", 3, 2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 160)).shape == (1, 2, 128, 160)
+    with pytest.raises(ValueError, match="at least 128"):
+        model(torch.randn(1, 3, 96, 128))  # the centre pools the 1/32 map 4 x 4
+
+
+def test_i2unet_centre_starts_as_the_identity_and_dropblock_acts_in_training_only():
+    from medseg.models.i2unet import DropBlock, HybridFusion
+
+    fusion = HybridFusion(16).eval()
+    x = torch.randn(1, 16, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(fusion(x), x)  # zero-initialised output conv (code: W = 0)
+    drop = DropBlock()
+    ones = torch.ones(4, 3, 16, 16)
+    assert torch.equal(drop.eval()(ones), ones)
+    torch.manual_seed(0)
+    dropped = drop.train()(ones)
+    assert (dropped == 0).any() and abs(dropped.mean().item() - 1) < 1e-5  # rescaled by the kept fraction
+
+
+def test_i2unet_recipe_trains_on_cpu():
+    losses = _recipe_training_losses("i2unet", size=128, steps=2)
+    assert losses[-1] < losses[0]
+
+
+# UM-Net: the authors' code (dxqllp/UM-Net UM-Net.py, modules.py; its class name "UM-Net" is not valid Python, counted
+# as UMNet) gives UM-Net(1) 22,789,266 parameters, STS-Net Table 1's "22.78M"; medseg leaves out the two modules its
+# forward never reaches or that nothing supervises publicly: the 1/32 ALGM's cascade conv-BN (64*64*9 + 64 + 2*64)
+# and the contour head line_predict (64*9 + 1).
+UMNET_REFERENCE, UMNET_LEFT_OUT = 22_789_266, (64 * 64 * 9 + 64 + 2 * 64) + (64 * 9 + 1)
+
+
+def test_umnet_parameter_count_is_the_reference_code_less_its_unreached_modules():
+    assert n_params(medseg.create_model("umnet", 3, 1)) == UMNET_REFERENCE - UMNET_LEFT_OUT == 22_751_633
+    assert abs(UMNET_REFERENCE / 22.78e6 - 1) < 0.01  # STS-Net Table 1
+
+
+def test_umnet_deep_supervision_local_weights_and_limits(tmp_path):
+    model = medseg.create_model("umnet", 3, 1)
+    outputs = model.train()(torch.randn(2, 3, 64, 96))
+    assert [tuple(o.shape[-2:]) for o in outputs] == [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6)]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 1, 64, 96)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "resnet34.pth")
+    loaded = medseg.create_model("umnet", 1, 1, encoder_weights=str(tmp_path / "resnet34.pth"))
+    assert loaded.encoder.conv1.weight.shape[1] == 1 and "fc.weight" in loaded.load_reports[0].unused
+    with pytest.raises(MedsegError, match="binary only"):
+        medseg.create_model("umnet", 3, 2)
+    with pytest.raises(ValueError, match="at least 64 px"):
+        model(torch.randn(1, 3, 32, 64))
+
+
+def test_umnet_reverse_guidance_ignores_confident_foreground():
+    from medseg.models.umnet import ReverseContextGuidance
+
+    guidance = ReverseContextGuidance().eval()
+    feature, contour = torch.randn(1, 64, 8, 8), torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        certain = guidance(torch.full((1, 1, 8, 8), 50.0), contour, feature)  # 1 - sigmoid = 0: no reverse term
+        reference = guidance(torch.full((1, 1, 8, 8), 50.0), contour, torch.zeros_like(feature)) + feature
+    assert torch.allclose(certain, reference, atol=1e-5)
+
+
+def test_umnet_trains_on_cpu():
+    # no recipe: the repository has no training script (ours: BCE + Dice on the main and side outputs, Adam 1e-4)
+    torch.manual_seed(0)
+    model = medseg.create_model("umnet", 3, 1).train()
+    criterion = build_loss([{"name": "bce"}, {"name": "dice"}], [1.0] * 5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    images, truth = _batch(64, 2)
+    losses = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss, _ = criterion(model(images), truth)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
