@@ -35,11 +35,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     for name, state in states.items():
         torch.save(state, folder / name)
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), folder / "resnet50.pth")
+    torch.save(torchvision.models.densenet121(weights=None).state_dict(), folder / "densenet121.pth")  # with its fc
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), folder / "resnet34.pth")  # with its fc
     for vgg in ("vgg16_bn", "vgg19"):  # torchvision's layout; the classifier (unused by the slots) is left out
         features = getattr(torchvision.models, vgg)(weights=None).features.state_dict()
         torch.save({f"features.{k}": v for k, v in features.items()}, folder / f"{vgg}.pth")
-    for name in ("inception_v3", "xception65", "vit_base_r50_s16_224"):
+    for name in ("inception_v3", "xception65", "vit_base_r50_s16_224", "res2net101d"):
         torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / f"{name}.pth")
     for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
@@ -72,8 +73,10 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "deeplabv3plus_xception": ("deeplabv3plus_xception", {}, "xception65", "inception_v3"),
     "fcn8s": ("fcn8s", {}, "timm_vgg16", "resnet34"),
     "transunet": ("transunet", {}, "vit_base_r50_s16_224", "resnet34"),
+    "caranet": ("caranet", {}, "res2net101d", "res2net50d"),
+    "denseaspp": ("denseaspp", {}, "densenet121", "resnet34"),
 }
-BINARY_ONLY = {"acsnet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
+BINARY_ONLY = {"acsnet", "caranet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
 
 
 def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
@@ -276,9 +279,9 @@ def test_weights_list_gives_the_line_that_saves_each_file():
     result = run_cli("weights", "list")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert ("timm res2net50d: attention_unet_res2net50, m2snet, msnet, pranet, unet_res2net50, unetpp_res2net50  "
-            "(model.encoder_weights)") in out
-    assert "torchvision resnet34: acsnet  (model.encoder_weights)" in out
+    assert ("timm res2net50d: attention_unet_res2net50, bcsnet, infnet, m2snet, msnet, pranet, unet_res2net50, "
+            "unetpp_res2net50  (model.encoder_weights)") in out
+    assert "torchvision resnet34: acsnet, umnet  (model.encoder_weights)" in out
     assert "timm.create_model('res2net50d', pretrained=True).state_dict(), 'res2net50d.pth')" in out
     assert "smp dpn68: deeplabv3_stsnet, stsnet encoder=dpn68" in out
     assert "get_encoder('dpn68', weights='imagenet')" in out
@@ -291,8 +294,8 @@ def test_weights_inspect_reports_what_a_file_fits(files, tmp_path):
     result = run_cli("weights", "inspect", str(files["res2net50d"]), "--json", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
     assert f"{files['res2net50d']}: state dict, 524 tensors" in result.stdout
-    assert ("full match: timm res2net50d (522 tensors; 2 of the file's unused) -> attention_unet_res2net50, m2snet, "
-            "msnet, pranet, unet_res2net50, unetpp_res2net50 with model.encoder_weights"
+    assert ("full match: timm res2net50d (522 tensors; 2 of the file's unused) -> attention_unet_res2net50, bcsnet, "
+            "infnet, m2snet, msnet, pranet, unet_res2net50, unetpp_res2net50 with model.encoder_weights"
             ) in " ".join(result.stdout.split())
     report = json.loads((tmp_path / "r.json").read_text())
     assert [m["slot"] for m in report["matches"] if m["status"] == "full"] == ["timm res2net50d"]
