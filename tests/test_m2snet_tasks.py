@@ -186,8 +186,9 @@ def test_the_busi_study_runs_m2snet_msnet_and_the_baselines_over_four_disjoint_f
     study, base = read_study("m2snet-table4", data=[str(phantom)])
     plan = plan_study(study, base, tmp_path)
     assert plan.protocol == "paper" and plan.reference == "unet"
-    assert {c.model for c in plan.cells} == {"unet", "unetpp", "attention_unet", "msnet", "m2snet"}
-    assert sorted({c.fold for c in plan.cells}) == [0, 1, 2, 3] and len(plan.cells) == 5 * 4
+    models = {"unet", "unetpp", "attention_unet", "transunet", "utnet", "skunet", "nunet", "msnet", "m2snet"}
+    assert {c.model for c in plan.cells} == models
+    assert sorted({c.fold for c in plan.cells}) == [0, 1, 2, 3] and len(plan.cells) == len(models) * 4
     recipes = {c.model: plan.jobs[c.run].recipe for c in plan.cells}
     assert recipes["msnet"]["model"]["name"] == "msnet" and recipes["m2snet"]["model"]["name"] == "m2snet"
     assert recipes["m2snet"]["train"]["epochs"] == 100 and recipes["msnet"]["eval"]["protocol"] == "paper"
