@@ -1,4 +1,4 @@
-"""M2SNet's losses (Zhao et al., arXiv:2303.10894, Sec. 3.2, Eq. 4-6, and the authors' code: train.py,
+"""M2SNet's losses (arXiv:2303.10894, Sec. 3.2, Eq. 4-6, and the authors' code: train.py,
 model/miccai_msnet.py): `structure` and `lossnet`.
 
 `structure` = weighted IoU + weighted BCE (the PraNet / F3Net "structure loss"). Boundary weights

@@ -1,5 +1,5 @@
 """Edge distance of layered structures (OCT retinal layers): the mean Euclidean distance (MED) that GOALS 2022
-reports beside Dice, as M2SNet's Table 5 does (Zhao et al., arXiv:2303.10894, Sec. 4.2: "the Dice coefficient and
+reports beside Dice, as M2SNet's Table 5 does (arXiv:2303.10894, Sec. 4.2: "the Dice coefficient and
 mean Euclidean distance (MED) to evaluate segmentation bodies and edges").
 
 The paper gives no formula and the challenge's scoring code is not available to us, so the definition is ours, the

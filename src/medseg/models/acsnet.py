@@ -1,5 +1,5 @@
 """ACSNet (Zhang et al., "Adaptive Context Selection for Polyp Segmentation", MICCAI 2020), a baseline of M2SNet's
-video-polyp table (seed 001, Table 2), pinned down from the paper (Sec. 2, Fig. 1) and the authors' code
+video-polyp table (arXiv:2303.10894, Table 2), pinned down from the paper (Sec. 2, Fig. 1) and the authors' code
 (ReaFly/ACSNet: models/ACSNet.py, models/modules.py, utils/loss.py, train.py, opt.py).
 
 - Encoder (paper Sec. 2; code): torchvision ResNet-34: e1 = ReLU(BN(conv1)) at 1/2, e2..e5 = layer1..layer4

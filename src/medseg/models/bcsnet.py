@@ -1,6 +1,6 @@
 """BCS-Net (Cong et al., "BCS-Net: Boundary, Context, and Semantic for Automatic COVID-19 Lung Infection Segmentation
-from CT Images", IEEE TIM 71, 2022), a baseline of M2SNet's COVID-19 table (seed 001, Table 3), pinned down from the
-authors' released code (rmcong/BCS-Net-TIM22, BCS-NET.zip: module/network.py, module/modules.py, utils/utils.py,
+from CT Images", IEEE TIM 71, 2022), a baseline of M2SNet's COVID-19 table (arXiv:2303.10894, Table 3), pinned down from
+the authors' released code (rmcong/BCS-Net-TIM22, BCS-NET.zip: module/network.py, module/modules.py, utils/utils.py,
 test.py). The paper's three blocks are the code's modules:
 
 - Encoder: Res2Net-50-v1b (code `res2net50_v1b_26w_4s`) = timm `res2net50d`; f1..f4 = layer1..layer4 (256 / 512 /

@@ -1,8 +1,8 @@
 """CaraNet (Lou, Guan & Loew, "CaraNet: Context Axial Reverse Attention Network for Segmentation of Small Medical
-Objects", SPIE Medical Imaging 2022, arXiv:2108.07368), a baseline of STS-Net's Table 1 (seed 003, "CaraNet", 46.64 M
-parameters), pinned down from the paper (Sec. 2, Fig. 1) and the authors' code (AngeLouCN/CaraNet: CaraNet.py,
-lib/context_module.py, lib/axial_atten.py, lib/self_attention.py, lib/partial_decoder.py, lib/conv_layer.py,
-Train.py, utils/dataloader.py).
+Objects", SPIE Medical Imaging 2022, arXiv:2108.07368), a baseline of STS-Net's Table 1 (Sci. Rep. 2025, "CaraNet",
+46.64 M parameters), pinned down from the paper (Sec. 2, Fig. 1) and the authors' code (AngeLouCN/CaraNet: CaraNet.py,
+lib/context_module.py, lib/axial_atten.py, lib/self_attention.py, lib/partial_decoder.py, lib/conv_layer.py, Train.py,
+utils/dataloader.py).
 
 - Encoder (code `res2net101_v1b_26w_4s`): Res2Net-101-v1b = timm `res2net101d` (deep stem, average-pool
   shortcuts; same parameter count as the code's backbone); f3, f4, f5 = layer2..layer4 (512/1024/2048 ch).

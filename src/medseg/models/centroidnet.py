@@ -1,6 +1,6 @@
 """CentroidNetV2 (Dijkstra, van de Loosdrecht, Atsma, Schomaker & Wiering, "CentroidNetV2: A hybrid deep neural
 network for small-object segmentation and counting", Neurocomputing 423, 2021), a baseline of STS-Net's Table 1
-(seed 003: 31.03M parameters), pinned down from the authors' code (kdijkstra13/OpenCentroidNetV2:
+(Sci. Rep. 2025: 31.03M parameters), pinned down from the authors' code (kdijkstra13/OpenCentroidNetV2:
 centroidnet/centroidnet_core.py, centroidnet/backbones/unet.py, train.py, config.py).
 
 - Backbone (code `CentroidNetV2` -> `UNet(num_classes + 4, depth=5, start_filts=64)`): a U-Net WITHOUT batch

@@ -1,5 +1,5 @@
 """DenseASPP (Yang et al., "DenseASPP for Semantic Segmentation in Street Scenes", CVPR 2018), a baseline of STS-Net's
-Table 1 (seed 003), on DenseNet-121, pinned down from the paper (Sec. 3, Fig. 2) and the authors' code
+Table 1 (Sci. Rep. 2025), on DenseNet-121, pinned down from the paper (Sec. 3, Fig. 2) and the authors' code
 (DeepMotionAIResearch/DenseASPP: models/DenseASPP.py, cfgs/DenseASPP121.py).
 
 - Encoder (paper Sec. 3.3, code): torchvision DenseNet-121 (growth 32, blocks 6-12-24-16) made dilated to output

@@ -1,5 +1,5 @@
 """FCN-8s (Long, Shelhamer & Darrell, "Fully Convolutional Networks for Semantic Segmentation", CVPR 2015;
-PAMI 2017), the FCN row of FocusNet's Table 2 (seed 004, from Li & Shen 2017), pinned down from the paper (Sec. 3-4,
+PAMI 2017), the FCN row of FocusNet's Table 2 (ISBI 2019, from Li & Shen 2017), pinned down from the paper (Sec. 3-4,
 Fig. 3) and the authors' reference net (shelhamer/fcn.berkeleyvision.org: voc-fcn8s/net.py, surgery.py).
 
 - Encoder: VGG-16 (timm `vgg16`, the torchvision layout) with its classifier as convolutions, fc6 = 7x7 conv

@@ -1,5 +1,5 @@
 """I2U-Net (Dai et al., "I2U-Net: A dual-path U-Net with rich information interaction for medical image
-segmentation", Medical Image Analysis 97, 103241, 2024), a baseline of STS-Net's Table 1 (seed 003), pinned down
+segmentation", Medical Image Analysis 97, 103241, 2024), a baseline of STS-Net's Table 1 (Sci. Rep. 2025), pinned down
 from the authors' code (duweidai/I2U-Net: Models/I2U_Net.py class I2U_Net_M, Models/mfii_resnet.py
 MFII_resnet34_M, train_and_test_isic.py). The medium model is the one whose count is STS-Net's "27.49M".
 

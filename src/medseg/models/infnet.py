@@ -1,6 +1,6 @@
 """Inf-Net (Fan et al., "Inf-Net: Automatic COVID-19 Lung Infection Segmentation from CT Images", IEEE TMI 2020,
-arXiv:2004.14133), the second-best network of M2SNet's COVID-19 table (seed 001, Table 3, "Inf-Net, R2-50"), pinned
-down from the paper (Sec. III-A, Fig. 2) and the authors' code (DengPingFan/Inf-Net:
+arXiv:2004.14133), the second-best network of M2SNet's COVID-19 table (arXiv:2303.10894, Table 3, "Inf-Net, R2-50"),
+pinned down from the paper (Sec. III-A, Fig. 2) and the authors' code (DengPingFan/Inf-Net:
 Code/model_lung_infection/InfNet_Res2Net.py, MyTrain_LungInf.py).
 
 - Encoder (paper Sec. III-A; code `res2net50_v1b_26w_4s`): Res2Net-50-v1b = timm `res2net50d`, as PraNet and M2SNet;

@@ -1,5 +1,5 @@
 """NU-Net (Chen et al., "NU-net: An Unpretentious Nested U-net for Breast Tumor Segmentation", arXiv:2209.07193,
-2022), a baseline of M2SNet's breast-ultrasound table (seed 001, Table 4, "Deeper U-Net"), pinned down from the
+2022), a baseline of M2SNet's breast-ultrasound table (arXiv:2303.10894, Table 4, "Deeper U-Net"), pinned down from the
 authors' Keras code (CGPxy/NU-net: model_net.py `deep_unet7`, Train.py).
 
 - Unit (code `ConvBlock`): two 3x3 convs (with bias) + BN + LeakyReLU(0.01).

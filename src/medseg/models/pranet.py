@@ -1,6 +1,6 @@
 """PraNet (Fan et al., "PraNet: Parallel Reverse Attention Network for Polyp Segmentation", MICCAI 2020,
-arXiv:2006.11392), a baseline of M2SNet's polyp tables (seed 001, Tables 1-2), pinned down from the paper (Sec. 2,
-Fig. 2) and the authors' code (DengPingFan/PraNet: lib/PraNet_Res2Net.py, MyTrain.py).
+arXiv:2006.11392), a baseline of M2SNet's polyp tables (arXiv:2303.10894, Tables 1-2), pinned down from the paper (Sec.
+2, Fig. 2) and the authors' code (DengPingFan/PraNet: lib/PraNet_Res2Net.py, MyTrain.py).
 
 - Encoder (paper Sec. 2.1; code `res2net50_v1b_26w_4s`): Res2Net-50-v1b = timm `res2net50d` (deep stem, average-pool
   shortcuts), the same layout as M2SNet's encoder; f3, f4, f5 = layer2..layer4 (512/1024/2048 ch at 1/8, 1/16,

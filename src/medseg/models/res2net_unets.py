@@ -1,5 +1,5 @@
 """U-Net, UNet++ and Attention U-Net on a Res2Net-50 encoder: the "medicine-general" baselines of M2SNet's Tables 1-4
-(seed 001), whose Backbone column says "R2-50" for each.
+(Zhao et al., arXiv:2303.10894), whose Backbone column says "R2-50" for each.
 
 What M2SNet says about them (Sec. 4.4): "Based on the open-source codes, we retrain these medicine-general methods on
 the same training sets as our models"; nothing else: no decoder widths, no code, no recipe. So each is a

@@ -1,6 +1,7 @@
 """ResUNet++ (Jha et al., "ResUNet++: An Advanced Architecture for Medical Image Segmentation", IEEE ISM 2019,
-arXiv:1911.07067), a baseline of M2SNet's video-polyp table (seed 001, Table 2), pinned down from the paper (Sec. III,
-Fig. 2) and the authors' code (DebeshJha/ResUNetPlusPlus: m_resunet.py, the Keras original, and resunet++_pytorch.py).
+arXiv:1911.07067), a baseline of M2SNet's video-polyp table (arXiv:2303.10894, Table 2), pinned down from the paper
+(Sec. III, Fig. 2) and the authors' code (DebeshJha/ResUNetPlusPlus: m_resunet.py, the Keras original, and
+resunet++_pytorch.py).
 
 - Encoder: a stem (3x3 conv-BN-ReLU-3x3 conv plus a 1x1 conv-BN shortcut) and three pre-activation residual
   blocks (BN-ReLU-3x3 conv (stride 2)-BN-ReLU-3x3 conv, 1x1 conv-BN shortcut), each followed by squeeze-and-

@@ -1,6 +1,6 @@
 """TransUNet (Chen et al., "TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation",
-arXiv:2102.04306, 2021), a baseline of M2SNet's medical-general comparison (seed 001, Sec. 4.4), pinned down from
-the paper (Sec. 3.2-3.3, Fig. 1) and the authors' code (Beckschen/TransUNet: networks/vit_seg_modeling.py,
+arXiv:2102.04306, 2021), a baseline of M2SNet's medical-general comparison (arXiv:2303.10894, Sec. 4.4), pinned down
+from the paper (Sec. 3.2-3.3, Fig. 1) and the authors' code (Beckschen/TransUNet: networks/vit_seg_modeling.py,
 vit_seg_modeling_resnet_skip.py, vit_seg_configs.py `get_r50_b16_config`, train.py, trainer.py).
 
 - Encoder (paper Sec. 3.2 "CNN-Transformer hybrid"; code `ResNetV2(block_units=(3, 4, 9))` + ViT-B/16): timm's

@@ -1,5 +1,5 @@
 """UM-Net (Du et al., "UM-Net: Rethinking ICGNet for polyp segmentation with uncertainty modeling", Medical Image
-Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (seed 003), pinned down from the authors' code
+Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (Sci. Rep. 2025), pinned down from the authors' code
 (dxqllp/UM-Net: UM-Net.py, modules.py; the repository has no training script).
 
 - Encoder: torchvision ResNet-34 (the code loads ImageNet weights): e1 = ReLU(BN(conv1)) at 1/2, e2..e5 = layer1..4;

@@ -1,7 +1,7 @@
-"""UTNet (Gao, Zhou, Metaxas, "UTNet: A Hybrid Transformer Architecture for Medical Image Segmentation", MICCAI
-2021), a baseline of M2SNet's tables (seed 001, Tables 1-5 and the efficiency Table 6), pinned down from the paper
-(Sec. 2, Fig. 1) and the authors' code (yhygao/UTNet: model/utnet.py, model/conv_trans_utils.py, train_deep.py and
-the README's default command `--reduce_size 8 --block_list 1234 --num_blocks 1,1,1,1 --aux_loss`).
+"""UTNet (Gao, Zhou, Metaxas, "UTNet: A Hybrid Transformer Architecture for Medical Image Segmentation", MICCAI 2021), a
+baseline of M2SNet's tables (arXiv:2303.10894, Tables 1-5 and the efficiency Table 6), pinned down from the paper (Sec.
+2, Fig. 1) and the authors' code (yhygao/UTNet: model/utnet.py, model/conv_trans_utils.py, train_deep.py and the
+README's default command `--reduce_size 8 --block_list 1234 --num_blocks 1,1,1,1 --aux_loss`).
 
 - Stem (code `inc`): two pre-activation residual basic blocks (BN-ReLU-conv3x3 twice, no conv biases; a
   BN-ReLU-conv1x1 shortcut where the width changes; paper Fig. 1b), width C = 32 (code `--base_chan 32`).
