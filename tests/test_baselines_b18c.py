@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.baseline_training import n_params
 
 import medseg
 from medseg.config import load_recipe
 from medseg.engine.optim import build_optimizer
 from medseg.losses import build_loss
 from medseg.models.pretrained import load_encoder_weights
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def blob_batch(batch: int, channels: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ weights, and a short CPU training check per network."""
 import pytest
 import timm
 import torch
+from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
 
 import medseg
 from medseg.config import load_recipe
@@ -12,38 +13,6 @@ from medseg.errors import MedsegError
 from medseg.losses import build_loss
 
 RES2NET_FC = 2048 * 1000 + 1000  # the Res2Net ImageNet classifier the reference codes build and never call
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    truth = torch.zeros(2, size, size, dtype=torch.long)
-    truth[0, size // 8:size // 2, size // 4:size // 2 + 4] = 1
-    truth[1, size // 2:size - 4, 3:size // 3] = 1
-    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
-    return images, truth
-
-
-def _training_lowers_the_recipe_loss(recipe_name: str, size: int = 64, steps: int = 2) -> tuple[float, float]:
-    """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
-    recipe = load_recipe(recipe_name)
-    torch.manual_seed(0)
-    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
-    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
-    images, truth = _batch(size)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    return losses[0], losses[-1]
 
 
 # Inf-Net: the reference code DengPingFan/Inf-Net Code/model_lung_infection/InfNet_Res2Net.py, Inf_Net(32, 1), has
@@ -77,7 +46,7 @@ def test_infnet_recipe_trains_on_cpu_and_follows_the_codes_schedule():
     recipe = load_recipe("infnet")
     assert recipe.train.deep_supervision_weights == [1.0, 1.0, 1.0, 1.0, 0.0]  # no edge target in medseg
     assert recipe.schedule.milestones == list(range(49, 99)) and recipe.train.epochs == 99  # x0.1 per epoch from 50
-    first, last = _training_lowers_the_recipe_loss("infnet")
+    first, *_, last = recipe_training_losses("infnet", size=64)
     assert last < first
 
 
@@ -109,7 +78,7 @@ def test_caranet_outputs_context_module_and_axial_attention():
 
 
 def test_caranet_recipe_trains_on_cpu():
-    first, last = _training_lowers_the_recipe_loss("caranet")
+    first, *_, last = recipe_training_losses("caranet", size=64)
     assert last < first
 
 
@@ -140,12 +109,5 @@ def test_denseaspp_is_dilated_to_stride_8_loads_densenet121_and_trains(tmp_path)
     model = medseg.create_model("denseaspp", 3, 1).train()
     criterion = build_loss([{"name": "bce"}, {"name": "dice"}])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-    images, truth = _batch(32)
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, criterion, optimizer, *toy_batch(32), steps=3)
     assert losses[-1] < losses[0]

@@ -5,46 +5,11 @@ Table 1). Parameter counts pinned to their sources, forward shapes at a small si
 import pytest
 import torch
 import torchvision
+from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
 
 import medseg
-from medseg.config import load_recipe
-from medseg.engine.optim import build_optimizer
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _batch(size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    truth = torch.zeros(2, size, size, dtype=torch.long)
-    truth[0, size // 8: size // 2, size // 4: 3 * size // 4] = num_classes - 1
-    truth[1, size // 2: 7 * size // 8, size // 8: size // 2] = num_classes - 1
-    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * (truth[:, None] > 0).float()  # learnable signal
-    return images, truth
-
-
-def _recipe_training_losses(recipe_name: str, size: int, steps: int = 3, **narrower: int) -> list[float]:
-    """A few steps of the recipe's own optimiser, loss and deep-supervision weights on one tiny batch
-    (`narrower`: width options overridden so the check stays short on two busy cores)."""
-    recipe = load_recipe(recipe_name)
-    torch.manual_seed(0)
-    options = {**recipe.model.options(), **narrower}
-    model = medseg.create_model(recipe.model.name, 3, recipe.model.num_classes, **options).train()
-    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
-    optimizer = build_optimizer(model, recipe.optim)
-    images, truth = _batch(size, recipe.model.num_classes)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    return losses
 
 
 # UTNet: counted on the authors' code (yhygao/UTNet model/utnet.py) with train_deep.py's settings and the README's
@@ -85,7 +50,7 @@ def test_utnet_relative_position_bias_depends_only_on_the_offset():
 
 
 def test_utnet_recipe_trains_on_cpu():
-    losses = _recipe_training_losses("utnet", size=128, steps=2, base_channels=8)
+    losses = recipe_training_losses("utnet", size=128, steps=2, base_channels=8, optimiser="recipe")
     assert losses[-1] < losses[0]
 
 
@@ -124,7 +89,7 @@ def test_i2unet_centre_starts_as_the_identity_and_dropblock_acts_in_training_onl
 
 
 def test_i2unet_recipe_trains_on_cpu():
-    losses = _recipe_training_losses("i2unet", size=128, steps=2)
+    losses = recipe_training_losses("i2unet", size=128, steps=2, optimiser="recipe")
     assert losses[-1] < losses[0]
 
 
@@ -172,12 +137,5 @@ def test_umnet_trains_on_cpu():
     model = medseg.create_model("umnet", 3, 1).train()
     criterion = build_loss([{"name": "bce"}, {"name": "dice"}], [1.0] * 5)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    images, truth = _batch(64, 2)
-    losses = []
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, criterion, optimizer, *toy_batch(64, 2), steps=2)
     assert losses[-1] < losses[0]

@@ -4,44 +4,12 @@ their reference code, forward shapes at a small size, and a short CPU training c
 import pytest
 import timm
 import torch
+from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
 
 import medseg
 from medseg.config import load_recipe
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    truth = torch.zeros(2, size, size, dtype=torch.long)
-    truth[0, size // 8:size // 2, size // 4:3 * size // 4] = 1
-    truth[1, size // 2:7 * size // 8, size // 8:size // 2] = 1
-    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
-    return images, truth
-
-
-def _recipe_training_losses(recipe_name: str, size: int, steps: int = 3) -> list[float]:
-    """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
-    recipe = load_recipe(recipe_name)
-    torch.manual_seed(0)
-    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
-    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
-    images, truth = _batch(size)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    return losses
-
 
 # BCS-Net: rmcong/BCS-Net-TIM22 (BCS-NET.zip, module/network.py), BCS_Net() has 48,644,127 parameters, including the
 # Res2Net classifier (2048 * 1000 + 1000) and three AttentionFusion modules (1,772,544) that its forward never calls.
@@ -76,7 +44,7 @@ def test_bcsnet_four_supervised_maps_in_training_and_one_in_eval(tmp_path):
 
 
 def test_bcsnet_recipe_trains_on_cpu():
-    losses = _recipe_training_losses("bcsnet", size=32, steps=2)
+    losses = recipe_training_losses("bcsnet", size=32, steps=2)
     assert losses[-1] < losses[0]
 
 
@@ -102,7 +70,7 @@ def test_nunet_forward_and_recipe_training_on_cpu():
         assert model(torch.randn(1, 3, 128, 256)).shape == (1, 2, 128, 256)
     with pytest.raises(ValueError, match="multiples of 128"):
         model(torch.randn(1, 3, 64, 128))
-    losses = _recipe_training_losses("nunet", size=128, steps=2)
+    losses = recipe_training_losses("nunet", size=128, steps=2)
     assert losses[-1] < losses[0]
 
 
@@ -142,12 +110,5 @@ def test_skunet_selects_between_its_two_receptive_fields_and_trains_on_cpu():
     model = medseg.create_model("skunet", 3, 1).train()
     criterion = build_loss(recipe.to_dict()["loss"])
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
-    images, truth = _batch(64)
-    losses = []
-    for _ in range(3):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, criterion, optimizer, *toy_batch(64), steps=3)
     assert losses[-1] < losses[0]

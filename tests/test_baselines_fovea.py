@@ -5,15 +5,12 @@ tested with every other slot's in tests/test_pretrained.py."""
 
 import pytest
 import torch
+from tests.baseline_training import n_params
 
 import medseg
 from medseg.config import load_recipe
 from medseg.errors import MedsegError
 from medseg.losses import create_loss
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("name,num_classes,expected,paper", [

@@ -5,44 +5,12 @@ import pytest
 import timm
 import torch
 import torchvision
+from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
 
 import medseg
 from medseg.config import load_recipe
 from medseg.errors import MedsegError
 from medseg.losses import build_loss
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    truth = torch.zeros(2, size, size, dtype=torch.long)
-    truth[0, 4:20, 6:22] = 1
-    truth[1, 15:30, 3:13] = 1
-    images = torch.randn(2, 3, size, size, generator=g) + 1.5 * truth[:, None].float()  # learnable signal
-    return images, truth
-
-
-def _training_lowers_the_recipe_loss(recipe_name: str, size: int = 32, steps: int = 2) -> tuple[float, float]:
-    """A few Adam steps at the recipe's lr with its own loss (and deep-supervision weights) on one tiny batch."""
-    recipe = load_recipe(recipe_name)
-    torch.manual_seed(0)
-    model = medseg.create_model(recipe.model.name, 3, 1, **recipe.model.options()).train()
-    criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr)
-    images, truth = _batch(size)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(map(torch.isfinite, map(torch.tensor, losses)))
-    return losses[0], losses[-1]
-
 
 # PraNet: the reference code's count on DengPingFan/PraNet lib/PraNet_Res2Net.py is 32,547,319, which includes the
 # Res2Net ImageNet classifier resnet.fc (2048 * 1000 + 1000 = 2,049,000) that PraNet never calls.
@@ -88,7 +56,7 @@ def test_pranet_loads_a_local_res2net50d_file(tmp_path):
 
 
 def test_pranet_recipe_trains_on_cpu():
-    first, last = _training_lowers_the_recipe_loss("pranet", size=64)  # 2 x 2 at 1/32: BN needs more than 1 x 1
+    first, *_, last = recipe_training_losses("pranet", size=64)  # 2 x 2 at 1/32: BN needs more than 1 x 1
     assert last < first
 
 
@@ -116,7 +84,7 @@ def test_resunetpp_forward_and_its_recipe_optimiser():
 
 
 def test_resunetpp_recipe_trains_on_cpu():
-    first, last = _training_lowers_the_recipe_loss("resunetpp")
+    first, *_, last = recipe_training_losses("resunetpp", size=32)
     assert last < first
 
 
@@ -160,14 +128,7 @@ def test_attention_unet_res2net50_trains_on_cpu():  # the U-Net decoder with gat
     model = medseg.create_model("attention_unet_res2net50", 3, 1).train()
     criterion = build_loss([{"name": "bce"}, {"name": "dice"}])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    images, truth = _batch()
-    losses = []
-    for _ in range(2):
-        optimizer.zero_grad()
-        loss, _ = criterion(model(images), truth)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = training_losses(model, criterion, optimizer, *toy_batch(32), steps=2)
     assert losses[-1] < losses[0]
 
 
@@ -220,7 +181,7 @@ def test_m2snet_ablation_orders_and_addition_units():
 
 
 def test_acsnet_recipe_trains_on_cpu():  # side outputs at 1/2..1/16 against the mask resized by the criterion
-    first, last = _training_lowers_the_recipe_loss("acsnet", size=64)
+    first, *_, last = recipe_training_losses("acsnet", size=64)
     assert last < first
 
 
