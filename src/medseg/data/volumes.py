@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.data.io import IMAGE_EXTENSIONS, write_image_atomic
-from medseg.data.volume_io import is_dicom_folder, read_volume, same_grid, volume_stem
+from medseg.data.volume_io import Volume, is_dicom_folder, read_volume, same_grid, volume_stem
 from medseg.errors import MedsegError
 from medseg.files import atomic_folder, write_text_atomic
 
@@ -138,6 +138,19 @@ def is_volume_folder(data: str | Path) -> bool:
     return False
 
 
+def read_pair(image_path: Path, label_path: Path, series: str | None = None) -> tuple[Volume, Volume]:
+    """An image volume and its label volume, refused in one line unless they match voxel for voxel on one grid."""
+    image, label = read_volume(image_path, series), read_volume(label_path)
+    if image.array.shape != label.array.shape:
+        raise MedsegError(f"{image_path.name} is {image.array.shape} but {label_path.name} is {label.array.shape}; "
+                          "image and label volumes must match voxel for voxel")
+    differs = same_grid(image, label)
+    if differs:
+        raise MedsegError(f"{image_path.name} and {label_path.name} lie on different voxel grids ({differs}); "
+                          "resample the label onto the image (e.g. SimpleITK Resample) so voxels pair up")
+    return image, label
+
+
 def to_uint8(volume: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
     """Intensities to 0..255: clip to the window and scale it, or min-max over the volume."""
     low, high = window if window is not None else (float(volume.min()), float(volume.max()))
@@ -181,16 +194,8 @@ def make_slices(volumes: str | Path, out: str | Path, window: tuple[float, float
     of_volume: dict[str, list[str]] = {}
     with atomic_folder(out) as tmp:
         for stem, image_path, label_path in pairs:
-            image_volume, label_volume = read_volume(image_path, series), read_volume(label_path)
-            image, labels = image_volume.array, label_volume.array
-            if image.shape != labels.shape:
-                raise MedsegError(f"{image_path.name} is {image.shape} but {label_path.name} is {labels.shape}; "
-                                  "image and label volumes must match voxel for voxel")
-            differs = same_grid(image_volume, label_volume)
-            if differs:
-                raise MedsegError(f"{image_path.name} and {label_path.name} lie on different voxel grids ({differs}); "
-                                  "resample the label onto the image (e.g. SimpleITK Resample) so voxels pair up")
-            image = to_uint8(image, window)
+            image_volume, label_volume = read_pair(image_path, label_path, series)
+            image, labels = to_uint8(image_volume.array, window), label_volume.array
             for k in range(image.shape[2]):
                 label = labels[:, :, k].T
                 if only_lesion and not np.any(label > 0):

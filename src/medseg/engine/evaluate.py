@@ -132,11 +132,8 @@ def evaluate(run_path: str | Path, data: str | Path | None = None, protocol: str
             + (f"-L{level}" if level else ""))
     if protocol_def.name != default_protocol:  # another protocol's numbers never overwrite the recipe's
         name += f"-{protocol_def.name}"
-    name += plan_suffix(plan)
-    if threshold_source == FROM_OPTION and threshold != (tuned or 0.5):  # a one-off decision gets its own folder
-        name += f"-t{threshold:g}"
-    if postprocessing != recipe_postprocessing:
-        name += "-post"
+    name += plan_suffix(plan) + decision_suffix(threshold, threshold_source, tuned, postprocessing,
+                                                recipe_postprocessing)
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     with user_write_errors(), atomic_folder(final, replace=True) as tmp:
         chosen = overlay_cases(stems, per_case.get(protocol_def.rank_metric), overlays)
@@ -180,6 +177,13 @@ def plan_suffix(plan: InferencePlan) -> str:
     if len(plan.predictors) > 1:
         suffix += f"-ensemble{len(plan.predictors)}"
     return suffix
+
+
+def decision_suffix(threshold: float, threshold_source: str, tuned: float | None, postprocessing: PostProcessing,
+                    recipe_postprocessing: PostProcessing) -> str:
+    """The eval folder's suffix for a decision other than the model's: a one-off threshold, other post-processing."""
+    suffix = f"-t{threshold:g}" if threshold_source == FROM_OPTION and threshold != (tuned or 0.5) else ""
+    return suffix + ("-post" if postprocessing != recipe_postprocessing else "")
 
 
 def _write_overlay(path: Path, case: Case, plan: InferencePlan, threshold: float = 0.5,

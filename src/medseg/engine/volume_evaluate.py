@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.volume_io import read_volume, same_grid
-from medseg.data.volumes import find_pairs
-from medseg.engine.evaluate import MOVE_ASIDE, plan_suffix
+from medseg.data.volumes import find_pairs, read_pair
+from medseg.engine.evaluate import MOVE_ASIDE, decision_suffix, plan_suffix
 from medseg.engine.inference import build_plan
-from medseg.engine.postprocess import FROM_OPTION, PostProcessing, choose_threshold
+from medseg.engine.postprocess import PostProcessing, choose_threshold
 from medseg.engine.run import Run, slug
 from medseg.engine.score import model_record, report_record
 from medseg.engine.volume_predict import predict_volume, slicing_of
@@ -109,14 +108,7 @@ def evaluate_volumes(run: Run, data: Path, labels: str | None = None, per_slice:
     volumes: list[dict[str, Any]] = []
     with Progress("evaluate", len(pairs), unit="volumes") as progress:
         for stem, image_path, label_path in pairs:
-            image, reference = read_volume(image_path), read_volume(label_path)
-            if image.array.shape != reference.array.shape:
-                raise MedsegError(f"{image_path.name} is {image.array.shape} but {label_path.name} is "
-                                  f"{reference.array.shape}; image and label volumes must match voxel for voxel")
-            differs = same_grid(image, reference)
-            if differs:
-                raise MedsegError(f"{image_path.name} and {label_path.name} lie on different voxel grids ({differs}); "
-                                  "resample the label onto the image (e.g. SimpleITK Resample) so voxels pair up")
+            image, reference = read_pair(image_path, label_path)
             _check_reference(reference.array, label_path, predictor.num_classes, merging)
             predicted = predict_volume(plan, image, slicing, threshold, postprocessing, batch_size).labels
             truth = reference.array  # its own dtype: an int64 copy of a CT-sized label volume would cost GBs
@@ -130,10 +122,7 @@ def evaluate_volumes(run: Run, data: Path, labels: str | None = None, per_slice:
 
     name = slug(data.resolve().name) + "-volumes" + (f"-labels{'-'.join(map(str, merging))}" if merging else "")
     name += (f"-L{level}" if level else "") + plan_suffix(plan)
-    if threshold_source == FROM_OPTION and threshold != (tuned or 0.5):  # a one-off decision gets its own folder
-        name += f"-t{threshold:g}"
-    if postprocessing != recipe_postprocessing:
-        name += "-post"
+    name += decision_suffix(threshold, threshold_source, tuned, postprocessing, recipe_postprocessing)
     final = check_output_folder(run.eval_dir(name), "output folder", MOVE_ASIDE)
     spacing = {"source": "each image volume's header (voxel spacing along X, Y, Z, in mm)",
                "xyz_mm": sorted({tuple(v["spacing_mm"]) for v in volumes})}
