@@ -17,7 +17,7 @@ from tests.dicom_series import write_series
 
 from medseg.config import load_recipe
 from medseg.data.io import read_image
-from medseg.data.volume_io import read_volume
+from medseg.data.volume_io import probe_volume, read_volume
 from medseg.data.volumes import make_slices
 from medseg.engine.train import train
 from medseg.engine.volume_predict import Slicing, slice_batches, slicing_of
@@ -207,3 +207,15 @@ def test_an_exported_model_predicts_volumes_as_its_run_does(trained, tmp_path):
     run_labels = np.asarray(nib.load(tmp_path / "from-run" / "case3.nii.gz").dataobj)
     onnx_labels = np.asarray(nib.load(tmp_path / "from-onnx" / "case3.nii.gz").dataobj)
     assert run_labels.any() and np.mean(run_labels == onnx_labels) > 0.999
+
+
+def test_a_bad_volume_is_refused_before_any_output_and_volumes_are_read_one_at_a_time(trained, tmp_path):
+    run, volumes = trained
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    out = tmp_path / "pred"
+    result = medseg_inprocess("predict", str(run), str(volumes / "images" / "case4.nii.gz"), str(broken),
+                              "--out", str(out))
+    refused(result, "cannot read volume", "broken.nii.gz")
+    assert not out.exists()
+    assert probe_volume(volumes / "images" / "case4.nii.gz") == SHAPE

@@ -118,6 +118,48 @@ def read_volume(path: str | Path, series: str | None = None) -> Volume:
                       "series folder")
 
 
+def probe_volume(path: str | Path, series: str | None = None) -> tuple[int, ...]:
+    """The shape `read_volume` would give, from the header alone (a DICOM series: its files, chosen and ordered);
+    what it would refuse about the header or the series is refused here in the same line, without reading voxels,
+    so a command can check many volumes before holding any of them."""
+    path = Path(path)
+    if path.is_dir():
+        _, files = dicom_series_files(path, series)
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        with keeping_locale():
+            reader.ReadImageInformation()
+        return (*reader.GetSize()[:2], len(files))
+    if path.name.lower().endswith(NIFTI):
+        import nibabel as nib
+
+        try:
+            shape = tuple(n for n in nib.load(str(path)).shape if n != 1)
+        except Exception as exc:  # nibabel raises several types for damaged files
+            raise MedsegError(f"cannot read volume {path}: {exc}") from None
+        if len(shape) != 3:
+            raise MedsegError(f"volume {path} has shape {shape}; medseg slices 3-D volumes")
+        return shape
+    if path.name.lower().endswith(ITK_FILES):
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            raise MedsegError(f"cannot read volume {path}: {_first_line(exc)}") from None
+        if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+            raise MedsegError(f"volume {path} has {reader.GetDimension()} dimensions and "
+                              f"{reader.GetNumberOfComponents()} components per voxel; medseg slices scalar 3-D "
+                              "volumes")
+        return tuple(reader.GetSize())
+    raise MedsegError(f"{path} is not a volume medseg reads: give .nii[.gz], .nrrd, .nhdr, .mha, .mhd or a DICOM "
+                      "series folder")
+
+
 def _first_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 
 from medseg.data.io import IMAGE_EXTENSIONS, scale_to_unit, to_channels
-from medseg.data.volume_io import NIFTI, Volume, is_dicom_folder, read_volume, volume_stem, write_label_volume
+from medseg.data.volume_io import (
+    NIFTI,
+    Volume,
+    is_dicom_folder,
+    probe_volume,
+    read_volume,
+    volume_stem,
+    write_label_volume,
+)
 from medseg.data.volumes import EDGES, MODES, SLICE_AXIS, slice_image, to_uint8
 from medseg.engine.inference import InferencePlan, build_plan
 from medseg.engine.postprocess import PostProcessing, choose_threshold
@@ -183,7 +191,8 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
                     series: str | None = None) -> dict[str, Any]:
     """Predict each volume slice by slice and write OUT/<stem>.nii.gz on its grid (with `probabilities`,
     <stem>_prob.nii.gz, or _prob_c<k> per class; with `dicom_seg`, <stem>.seg.dcm for a DICOM series), plus
-    OUT/predict.json; returns that manifest. Every volume is read before anything is written."""
+    OUT/predict.json; returns that manifest. Every volume's header (or series) is checked before anything is written;
+    volumes are then read and predicted one at a time."""
     if threshold is not None:
         check_threshold(threshold)
     postprocessing = postprocessing or PostProcessing()
@@ -200,7 +209,7 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
     if dicom_seg and not_dicom:
         raise MedsegError(f"--dicom-seg writes a DICOM SEG that references its source series, but {not_dicom[0]} is "
                           "not a DICOM series folder; drop --dicom-seg for NIfTI, NRRD and MetaImage inputs")
-    read = {path: read_volume(path, series) for path in volumes}  # every input readable before any output
+    shapes = {path: probe_volume(path, series) for path in volumes}  # every header checked before any output
     manifest = {
         "complete": False, "started": now(), "finished": None, "model": str(predictor.folder.resolve()),
         "settings": {"threshold": threshold, "threshold_source": threshold_source,
@@ -213,10 +222,10 @@ def predict_volumes(model_path: str | Path, volumes: list[Path], out: str | Path
     with user_write_errors(), stale_removed_once(out):
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        slices = sum(v.array.shape[SLICE_AXIS] for v in read.values())
+        slices = sum(shape[SLICE_AXIS] for shape in shapes.values())
         with Progress("predict", slices, unit="slices") as progress:
-            for path, volume in read.items():
-                stem = _stem(path)
+            for path in volumes:  # one volume in memory at a time
+                volume, stem = read_volume(path, series), _stem(path)
                 result = predict_volume(plan, volume, slicing, threshold, postprocessing, batch_size, probabilities,
                                         progress)
                 source = None if path.is_dir() else path
