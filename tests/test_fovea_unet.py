@@ -117,7 +117,7 @@ def test_backbone_swaps_keep_the_stage_layout(encoder):
         features = model.encoder(torch.randn(1, 3, 64, 64))
         assert [f.shape[-1] for f in features] == [32, 16, 8, 8]  # 1/2, 1/4, 1/8, 1/8 as H-GhostNet
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
-    assert model.extra_losses() == {} and model.analysis_layers() == []  # no Ghost modules: `--layer` needed
+    assert model.extra_losses(None) == {} and model.analysis_layers() == []  # no Ghost modules: `--layer` needed
     with pytest.raises(MedsegError, match="nhsic: false"):
         create_model("fovea_unet", 3, 1, encoder=encoder)
 
@@ -184,7 +184,7 @@ def test_the_nhsic_samples_option_reaches_the_penalty():
         torch.manual_seed(0)
         model = create_model("fovea_unet", 3, 1, decoder_widths=(16, 16, 8, 8), nhsic_samples=samples).train()
         model(x)
-        penalties[samples] = model.extra_losses()["nhsic"].item()
+        penalties[samples] = model.extra_losses(None)["nhsic"].item()
     assert penalties["images"] != pytest.approx(penalties["cells"])
     with pytest.raises(MedsegError, match="nhsic_samples must be one of images, cells, got 'pixels'"):
         create_model("fovea_unet", 3, 1, nhsic_samples="pixels")
@@ -194,15 +194,15 @@ def test_nhsic_is_an_extra_loss_of_training_forwards_only():
     torch.manual_seed(0)
     model = create_model("fovea_unet", 3, 1)
     model(torch.randn(4, 3, 64, 64))
-    loss = model.extra_losses()["nhsic"]
+    loss = model.extra_losses(None)["nhsic"]
     assert loss > 0 and loss.requires_grad
     loss.backward()
     assert model.encoder.stem[0].weight.grad.abs().sum() > 0  # nHSIC trains the encoder
     model.eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-    assert model.extra_losses()["nhsic"] == 0
-    assert create_model("fovea_unet", 3, 1, nhsic=False).extra_losses() == {}
+    assert model.extra_losses(None)["nhsic"] == 0
+    assert create_model("fovea_unet", 3, 1, nhsic=False).extra_losses(None) == {}
 
 
 class Snapshots(L.Callback):

@@ -119,8 +119,8 @@ class ExtraLossModel(torch.nn.Module, ExtraLosses):
         self.last = self.conv(x)
         return self.last
 
-    def extra_losses(self):
-        return {"l2": self.last.pow(2).mean()}
+    def extra_losses(self, mask):
+        return {"l2": (self.last.squeeze(1) - mask).pow(2).mean()}  # a target from the mask
 
 
 def test_extra_losses_are_added_with_recipe_weights(phantom):
@@ -128,15 +128,16 @@ def test_extra_losses_are_added_with_recipe_weights(phantom):
 
     module = SegmentationModule(load_recipe("unet", [*TINY, "train.extra_loss_weights={l2: 0.5}"]).to_dict())
     module.model = ExtraLossModel()
-    batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8, dtype=torch.long)}
+    batch = {"image": torch.randn(2, 3, 8, 8), "mask": torch.randint(0, 2, (2, 8, 8))}
     logged = {}
     module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # log_dict logs through log
     total = module.training_step(batch, 0)
     assert set(logged) == {"train/loss", "train/bce", "train/dice", "train/l2"}  # each term, for metrics.csv
     base, _ = module.criterion(module.model.last, batch["mask"])
-    assert torch.allclose(total, base + 0.5 * module.model.last.pow(2).mean())
+    l2 = (module.model.last.squeeze(1) - batch["mask"]).pow(2).mean()
+    assert torch.allclose(total, base + 0.5 * l2)
     assert torch.equal(logged["train/loss"], total)
-    assert torch.allclose(logged["train/l2"], module.model.last.pow(2).mean())
+    assert torch.allclose(logged["train/l2"], l2)
     module.recipe.train.extra_loss_weights = {}
     with pytest.raises(medseg.errors.MedsegError, match="extra losses \\['l2'\\]"):
         module.training_step(batch, 0)

@@ -225,7 +225,7 @@ class TrainConfig(Strict):
     precision: Literal["auto", "32", "16-mixed", "bf16-mixed"] = "auto"
     early_stopping: EarlyStopping | None = None
     deep_supervision_weights: list[float] | None = None  # one weight per output; None: 1 each
-    extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses()
+    extra_loss_weights: dict[str, float] = Field(default_factory=dict)  # weights of the network's extra_losses(mask)
     gradient_clip: float | None = None
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"  # value: clamp each gradient element (PraNet's code)
     freeze: FreezeConfig | None = None  # e.g. {groups: [encoder], epochs: 30}

@@ -1,12 +1,13 @@
 """The Lightning module: one network, the recipe's loss, optimiser and schedule; no per-model cases.
 
 Training: the network's output (a tensor, or a list for deep supervision) goes through the recipe's
-loss; extra terms a network reports through `extra_losses()` (e.g. a regulariser) are added with the
-weights of `train.extra_loss_weights`, and `optim.kernel_l2` adds a Keras-style L2 of the conv kernels
-(FocusNet). Validation: the eval-mode output is scored per image at
-threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty rule, so `val/dice` is the
-mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of that one output, so for a
-deeply supervised network it is on another scale than `train/loss` (the weighted sum over all heads).
+loss; extra terms a network reports through `extra_losses(mask)` (a regulariser, an auxiliary output
+scored against a target derived from the mask) are added with the weights of `train.extra_loss_weights`,
+and `optim.kernel_l2` adds a Keras-style L2 of the conv kernels (FocusNet). Validation: the eval-mode
+output is scored per image at threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty
+rule, so `val/dice` is the mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of
+that one output, so for a deeply supervised network it is on another scale than `train/loss` (the weighted
+sum over all heads).
 
 Logging: `train/loss` and, for a composite loss, each term (`train/dice`, `train/nhsic`, `train/kernel_l2`, ...)
 per step and as epoch means, `val/*` as epoch means, all with `self.log_dict` / `self.log` to the trainer's
@@ -77,8 +78,8 @@ class SegmentationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.model(images)
 
-    def _extra_losses(self) -> dict[str, torch.Tensor]:
-        extras = self.model.extra_losses() if isinstance(self.model, ExtraLosses) else {}
+    def _extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        extras = self.model.extra_losses(mask) if isinstance(self.model, ExtraLosses) else {}
         weights = self.recipe.train.extra_loss_weights
         unweighted = sorted(set(extras) - set(weights))
         if unweighted:
@@ -91,7 +92,7 @@ class SegmentationModule(L.LightningModule):
         Keras-style kernel L2; what `training_step` logs and `medseg benchmark --train`'s bare loop trains on."""
         outputs = as_float(self.model(self._images(batch)))  # the loss is computed on fp32 outputs under autocast
         loss, parts = self.criterion(outputs, batch["mask"])
-        for name, value in self._extra_losses().items():
+        for name, value in self._extra_losses(batch["mask"]).items():
             loss = loss + self.recipe.train.extra_loss_weights[name] * value
             parts[name] = value
         if self.recipe.optim.kernel_l2:

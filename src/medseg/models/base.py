@@ -20,7 +20,8 @@ normalisation its weights expect).
 Capabilities, each a mixin class the engine tests with `isinstance`:
 - `Prunable` (ANU-Net L1..L4): `prune(level)` returns a new network built pruned by the registry;
 - `Gated`: attention gates whose first-layer coefficients can be recorded and saved;
-- `ExtraLosses`: loss terms computed by the network itself (Fovea-UNet's nHSIC);
+- `ExtraLosses`: loss terms computed by the network itself, from its last training forward and the batch's
+  mask (Fovea-UNet's nHSIC; auxiliary outputs trained against targets derived from the mask);
 - `KernelRegularised`: the conv kernels a Keras-style L2 acts on, with their factors (FocusNet);
 - `NamedFeatureLayers`: the layers whose features the paper analyses, the defaults of `medseg analyze cka`
   (Fovea-UNet: its Ghost modules' intrinsic features).
@@ -200,12 +201,14 @@ class Gated(ABC):
 
 
 class ExtraLosses(ABC):
-    """A network that computes loss terms of its own in the training forward (e.g. a feature regulariser);
-    the recipe's `train.extra_loss_weights` weighs each by name."""
+    """A network that computes loss terms of its own from the training forward: a feature regulariser, or an
+    auxiliary output (an edge map, a vector field) scored against a target it derives from the mask. The
+    recipe's `train.extra_loss_weights` weighs each by name."""
 
     @abstractmethod
-    def extra_losses(self) -> dict[str, torch.Tensor]:
-        """{name: scalar} from the last training forward; the engine adds each with the recipe's weight."""
+    def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: scalar} from the last training forward and that batch's mask (N, H, W labels); the engine
+        adds each with the recipe's weight."""
 
 
 class KernelRegularised(ABC):

@@ -26,7 +26,7 @@ paper is silent the choices are ours (marked).
   conv3x3-BN-ReLU; widths (512, 256, 128, 64) by default (`decoder_widths`).
 - nHSIC ("H-Ghost backbone" Eq. 10-13, "Loss function") on the primary-conv (intrinsic) outputs of every Ghost
   module, the batch's images as the samples (`medseg.models.nhsic`, where the readings are set out):
-  `extra_losses()["nhsic"]`, weighted by the recipe (0.75); every channel pair, as the paper's sum
+  `extra_losses(mask)["nhsic"]`, weighted by the recipe (0.75); every channel pair, as the paper's sum
   (`nhsic_channels` caps the channels per layer; `nhsic_samples: cells` takes 4 x 4 pooled cells of every
   image as the samples instead, the reading that still separates channels at the paper's batch of 4).
   H-GhostNet = a GhostNet layout with nHSIC; plain GhostNet =
@@ -295,7 +295,7 @@ class FoveaUNet(ExtraLosses, NamedFeatureLayers, SegmentationNetwork):
         y = self.decoder[3](_up(y, x))
         return self.head(y)
 
-    def extra_losses(self) -> dict[str, torch.Tensor]:
+    def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """nHSIC of the last training forward: the mean over the Ghost modules' intrinsic features (ours).
         Nothing when nHSIC is off or the encoder is frozen (it could not change the features)."""
         if not self.nhsic:
