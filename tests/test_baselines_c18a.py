@@ -5,12 +5,11 @@ weights, and a short CPU training check per network."""
 import pytest
 import timm
 import torch
-from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
+from tests.baseline_training import n_params, recipe_training_losses
 
 import medseg
 from medseg.config import load_recipe
 from medseg.errors import MedsegError
-from medseg.losses import build_loss
 
 RES2NET_FC = 2048 * 1000 + 1000  # the Res2Net ImageNet classifier the reference codes build and never call
 
@@ -105,9 +104,10 @@ def test_denseaspp_is_dilated_to_stride_8_loads_densenet121_and_trains(tmp_path)
                        densenet.features.denseblock4.denselayer16.conv2.weight)
     assert loaded.encoder.conv0.weight.shape[1] == 1
     assert "features.norm5.weight" in loaded.load_reports[0].unused  # DenseASPP's norm5 follows its own transition
-    torch.manual_seed(0)
-    model = medseg.create_model("denseaspp", 3, 1).train()
-    criterion = build_loss([{"name": "bce"}, {"name": "dice"}])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
-    losses = training_losses(model, criterion, optimizer, *toy_batch(32), steps=3)
+
+
+def test_denseaspp_recipe_trains_on_cpu():
+    recipe = load_recipe("denseaspp")
+    assert (recipe.model.num_classes, recipe.optim.lr, recipe.schedule.name) == (2, 3e-4, "poly")
+    losses = recipe_training_losses("denseaspp", size=32, steps=3, optimiser="recipe")
     assert losses[-1] < losses[0]

@@ -5,11 +5,11 @@ Table 1). Parameter counts pinned to their sources, forward shapes at a small si
 import pytest
 import torch
 import torchvision
-from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
+from tests.baseline_training import n_params, recipe_training_losses
 
 import medseg
+from medseg.config import load_recipe
 from medseg.errors import MedsegError
-from medseg.losses import build_loss
 
 
 # UTNet: counted on the authors' code (yhygao/UTNet model/utnet.py) with train_deep.py's settings and the README's
@@ -131,11 +131,9 @@ def test_umnet_reverse_guidance_ignores_confident_foreground():
     assert torch.allclose(certain, reference, atol=1e-5)
 
 
-def test_umnet_trains_on_cpu():
-    # no recipe: the repository has no training script (ours: BCE + Dice on the main and side outputs, Adam 1e-4)
-    torch.manual_seed(0)
-    model = medseg.create_model("umnet", 3, 1).train()
-    criterion = build_loss([{"name": "bce"}, {"name": "dice"}], [1.0] * 5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    losses = training_losses(model, criterion, optimizer, *toy_batch(64, 2), steps=2)
+def test_umnet_recipe_trains_on_cpu_with_the_codes_deep_supervision():
+    recipe = load_recipe("umnet")
+    assert recipe.train.deep_supervision_weights == [0.2] * 5  # code: the mean of the five maps' losses
+    assert recipe.schedule.milestones == [59, 119] and recipe.schedule.gamma == 0.5  # halved from epochs 60 and 120
+    losses = recipe_training_losses("umnet", size=64, steps=2, optimiser="recipe")
     assert losses[-1] < losses[0]

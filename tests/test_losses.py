@@ -107,3 +107,20 @@ def test_deep_supervision_resizes_targets_and_weights_outputs():
     # a single output (eval mode) is scored on its own
     single, _ = loss(outputs[0], target)
     assert torch.allclose(single, F.binary_cross_entropy_with_logits(outputs[0][:, 0], target.float()))
+
+
+def test_umnet_uncertainty_loss_follows_the_code_and_rewards_confident_correct_maps(binary_pair):
+    # umICGNet's Deep_Loss per map, on sigmoid maps: S = (BCE + per-image Dice) / 2, v = log(1 + (p - g)^2),
+    # L = mean(S * exp(-v)) + mean(v) with S a scalar
+    logits, target = binary_pair
+    p, g = torch.sigmoid(logits).flatten(1), target.float().flatten(1)
+    dice = 1 - ((2 * (p * g).sum(1) + 1) / (p.sum(1) + g.sum(1) + 1)).sum() / 3
+    structure = (torch.nn.BCELoss()(p, g) + dice) / 2
+    variance = torch.log(1 + (p - g) ** 2)
+    expected = torch.mean(structure * torch.exp(-variance)) + torch.mean(variance)
+    loss = create_loss("umnet_uncertainty")
+    assert torch.allclose(loss(logits, target), expected, atol=1e-6)
+    confident = (target.unsqueeze(1).float() * 2 - 1) * 20
+    assert loss(confident, target) < 0.01 < loss(-confident, target)
+    with pytest.raises(MedsegError, match="binary"):
+        loss(torch.randn(3, 2, 8, 8), target)
