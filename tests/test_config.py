@@ -76,3 +76,15 @@ def test_a_misspelt_protocol_stops_train_before_any_data_is_read(tmp_path):
 
 def test_a_precision_given_as_a_number_on_the_command_line_is_read_as_its_name():
     assert load_recipe("unet", ["train.precision=32"]).train.precision == "32"  # YAML reads 32 as an integer
+
+
+def test_every_shipped_recipe_trains_at_sizes_its_network_takes():
+    """A recipe whose size, multi-scale sizes or crop the network cannot take fails before the first batch."""
+    from medseg.engine.train import check_training_sizes
+    from medseg.models.registry import model_info
+
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        check_training_sizes(recipe, model_info(recipe.model.name).size_multiple)
+    with pytest.raises(MedsegError, match="multiples of 16, not \\[100\\]"):
+        check_training_sizes(load_recipe("centroidnet_v2", ["data.crop=100"]), 16)
