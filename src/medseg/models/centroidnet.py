@@ -30,8 +30,8 @@ train.py, config.py).
     of its visible part.
   - Cost: scipy on the CPU, image by image, after each training forward (labelling, one exact distance transform,
     k-d tree queries for the pixels within `max_dist` of a border only); measured on two shared CPU cores:
-    0.2-0.5 s for a batch of 20 polyp-like 256 x 256 masks (one to five blobs each), 0.14 s for 20 of the
-    recipe's 100 x 100 crops. It runs inside the training step (the mask is copied to the CPU after the forward),
+    0.2-0.5 s for a batch of 20 polyp-like 256 x 256 masks (one to five blobs each), 0.14 s for 20
+    100 x 100 crops. It runs inside the training step (the mask is copied to the CPU after the forward),
     not in a data-loader worker, so on a GPU it adds to each step's time.
 - Loss (code `CentroidLossV2`): mean over all pixels of the Euclidean distance between output and target vectors,
   once for the centroid and once for the border vectors, plus softmax cross-entropy of the logits, all weight 1.
