@@ -5,11 +5,12 @@ weights, and a short CPU training check per network."""
 import pytest
 import timm
 import torch
-from tests.baseline_training import n_params, recipe_training_losses
+from tests.baseline_training import check_edge_extra_loss, n_params, recipe_training_losses, toy_batch
 
 import medseg
 from medseg.config import load_recipe
 from medseg.errors import MedsegError
+from medseg.losses import build_loss
 
 RES2NET_FC = 2048 * 1000 + 1000  # the Res2Net ImageNet classifier the reference codes build and never call
 
@@ -27,7 +28,7 @@ def test_infnet_outputs_edge_guidance_and_local_weights(tmp_path):
     model = medseg.create_model("infnet", 3, 1)
     x = torch.randn(2, 3, 64, 96)
     outputs = model.train()(x)
-    assert isinstance(outputs, list) and len(outputs) == 5  # S2, S3, S4, S_g, edge
+    assert isinstance(outputs, list) and len(outputs) == 4  # S2, S3, S4, S_g; the edge map is the extra loss
     assert all(o.shape == (2, 1, 64, 96) for o in outputs)
     with torch.no_grad():
         assert model.eval()(x[:1]).shape == (1, 1, 64, 96)
@@ -41,9 +42,34 @@ def test_infnet_outputs_edge_guidance_and_local_weights(tmp_path):
     assert torch.equal(loaded.encoder.layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
 
 
+def test_infnet_edge_map_is_trained_against_the_masks_edges():
+    model = medseg.create_model("infnet", 3, 1)
+    # the edge map is the edge branch's last conv-BN; the reverse attention reads only the guidance before it
+    check_edge_extra_loss(model, model.edge.out, unreached=model.reverse[0].out[0].weight)
+    torch.manual_seed(0)
+    images, truth = toy_batch(64)
+    criterion = build_loss(load_recipe("infnet").to_dict()["loss"], [1.0] * 4)
+    model.train().zero_grad()
+    criterion(model(images), truth)[0].backward()
+    assert model.edge.out[0].weight.grad is None  # the region maps alone do not train the edge map
+    assert set(model.extra_losses(truth)) == {"edge"}  # which that forward kept for the extra loss
+
+
+def test_infnet_recipe_trains_its_edge_through_the_engine():
+    from medseg.engine.module import SegmentationModule
+
+    module = SegmentationModule(load_recipe("infnet", ["data.size=64"]).to_dict())
+    images, truth = toy_batch(64)
+    torch.manual_seed(0)
+    loss, parts = module.training_loss({"image": images, "mask": truth})
+    assert set(parts) == {"structure", "edge"} and torch.isfinite(parts["edge"])
+    assert torch.allclose(loss, parts["structure"] + 1.0 * parts["edge"])  # code: loss1 (edge BCE) weight 1
+
+
 def test_infnet_recipe_trains_on_cpu_and_follows_the_codes_schedule():
     recipe = load_recipe("infnet")
-    assert recipe.train.deep_supervision_weights == [1.0, 1.0, 1.0, 1.0, 0.0]  # no edge target in medseg
+    assert recipe.train.deep_supervision_weights == [1.0, 1.0, 1.0, 1.0]  # S2, S3, S4, S_g
+    assert recipe.train.extra_loss_weights == {"edge": 1.0}
     assert recipe.schedule.milestones == list(range(49, 99)) and recipe.train.epochs == 99  # x0.1 per epoch from 50
     first, *_, last = recipe_training_losses("infnet", size=64)
     assert last < first

@@ -4,7 +4,7 @@ their reference code, forward shapes at a small size, and a short CPU training c
 import pytest
 import timm
 import torch
-from tests.baseline_training import n_params, recipe_training_losses, toy_batch, training_losses
+from tests.baseline_training import check_edge_extra_loss, n_params, recipe_training_losses, toy_batch, training_losses
 
 import medseg
 from medseg.config import load_recipe
@@ -43,7 +43,15 @@ def test_bcsnet_four_supervised_maps_in_training_and_one_in_eval(tmp_path):
     assert loaded.encoder.conv1[0].weight.shape[1] == 1
 
 
+def test_bcsnet_boundary_map_is_trained_against_the_masks_edges():
+    model = medseg.create_model("bcsnet", 3, 1)
+    # the boundary unit's logits, upsampled x4 as the code's boundary_map; the decoder comes after the boundary unit
+    check_edge_extra_loss(model, model.boundary, unreached=model.level2.convs[-1][0].weight)
+
+
 def test_bcsnet_recipe_trains_on_cpu():
+    recipe = load_recipe("bcsnet")
+    assert recipe.train.deep_supervision_weights == [1.0] * 4 and recipe.train.extra_loss_weights == {"edge": 1.0}
     losses = recipe_training_losses("bcsnet", size=32, steps=2)
     assert losses[-1] < losses[0]
 

@@ -1,7 +1,7 @@
 """BCS-Net (Cong et al., "BCS-Net: Boundary, Context, and Semantic for Automatic COVID-19 Lung Infection Segmentation
 from CT Images", IEEE TIM 71, 2022), a baseline of M2SNet's COVID-19 table (arXiv:2303.10894, Table 3), pinned down from
 the authors' released code (rmcong/BCS-Net-TIM22, BCS-NET.zip: module/network.py, module/modules.py, utils/utils.py,
-test.py). The paper's three blocks are the code's modules:
+test.py, Dataset/edgeutil.py). The paper's three blocks are the code's modules:
 
 - Encoder: Res2Net-50-v1b (code `res2net50_v1b_26w_4s`) = timm `res2net50d`; f1..f4 = layer1..layer4 (256 / 512 /
   1024 / 2048 ch at 1/4..1/32). `encoder_weights: PATH` loads a local timm res2net50d checkpoint.
@@ -25,9 +25,12 @@ test.py). The paper's three blocks are the code's modules:
 Deviations and choices (ours, where the release is silent):
 - The release is test code only. Its `bce_iou_loss` (utils/utils.py) is the structure loss (boundary-weighted BCE +
   IoU), so the recipe supervises the four region maps [S_2, S_3, S_4, S_s] with it, weight 1 each (ours). The boundary
-  map is supervised in the paper by edge labels drawn from the masks with Canny (Dataset/edgeutil.py); medseg's deep
-  supervision scores every output against the mask, so that edge term is not applied: the boundary unit learns only
-  through its gating of the context blocks.
+  map is supervised by edge labels drawn from the masks with Canny (Dataset/edgeutil.py; its `TrainDataset` loads
+  them as Inf-Net's loader does): medseg derives them from the batch's mask (`medseg.models.targets.mask_edges`, the
+  one-pixel inner contour). The training forward keeps the boundary logits, upsampled x4 to the input size as the
+  code's returned `boundary_map`, and `extra_losses(mask)` scores them with BCE with logits (ours, as Inf-Net's code
+  scores its edge map; the release has no training loss for it), weighted by the recipe's
+  `train.extra_loss_weights["edge"]` (1, ours).
 - The code builds three `AttentionFusion` modules (1,772,544 parameters) that its forward never calls, and the
   Res2Net classifier (2,049,000); both are left out.
 
@@ -49,6 +52,7 @@ from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
 from medseg.models.pranet import ConvBN, ReceptiveFieldBlock
 from medseg.models.registry import register_model
+from medseg.models.targets import EdgeSupervised
 
 ENCODER = "res2net50d"
 SEMANTIC_WIDTH = 32
@@ -171,8 +175,9 @@ CARD = NetworkCard(
 
 
 @register_model("bcsnet", CARD)
-class BCSNet(SegmentationNetwork):
-    """BCS-Net: Res2Net-50, boundary unit, attention-guided global context, semantic guidance (deep supervision)."""
+class BCSNet(EdgeSupervised, SegmentationNetwork):
+    """BCS-Net: Res2Net-50, boundary unit, attention-guided global context, semantic guidance (deep supervision; the
+    boundary map is the extra loss "edge")."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1):
         super().__init__()
@@ -193,7 +198,8 @@ class BCSNet(SegmentationNetwork):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         f1, f2, f3, f4 = self.encoder(x)
-        boundary = torch.sigmoid(self.boundary(f1))
+        boundary_logits = self.boundary(f1)
+        boundary = torch.sigmoid(boundary_logits)
         contexts = []
         for block, features in zip(self.context, (f2, f3, f4)):
             boundary = _scale(boundary, 0.5)  # 1/8, 1/16, 1/32
@@ -213,4 +219,5 @@ class BCSNet(SegmentationNetwork):
         prediction = _scale(map2, 8)
         if not self.training:
             return prediction
+        self.keep_edge_logits(_scale(boundary_logits, 4))  # scored by extra_losses against the mask's edges
         return [prediction, _scale(map3, 16), _scale(map4, 32), _scale(semantic, 16)]

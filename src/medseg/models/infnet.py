@@ -1,7 +1,7 @@
 """Inf-Net (Fan et al., "Inf-Net: Automatic COVID-19 Lung Infection Segmentation from CT Images", IEEE TMI 2020,
 arXiv:2004.14133), the second-best network of M2SNet's COVID-19 table (arXiv:2303.10894, Table 3, "Inf-Net, R2-50"),
 pinned down from the paper (Sec. III-A, Fig. 2) and the authors' code (DengPingFan/Inf-Net:
-Code/model_lung_infection/InfNet_Res2Net.py, MyTrain_LungInf.py).
+Code/model_lung_infection/InfNet_Res2Net.py, MyTrain_LungInf.py, Code/utils/format_conversion.py).
 
 - Encoder (paper Sec. III-A; code `res2net50_v1b_26w_4s`): Res2Net-50-v1b = timm `res2net50d`, as PraNet and M2SNet;
   f1 = layer1 (256 ch, 1/4) feeds the edge branch, f3, f4, f5 = layer2..layer4 (512/1024/2048 ch) the rest.
@@ -15,12 +15,13 @@ Code/model_lung_infection/InfNet_Res2Net.py, MyTrain_LungInf.py).
 - Conv unit: the code's `BasicConv2d` is conv (no bias) + BN without its ReLU (as PraNet's code); ReLU only after
   the RFB sum and between the reverse-attention convs, as in the code.
 
-Training output (train mode): [S_2, S_3, S_4, S_g, edge], each at the input size (test output S_2 first); eval mode
+Training output (train mode): [S_2, S_3, S_4, S_g], each at the input size (test output S_2 first); eval mode
 returns S_2 only. The code supervises the four region maps with the structure loss (weighted BCE + weighted IoU,
-weight 1 each) and the edge map with plain BCE against edge labels stored as separate images. medseg's loss scores
-every output against the mask and has no edge target, so the Inf-Net recipe gives the edge output weight 0 (ours,
-until an edge target exists): the edge branch is trained only through the guidance it feeds to reverse attention.
-The edge output stays in the list so that every parameter takes part in the graph (DDP without unused parameters).
+weight 1 each) and the edge map, upsampled to the input size, with plain BCE (BCEWithLogitsLoss, weight 1; paper
+Eq. 1) against edge images it makes from the masks with Canny (`binary2edge`). medseg derives the
+edge target from the batch's mask on the fly (`medseg.models.targets.mask_edges`, the one-pixel inner contour, see
+there for how it compares with Canny): the training forward keeps the edge logits and `extra_losses(mask)` returns
+{"edge": BCE with logits}, weighted by the recipe's `train.extra_loss_weights` (1, as the code).
 
 Binary only (one sigmoid map as in the code's default `n_class=1`; the multi-class Semi-Inf-Net + FCN8s pipeline of
 the paper's Sec. III-D is a separate system): `num_classes` must be 1.
@@ -40,6 +41,7 @@ from medseg.errors import MedsegError
 from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
 from medseg.models.pranet import ConvBN, PartialDecoder, ReceptiveFieldBlock, _resize
 from medseg.models.registry import register_model
+from medseg.models.targets import EdgeSupervised
 
 ENCODER = "res2net50d"
 RFB_WIDTH = 32
@@ -87,9 +89,9 @@ CARD = NetworkCard(
 
 
 @register_model("infnet", CARD)
-class InfNet(SegmentationNetwork):
+class InfNet(EdgeSupervised, SegmentationNetwork):
     """Inf-Net: Res2Net-50 encoder, PraNet's RFBs and partial decoder, an edge branch guiding three reverse-attention
-    stages (deep supervision)."""
+    stages (deep supervision; the edge map is the extra loss "edge")."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1):
         super().__init__()
@@ -118,4 +120,5 @@ class InfNet(SegmentationNetwork):
         s4, s3, s2 = (_resize(m, x.shape[-2:]) for m in maps)
         if not self.training:
             return s2
-        return [s2, s3, s4, _resize(global_map, x.shape[-2:]), _resize(edge_map, x.shape[-2:])]
+        self.keep_edge_logits(_resize(edge_map, x.shape[-2:]))  # scored by extra_losses against the mask's edges
+        return [s2, s3, s4, _resize(global_map, x.shape[-2:])]
