@@ -2,10 +2,12 @@
 Table 1). Parameter counts pinned to their sources, forward shapes at a small size, and a short CPU training check
 (with the network's own recipe where it has one)."""
 
+import math
+
 import pytest
 import torch
 import torchvision
-from tests.baseline_training import n_params, recipe_training_losses
+from tests.baseline_training import n_params, recipe_training_losses, toy_batch
 
 import medseg
 from medseg.config import load_recipe
@@ -94,14 +96,16 @@ def test_i2unet_recipe_trains_on_cpu():
 
 
 # UM-Net: the authors' code (dxqllp/UM-Net UM-Net.py, modules.py; its class name "UM-Net" is not valid Python, counted
-# as UMNet) gives UM-Net(1) 22,789,266 parameters, STS-Net Table 1's "22.78M"; medseg leaves out the two modules its
-# forward never reaches or that nothing supervises publicly: the 1/32 ALGM's cascade conv-BN (64*64*9 + 64 + 2*64)
-# and the contour head line_predict (64*9 + 1).
-UMNET_REFERENCE, UMNET_LEFT_OUT = 22_789_266, (64 * 64 * 9 + 64 + 2 * 64) + (64 * 9 + 1)
+# as UMNet) gives UM-Net(1) 22,789,266 parameters, STS-Net Table 1's "22.78M"; medseg leaves out the one module its
+# forward never reaches: the 1/32 ALGM's cascade conv-BN (64*64*9 + 64 + 2*64). Its contour head line_predict is a
+# 3x3 conv to one map (64*9 + 1).
+UMNET_REFERENCE, UMNET_UNREACHED, UMNET_CONTOUR_HEAD = 22_789_266, 64 * 64 * 9 + 64 + 2 * 64, 64 * 9 + 1
 
 
-def test_umnet_parameter_count_is_the_reference_code_less_its_unreached_modules():
-    assert n_params(medseg.create_model("umnet", 3, 1)) == UMNET_REFERENCE - UMNET_LEFT_OUT == 22_751_633
+def test_umnet_parameter_count_is_the_reference_code_less_its_unreached_conv():
+    model = medseg.create_model("umnet", 3, 1)
+    assert n_params(model) == UMNET_REFERENCE - UMNET_UNREACHED == 22_752_210
+    assert n_params(model.contour_head) == UMNET_CONTOUR_HEAD
     assert abs(UMNET_REFERENCE / 22.78e6 - 1) < 0.01  # STS-Net Table 1
 
 
@@ -120,6 +124,45 @@ def test_umnet_deep_supervision_local_weights_and_limits(tmp_path):
         model(torch.randn(1, 3, 32, 64))
 
 
+def test_umnet_contour_focal_loss_by_hand():
+    from medseg.models.umnet import contour_focal_loss
+
+    # p = 0.5, y = 0.25: -log(0.5) (0.25 * 0.5^2 * 0.25 + 0.75 * 0.5^2 * 0.75) = 0.15625 log 2
+    assert contour_focal_loss(torch.tensor([0.5]), torch.tensor([0.25])).item() == pytest.approx(0.15625 * math.log(2))
+    # the mean over pixels; p = y = 0.01 (a flat map against no edge): 0.25 * 0.99^2 * 0.01 * -log(0.01) + ...
+    flat = 0.25 * 0.99 ** 2 * 0.01 * -math.log(0.01) + 0.75 * 0.01 ** 2 * 0.99 * -math.log(0.99)
+    pair = contour_focal_loss(torch.tensor([0.5, 0.01]), torch.tensor([0.25, 0.01]))
+    assert pair.item() == pytest.approx((0.15625 * math.log(2) + flat) / 2, rel=1e-5)
+    assert torch.isfinite(contour_focal_loss(torch.tensor([1 + 5e-5]), torch.tensor([1.0])))  # the code's NaN
+
+
+def test_umnet_contour_head_is_trained_against_the_masks_sobel_edges():
+    from medseg.models.targets import mask_sobel_edges, sobel_edges
+    from medseg.models.umnet import contour_focal_loss
+
+    model = medseg.create_model("umnet", 3, 1).train()
+    images, truth = toy_batch(64)
+    head_logits = []
+    hook = model.contour_head.register_forward_hook(lambda module, inputs, output: head_logits.append(output))
+    model(images)
+    hook.remove()
+    assert head_logits[0].shape == (2, 1, 32, 32)  # at e1's 1/2
+    losses = model.extra_losses(truth)
+    assert set(losses) == {"contour"} and torch.isfinite(losses["contour"])
+    target = mask_sobel_edges(truth, (32, 32))
+    assert torch.equal(losses["contour"], contour_focal_loss(sobel_edges(torch.sigmoid(head_logits[0])), target))
+    losses["contour"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.contour_head.parameters())
+    assert model.contour[0][0].weight.grad.abs().sum() > 0  # and into the contour branch feeding it
+    assert all(p.grad is None for p in model.final.parameters())  # not into the segmentation head
+    with pytest.raises(MedsegError, match="training forward"):
+        model.extra_losses(truth)  # dropped once scored
+    with torch.no_grad():
+        model.eval()(images)
+    with pytest.raises(MedsegError, match="training forward"):
+        model.extra_losses(truth)  # an eval forward keeps nothing
+
+
 def test_umnet_reverse_guidance_ignores_confident_foreground():
     from medseg.models.umnet import ReverseContextGuidance
 
@@ -135,5 +178,6 @@ def test_umnet_recipe_trains_on_cpu_with_the_codes_deep_supervision():
     recipe = load_recipe("umnet")
     assert recipe.train.deep_supervision_weights == [0.2] * 5  # code: the mean of the five maps' losses
     assert recipe.schedule.milestones == [59, 119] and recipe.schedule.gamma == 0.5  # halved from epochs 60 and 120
+    assert recipe.train.extra_loss_weights == {"contour": 1.0}  # code: + sobel_loss
     losses = recipe_training_losses("umnet", size=64, steps=2, optimiser="recipe")
     assert losses[-1] < losses[0]

@@ -12,9 +12,10 @@ is dxqllp/UM-Net's UM-Net.py apart from the class name and the contour head's ke
   scalar). Nothing is detached: v is part of the objective, as in the code.
 
 The code averages L over its five maps (main, 1/2, 1/4, 1/8, 1/16: deep-supervision weights 0.2 each in a recipe)
-and adds a focal loss between Sobel edges of its contour output and of the mask; medseg's umnet has no contour head,
-so that term is not here. The code resizes the mask bilinearly (soft targets) for the side outputs; medseg's
-deep-supervision wrapper resizes it nearest (ours).
+and adds, weight 1, a focal loss between Sobel edges of its contour output and of the mask: that term is the
+network's own (medseg.models.umnet `extra_losses`, "contour" in a recipe's `train.extra_loss_weights`), as it needs
+the contour output the segmentation losses do not see. The code resizes the mask bilinearly (soft targets) for the
+side outputs; medseg's deep-supervision wrapper resizes it nearest (ours).
 """
 
 from __future__ import annotations

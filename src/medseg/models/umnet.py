@@ -1,6 +1,7 @@
 """UM-Net (Du et al., "UM-Net: Rethinking ICGNet for polyp segmentation with uncertainty modeling", Medical Image
 Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (Sci. Rep. 2025), pinned down from the authors' code
-(dxqllp/UM-Net: UM-Net.py, modules.py; the repository has no training script).
+(dxqllp/UM-Net: UM-Net.py, modules.py; the repository has no training script, the contour loss is that of the
+network's earlier name, umICGNet: chip-xu/umICGNet: utils/loss.py, utils/sobel.py, train.py in its history).
 
 - Encoder: torchvision ResNet-34 (the code loads ImageNet weights): e1 = ReLU(BN(conv1)) at 1/2, e2..e5 = layer1..4;
   e3, e4, e5 reduced to 64 ch by 1x1 conv-BN-ReLU. `encoder_weights: PATH` loads a local torchvision resnet34 file.
@@ -11,9 +12,8 @@ Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (Sci. Rep. 2025), pi
   outputs (one for its own level, three passed down), the 1/16 three, 1/8 two, 1/4 one; a cascaded module adds
   conv-BN-ReLU(|upsampled coarser output - own output|) to each output.
 - Contour branch (code `cbam`): on e1, conv-BN-ReLU, CBAM (channel MLP reduction 16 on avg and max, 7x7 spatial
-  conv on [max, mean]), conv-BN-ReLU, to 64 ch at 1/2. The code's contour head (`line_predict`, a 3x3 conv to one
-  map, 577 parameters) is left out: its target (edge maps) and loss are not in the public code and nothing else
-  reads it (ours).
+  conv on [max, mean]), conv-BN-ReLU, to 64 ch at 1/2. Its contour head (code `line_predict`, a 3x3 conv to one
+  map; umICGNet's is a 1x1 conv, dxqllp/UM-Net's kernel is kept) runs in training mode only (nothing else reads it).
 - Reverse context guidance (code `RCG`), at 1/16, 1/8, 1/4: the encoder feature times 1 - sigmoid(previous side
   output), concatenated with the resized contour feature, 3x3 conv-BN-ReLU, times a 1x1-conv sigmoid gate, plus
   the encoder feature.
@@ -27,12 +27,24 @@ Analysis 99, 103347, 2025), a baseline of STS-Net's Table 1 (Sci. Rep. 2025), pi
 - Outputs: the code returns sigmoid maps [main, side 1/2, 1/4, 1/8, 1/16, contour]; medseg returns logits, in
   training mode [main, side 1/2, 1/4, 1/8, 1/16] (deep supervision against the mask, the losses resize the mask),
   in eval mode the main map. Binary only: the side outputs that drive the reverse guidance are one map.
+- Contour loss (umICGNet utils/loss.py `Deep_Loss`, `Focal_loss`): the training forward keeps the contour logits
+  (1/2 size) and `extra_losses(mask)` returns {"contour": focal(sobel_edges(sigmoid(contour)), target)}, the target
+  `mask_sobel_edges` of the mask halved bilinearly (medseg.models.targets: both soft magnitudes, no threshold).
+  The focal loss takes the two soft maps as probability and label: mean over pixels of
+  -alpha (1 - p)^gamma log(p + eps) y - (1 - alpha) p^gamma log(1 - p + eps) (1 - y), alpha 0.25, gamma 2, eps 1e-7;
+  where p exceeds 1 (only on the image border, p at most sqrt(1 + 1e-4)) the code's log(1 - p + eps) is NaN,
+  medseg's clamps 1 - p at 0 (ours). The code adds it with weight 1 to the mean of the five maps' losses (the
+  recipe's `train.extra_loss_weights`). Every eval forward drops the kept logits.
 
-Parameters (3 in, 1 out): 22,751,633 = the reference code's UM-Net(1) count 22,789,266 (STS-Net Table 1: 22.78M;
-the code's class name "UM-Net" is not valid Python, counted as UMNet) less two modules its forward never reaches:
-the 1/32 ALGM's cascade conv-BN (37,056; that module is not cascaded) and the contour head (577).
+Parameters (3 in, 1 out): 22,752,210 = the reference code's UM-Net(1) count 22,789,266 (STS-Net Table 1: 22.78M;
+the code's class name "UM-Net" is not valid Python, counted as UMNet) less the one module its forward never
+reaches: the 1/32 ALGM's cascade conv-BN (37,056 = 64*64*9 + 64 + 2*64; that module is not cascaded). The contour
+head is the code's 577 (64*9 + 1); umICGNet's 1x1 head would have 65.
 Inputs: multiples of 32, at least 64 px (the 1/32 non-local block pools 2 x 2). Checked against the reference code
-(its weights copied across, eval mode): sigmoid of the main output equals the code's to 6e-8 at 128 x 160.
+(its weights copied across, eval mode): sigmoid of the main output equals the code's to 6e-8 at 128 x 160. The
+contour branch and head given the code's `cbam` and `line_predict` weights, and the contour loss, equal the code's
+exactly (on one e1 at 1/2 of 128 x 160, BN in training and eval mode; the loss against umICGNet's Sobel and
+Focal_loss run on the CPU).
 """
 
 from __future__ import annotations
@@ -45,12 +57,14 @@ from torch import nn
 
 from medseg.errors import MedsegError
 from medseg.models.acsnet import NonLocalBlock
-from medseg.models.base import EncoderCard, NetworkCard, SegmentationNetwork
+from medseg.models.base import EncoderCard, ExtraLosses, NetworkCard, SegmentationNetwork
 from medseg.models.registry import register_model
+from medseg.models.targets import mask_sobel_edges, sobel_edges
 
 WIDTH = 64
 ALGM_DILATIONS = ((1, 3, 5), (2, 6, 10), (3, 9, 15), (4, 12, 20))  # 1/32, 1/16, 1/8, 1/4 (code pool_size)
 MIN_SIZE = 64
+CONTOUR_FOCAL_ALPHA, CONTOUR_FOCAL_GAMMA, CONTOUR_FOCAL_EPS = 0.25, 2.0, 1e-7  # umICGNet utils/loss.py Focal_loss
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3, dilation: int = 1) -> nn.Sequential:
@@ -149,6 +163,15 @@ class PyramidPoolingFusion(nn.Module):
         return self.out(self.gate(z) * feat)
 
 
+def contour_focal_loss(edges: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """umICGNet's `Focal_loss` between soft edge maps (the prediction's as probability, the mask's as label), mean
+    over every pixel; 1 - p is clamped at 0 where the code's log would be NaN (ours)."""
+    positive = -CONTOUR_FOCAL_ALPHA * (1 - edges) ** CONTOUR_FOCAL_GAMMA * torch.log(edges + CONTOUR_FOCAL_EPS)
+    negative = -(1 - CONTOUR_FOCAL_ALPHA) * edges ** CONTOUR_FOCAL_GAMMA \
+        * torch.log((1 - edges).clamp(min=0) + CONTOUR_FOCAL_EPS)
+    return (positive * target + negative * (1 - target)).mean()
+
+
 RESNET34 = EncoderCard(family="torchvision", name="resnet34", module="encoder", first_conv="conv1.weight")
 CARD = NetworkCard(paper="Du et al., UM-Net: Rethinking ICGNet for polyp segmentation with uncertainty modeling, "
                          "Medical Image Analysis 2025", size_multiple=32, default_size=352, encoder=RESNET34,
@@ -156,8 +179,11 @@ CARD = NetworkCard(paper="Du et al., UM-Net: Rethinking ICGNet for polyp segment
 
 
 @register_model("umnet", CARD)
-class UMNet(SegmentationNetwork):
-    """UM-Net: ResNet-34, local-global modules, contour-guided reverse attention, pyramid fusion (deep sup.)."""
+class UMNet(ExtraLosses, SegmentationNetwork):
+    """UM-Net: ResNet-34, local-global modules, contour-guided reverse attention, pyramid fusion (deep sup.; the
+    contour head is the extra loss "contour")."""
+
+    _contour_logits: torch.Tensor | None = None  # the last training forward's, until extra_losses scores them
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1):
         super().__init__()
@@ -172,6 +198,7 @@ class UMNet(SegmentationNetwork):
         self.local_global = nn.ModuleList(LocalGlobalModule(d, outputs=4 - i, cascade=i > 0)
                                           for i, d in enumerate(ALGM_DILATIONS))  # 1/32, 1/16, 1/8, 1/4
         self.contour = nn.Sequential(_conv_bn_relu(WIDTH, WIDTH), CBAM(WIDTH), _conv_bn_relu(WIDTH, WIDTH))
+        self.contour_head = nn.Conv2d(WIDTH, 1, 3, padding=1)  # code line_predict
         self.guidance = nn.ModuleList(ReverseContextGuidance() for _ in range(3))  # 1/16, 1/8, 1/4
         self.decoder = nn.ModuleList([DecoderBlock(WIDTH), *(DecoderBlock(3 * WIDTH) for _ in range(3))])
         self.sides = nn.ModuleList(SideOutput() for _ in range(4))  # 1/16, 1/8, 1/4, 1/2
@@ -195,6 +222,7 @@ class UMNet(SegmentationNetwork):
             context = module(feature, context[1:])
             contexts.append(context[0])
         contour = self.contour(e1)
+        self._contour_logits = self.contour_head(contour) if self.training else None
         d = self.decoder[0](top[0])  # 1/16
         sides, maps = [self.sides[0](d)], [d]
         for i, (feature, ctx) in enumerate(zip(skips[::-1], contexts)):
@@ -207,3 +235,13 @@ class UMNet(SegmentationNetwork):
         if not self.training:
             return main
         return [main, *sides[::-1]]  # main, then 1/2, 1/4, 1/8, 1/16
+
+    def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"contour": the code's focal loss between the Sobel edges of the last training forward's contour map and
+        of `mask` (N, H, W labels)}; the kept logits are released, so each is scored once."""
+        logits, self._contour_logits = self._contour_logits, None
+        if logits is None:
+            raise MedsegError("UMNet.extra_losses needs the contour logits of a training forward; there was none "
+                              "since the last call")
+        edges = sobel_edges(torch.sigmoid(logits.float()))
+        return {"contour": contour_focal_loss(edges, mask_sobel_edges(mask, logits.shape[-2:]))}
