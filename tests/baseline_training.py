@@ -9,6 +9,7 @@ import medseg
 from medseg.config import load_recipe
 from medseg.engine.optim import build_optimizer
 from medseg.losses import build_loss
+from medseg.models.base import ExtraLosses
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -28,9 +29,9 @@ def toy_batch(size: int, num_classes: int = 1) -> tuple[torch.Tensor, torch.Tens
 
 def recipe_training_losses(recipe_name: str, size: int, steps: int = 2, optimiser: str = "adam",
                            **options) -> list[float]:
-    """The recipe's own loss (with its deep-supervision weights) over a few steps on one tiny batch: `optimiser`
-    "adam" at the recipe's lr, or "recipe" for the recipe's optimiser; `options` override model options (narrower
-    widths keep the check short on two busy cores)."""
+    """The recipe's own loss (with its deep-supervision and extra-loss weights) over a few steps on one tiny batch:
+    `optimiser` "adam" at the recipe's lr, or "recipe" for the recipe's optimiser; `options` override model options
+    (narrower widths keep the check short on two busy cores)."""
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)
     num_classes = recipe.model.num_classes
@@ -38,16 +39,21 @@ def recipe_training_losses(recipe_name: str, size: int, steps: int = 2, optimise
     criterion = build_loss(recipe.to_dict()["loss"], recipe.train.deep_supervision_weights)
     optimizer = (build_optimizer(model, recipe.optim) if optimiser == "recipe"
                  else torch.optim.Adam(model.parameters(), lr=recipe.optim.lr))
-    return training_losses(model, criterion, optimizer, *toy_batch(size, num_classes), steps)
+    return training_losses(model, criterion, optimizer, *toy_batch(size, num_classes), steps,
+                           recipe.train.extra_loss_weights)
 
 
 def training_losses(model: torch.nn.Module, criterion, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                    truth: torch.Tensor, steps: int) -> list[float]:
-    """The loss at each of `steps` optimisation steps on one batch (all finite)."""
+                    truth: torch.Tensor, steps: int, extra_loss_weights: dict[str, float] | None = None) -> list[float]:
+    """The loss at each of `steps` optimisation steps on one batch (all finite), with the network's own extra
+    losses (`ExtraLosses`) weighted as the engine weighs them (each must have a weight)."""
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
         loss, _ = criterion(model(images), truth)
+        if isinstance(model, ExtraLosses):
+            for name, value in model.extra_losses(truth).items():
+                loss = loss + (extra_loss_weights or {})[name] * value
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
