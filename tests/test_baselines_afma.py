@@ -38,8 +38,10 @@ def test_forward_shapes_training_cache_and_limits():
     assert model._training_afma is None  # eval forwards keep nothing for the loss
     with pytest.raises(ValueError, match="at least 40 px"):
         model(torch.randn(1, 3, 32, 64))
-    with pytest.raises(MedsegError, match="num_classes >= 2"):
-        medseg.create_model("deeplabv3_afma", 3, 1)
+    binary = medseg.create_model("deeplabv3_afma", 3, 1).eval()  # a sigmoid head: AFMA for the foreground alone
+    with torch.no_grad():
+        assert binary(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert binary.afma.feature_conv.out_channels == 1
     with pytest.raises(MedsegError, match="att_depth"):
         medseg.create_model("deeplabv3_afma", 3, 2, att_depth=0)
 
@@ -54,6 +56,7 @@ def test_gold_afma_of_a_quadrant_mask_by_hand():
     assert gold.shape == (1, 2, 4, 1)
     assert torch.equal(gold[0, 1, :, 0], torch.tensor([0.25, 0.0, 0.0, 0.0]))
     assert torch.equal(gold[0, 0, :, 0], torch.tensor([0.0, 0.75, 0.75, 0.75]))
+    assert torch.equal(gold_afma(labels, 1, factor=2), gold[:, 1:])  # a sigmoid head: the foreground's alone
 
 
 def test_output_modification_by_hand():
@@ -77,6 +80,9 @@ def test_output_modification_by_hand():
             background[r: r + 5, c: c + 5] = False
     assert close(out[0, 0], torch.where(background, 2.0, 1.0))
     assert torch.equal(modify_output(logits, torch.zeros_like(afma), factor=2), logits)  # no attention, no change
+    foreground = logits[:, 1:] - logits[:, :1]  # the same prediction as a sigmoid logit (> 0 where class 1 wins)
+    binary = modify_output(foreground, afma[:, 1:], factor=2)[0, 0]
+    assert close(binary, torch.where(grid, 2 * foreground[0, 0], foreground[0, 0]))
 
 
 def test_afma_loss_is_finite_has_gradient_and_is_used_once(tmp_path):

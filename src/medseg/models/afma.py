@@ -30,7 +30,8 @@ utils/losses.py, main.py), which is built on segmentation_models_pytorch 0.2.
   DeepLabV3 is not in the code). At depths 4 and 5 the features are at 1/8 (dilated), so the mask side pools by
   8, as the code's head and loss clamp the depth to 3 for DeepLabV3.
 
-Softmax heads only (num_classes >= 2): AFMA is defined per class of an argmax (background included).
+A one-channel (sigmoid) head gets AFMA for the foreground alone (ours; the code is softmax only): the predicted
+mask is logit > 0, the gold mask the label's foreground; `sigmoid(z)` is the two-class softmax of (0, z).
 
 Parameters (3 in, 2 classes, att_depth 2): 39,156,998 = smp DeepLabV3-ResNeXt50 39,105,858 + AFMA 51,140 (image
 convs 9,472 + 1,154, feature conv 514, patch linears 40,000); STS-Net Table 1's "39.15" M (every att_depth gives
@@ -68,15 +69,17 @@ def fold_patches(x: torch.Tensor, image_size: tuple[int, int], size: int = PATCH
     return F.fold(x.transpose(-1, -2).reshape(n, c * size * size, count), image_size, size, stride=size)
 
 
-def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(N, H, W) labels -> (N, classes, H, W) float one-hot."""
+def class_masks(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N, H, W) labels -> (N, classes, H, W) float one-hot; for a one-channel head, the foreground alone."""
+    if num_classes == 1:
+        return (labels > 0).float().unsqueeze(1)
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
 def gold_afma(labels: torch.Tensor, num_classes: int, factor: int, size: int = PATCH) -> torch.Tensor:
     """The AFMA a perfect network would give (paper Fig. 2c): per class, the dot products of the one-hot mask's
     patches with the patches of that mask average-pooled by `factor`, / size^2. (N, classes, L_image, L_feature)."""
-    mask = one_hot(labels, num_classes)
+    mask = class_masks(labels, num_classes)
     pooled = F.avg_pool2d(mask, factor)  # code: a frozen all-ones conv with stride = kernel, / factor^2
     return patches(mask, size) @ patches(pooled, size).transpose(-1, -2) / (size * size)
 
@@ -84,7 +87,9 @@ def gold_afma(labels: torch.Tensor, num_classes: int, factor: int, size: int = P
 def modify_output(logits: torch.Tensor, afma: torch.Tensor, factor: int, size: int = PATCH) -> torch.Tensor:
     """Output modification (paper Fig. 2b): logits + correction * logits, the correction carried from the argmax
     masks at the feature's resolution to the image's patches by the (row-normalised) AFMA."""
-    predicted = one_hot(logits.argmax(dim=1), logits.shape[1]).to(logits.dtype)
+    channels = logits.shape[1]
+    labels = logits.argmax(dim=1) if channels > 1 else logits[:, 0] > 0
+    predicted = class_masks(labels, channels).to(logits.dtype)
     pooled = patches(F.avg_pool2d(predicted, factor), size)  # (N, C, L_feature, size^2)
     nonzero = (afma != 0).sum(dim=-1, keepdim=True) + NONZERO_EPS
     correction = fold_patches((afma / nonzero) @ pooled, tuple(logits.shape[-2:]), size)
@@ -126,9 +131,6 @@ class DeepLabV3AFMA(ExtraLosses, SegmentationNetwork):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, att_depth: int = 2):
         super().__init__()
-        if num_classes < 2:
-            raise MedsegError("deeplabv3_afma needs num_classes >= 2: AFMA is computed per class of a softmax "
-                              "(background included); use a two-class head")
         if not 1 <= att_depth <= 5:
             raise MedsegError(f"att_depth is the encoder stage AFMA reads, 1..5; got {att_depth}")
         self.network = smp.DeepLabV3(encoder_name=ENCODER, encoder_weights=None, in_channels=in_channels,
