@@ -57,6 +57,7 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "m2snet": ("m2snet", {}, "res2net50d", "resnext50_32x4d"),
     "msnet": ("msnet", {}, "res2net50d", "resnet50"),
     "stsnet": ("stsnet", {}, "resnext50_32x4d", "res2net50d"),
+    "deeplabv3_afma": ("deeplabv3_afma", {}, "resnext50_32x4d", "resnet50"),
     "stsnet_resnet50": ("stsnet", {"encoder": "resnet50"}, "resnet50", "dpn68"),
     "stsnet_mobilenet_v2": ("stsnet", {"encoder": "mobilenet_v2"}, "mobilenet_v2", "efficientnet-b0"),
     "stsnet_efficientnet": ("stsnet", {"encoder": "efficientnet-b0"}, "efficientnet-b0", "mobilenet_v2"),

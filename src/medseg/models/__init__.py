@@ -2,6 +2,7 @@
 
 from medseg.models import (  # noqa: F401  (registers the networks)
     acsnet,
+    afma,
     bcsnet,
     caranet,
     centroidnet,
