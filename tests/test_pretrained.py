@@ -77,7 +77,8 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "denseaspp": ("denseaspp", {}, "densenet121", "resnet34"),
     "ehformer": ("ehformer", {"stage": 1}, "mit_b5", "resnet34"),
 }
-BINARY_ONLY = {"acsnet", "caranet", "ehformer"}  # networks whose heads are one foreground map (the others are built with 2 classes)
+# networks whose heads are one foreground map (the others are built with 2 classes)
+BINARY_ONLY = {"acsnet", "caranet", "ehformer"}
 
 
 def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:
