@@ -86,8 +86,9 @@ def mit_b5(in_channels: int) -> nn.Module:
     Initialised once, as SegFormer does: smp re-applies the same init per layer, per block and per encoder, which
     takes a quarter of a minute per MiT-B5 on a CPU, so it is built with the fills skipped. SegFormer's
     trunc_normal(std 0.02, a=-2, b=2) truncates at 100 standard deviations: it is a normal(0, 0.02)."""
-    with SkippedInit():
-        encoder = get_encoder(ENCODER, in_channels=in_channels, weights=None)
+    device = torch.get_default_device()  # meta when `medseg weights inspect` plans a load
+    with torch.device("cpu"), SkippedInit():  # smp's constructor reads tensors (.item()): not on meta
+        encoder = get_encoder(ENCODER, in_channels=in_channels, weights=None).to(device)
     initialised = 0
     with torch.no_grad():
         for module in encoder.modules():
