@@ -42,7 +42,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         torch.save({f"features.{k}": v for k, v in features.items()}, folder / f"{vgg}.pth")
     for name in ("inception_v3", "xception65", "vit_base_r50_s16_224", "res2net101d"):
         torch.save(timm.create_model(name, pretrained=False).state_dict(), folder / f"{name}.pth")
-    for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16"):  # smp's own encoder layouts
+    for name in ("mobilenet_v2", "efficientnet-b0", "dpn68", "vgg16", "mit_b5"):  # smp's own encoder layouts
         smp_state = get_encoder(name, in_channels=3, weights=None).state_dict()
         save_file({k: v.contiguous() for k, v in smp_state.items()}, str(folder / f"{name}.safetensors"))
     # timm's VGG-16 (fcn8s) under another name than smp's vgg16 file; its 1000-class head is left out (unused)
@@ -76,8 +76,10 @@ CASES = {  # id: (network, options, its encoder file, another architecture's fil
     "transunet": ("transunet", {}, "vit_base_r50_s16_224", "resnet34"),
     "caranet": ("caranet", {}, "res2net101d", "res2net50d"),
     "denseaspp": ("denseaspp", {}, "densenet121", "resnet34"),
+    "ehformer": ("ehformer", {"stage": 1}, "mit_b5", "resnet34"),
 }
-BINARY_ONLY = {"acsnet", "caranet"}  # networks whose heads are one foreground map (the others are built with 2 classes)
+# networks whose heads are one foreground map (the others are built with 2 classes)
+BINARY_ONLY = {"acsnet", "caranet", "ehformer"}
 
 
 def _renamed(key: str, rename: tuple[tuple[str, str], ...]) -> str:

@@ -181,7 +181,8 @@ def load_weights(target: nn.Module, path: str | Path, *, what: str, first_conv: 
 
         for name in plan.adapted:
             matched[name] = adapt_input_conv(own[name].shape[1], matched[name], base_chans=matched[name].shape[1])
-    target.load_state_dict(matched, strict=False)
+    # nn.Module's own method: an encoder may override it without `strict` (smp's MixVisionTransformerEncoder)
+    nn.Module.load_state_dict(target, matched, strict=False)
     return LoadReport(file=str(path), what=what, loaded=len(matched), missing_buffers=plan.missing_buffers,
                       reinitialised=plan.reinitialised, unused=plan.unused, adapted=plan.adapted)
 

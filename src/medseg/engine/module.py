@@ -1,13 +1,13 @@
 """The Lightning module: one network, the recipe's loss, optimiser and schedule; no per-model cases.
 
-Training: the network's output (a tensor, or a list for deep supervision) goes through the recipe's
-loss; extra terms a network reports through `extra_losses(mask)` (a regulariser, an auxiliary output
-scored against a target derived from the mask) are added with the weights of `train.extra_loss_weights`,
-and `optim.kernel_l2` adds a Keras-style L2 of the conv kernels (FocusNet). Validation: the eval-mode
-output is scored per image at threshold 0.5 (argmax for multi-class) with the `paper` protocol's empty
-rule, so `val/dice` is the mean per-image Dice that `best.ckpt` is chosen by. `val/loss` is the loss of
-that one output, so for a deeply supervised network it is on another scale than `train/loss` (the weighted
-sum over all heads).
+Training: the network's output (a tensor, or a list for deep supervision) goes through the recipe's loss; an
+`EpochScheduled` network is told each epoch before it trains; extra terms a network reports through
+`extra_losses(mask)` (a regulariser, an auxiliary output scored against a target derived from the mask) are
+added with the weights of `train.extra_loss_weights`, and `optim.kernel_l2` adds a Keras-style L2 of the conv
+kernels (FocusNet). Validation: the eval-mode output is scored per image at threshold 0.5 (argmax for multi-
+class) with the `paper` protocol's empty rule, so `val/dice` is the mean per-image Dice that `best.ckpt` is
+chosen by. `val/loss` is the loss of that one output, so for a deeply supervised network it is on another
+scale than `train/loss` (the weighted sum over all heads).
 
 Logging: `train/loss` and, for a composite loss, each term (`train/dice`, `train/nhsic`, `train/kernel_l2`, ...)
 per step and as epoch means, `val/*` as epoch means, all with `self.log_dict` / `self.log` to the trainer's
@@ -29,7 +29,7 @@ from medseg.losses import build_loss
 from medseg.losses.m2snet import LossNet
 from medseg.metrics import confusion_counts, predict_labels, summary_metrics
 from medseg.models import create_model
-from medseg.models.base import ExtraLosses
+from medseg.models.base import EpochScheduled, ExtraLosses
 from medseg.weights import LoadReport
 
 VAL_METRICS = ("dice", "iou", "mdice", "miou", "sensitivity", "precision")
@@ -134,6 +134,10 @@ class SegmentationModule(L.LightningModule):
         steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         scheduler = build_scheduler(optimizer, self.recipe.schedule, self.recipe.train.epochs, steps)
         return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.model, EpochScheduled):
+            self.model.set_training_progress(self.current_epoch, self.recipe.train.epochs)
 
     def on_train_start(self) -> None:
         """A run resumed with another `train.epochs`: the restored optimiser holds the lr the old plan gave for

@@ -9,6 +9,7 @@ from medseg.models import (  # noqa: F401  (registers the networks)
     deeplab,
     denseaspp,
     doubleunet,
+    ehformer,
     enet,
     fcn,
     focusnet,

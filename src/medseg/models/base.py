@@ -22,6 +22,8 @@ Capabilities, each a mixin class the engine tests with `isinstance`:
 - `Gated`: attention gates whose first-layer coefficients can be recorded and saved;
 - `ExtraLosses`: loss terms computed by the network itself, from its last training forward and the batch's
   mask (Fovea-UNet's nHSIC; auxiliary outputs trained against targets derived from the mask);
+- `EpochScheduled`: a training forward that changes with the epoch (EH-Former's easy / hard fusion weight);
+  the engine tells it the epoch at each epoch's start;
 - `KernelRegularised`: the conv kernels a Keras-style L2 acts on, with their factors (FocusNet);
 - `NamedFeatureLayers`: the layers whose features the paper analyses, the defaults of `medseg analyze cka`
   (Fovea-UNet: its Ghost modules' intrinsic features).
@@ -209,6 +211,16 @@ class ExtraLosses(ABC):
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{name: scalar} from the last training forward and that batch's mask (N, H, W labels); the engine
         adds each with the recipe's weight."""
+
+
+class EpochScheduled(ABC):
+    """A network whose training depends on how far training has come (EH-Former's D-Fusion weight). The engine
+    calls `set_training_progress` at the start of every training epoch; what it sets must live in the network's
+    state (a buffer), so a saved model evaluates with the value of its epoch."""
+
+    @abstractmethod
+    def set_training_progress(self, epoch: int, epochs: int) -> None:
+        """`epoch`: the 0-based epoch about to train; `epochs`: the recipe's `train.epochs`."""
 
 
 class KernelRegularised(ABC):

@@ -16,7 +16,7 @@ return it. The trainer prints `report.summary()` and stores `report.to_dict()` w
 
 `smp_encoder_card(name, module)` is the table of segmentation_models_pytorch encoders: their files have
 torchvision's layout (smp's encoders subclass torchvision's models; the classifier is unused), except
-efficientnet-b0 (lukemelas efficientnet_pytorch) and dpn68 (Cadene pretrainedmodels).
+efficientnet-b0 (lukemelas efficientnet_pytorch), dpn68 (Cadene pretrainedmodels) and mit_b5 (NVlabs SegFormer's).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ SMP_FIRST_CONV = {  # smp encoder name -> the key of its first convolution's ker
     "efficientnet-b0": "_conv_stem.weight",
     "dpn68": "features.conv1_1.conv.weight",
     "vgg16": "features.0.weight",
+    "mit_b5": "patch_embed1.proj.weight",
 }
 
 
