@@ -85,6 +85,12 @@ def check_edge_extra_loss(model: torch.nn.Module, edge_head: torch.nn.Module, un
     losses["edge"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in edge_head.parameters())
     assert unreached.grad is None
+    check_scored_once(model, images, truth)
+
+
+def check_scored_once(model: torch.nn.Module, images: torch.Tensor, truth: torch.Tensor) -> None:
+    """After extra_losses(truth) has scored a training forward's outputs: a second call finds none, and neither does
+    one after an eval forward only (eval forwards keep nothing)."""
     with pytest.raises(MedsegError, match="training forward"):
         model.extra_losses(truth)  # dropped once scored
     with torch.no_grad():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torchvision
-from tests.baseline_training import n_params, recipe_training_losses, toy_batch
+from tests.baseline_training import check_scored_once, n_params, recipe_training_losses, toy_batch
 
 import medseg
 from medseg.config import load_recipe
@@ -155,12 +155,7 @@ def test_umnet_contour_head_is_trained_against_the_masks_sobel_edges():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.contour_head.parameters())
     assert model.contour[0][0].weight.grad.abs().sum() > 0  # and into the contour branch feeding it
     assert all(p.grad is None for p in model.final.parameters())  # not into the segmentation head
-    with pytest.raises(MedsegError, match="training forward"):
-        model.extra_losses(truth)  # dropped once scored
-    with torch.no_grad():
-        model.eval()(images)
-    with pytest.raises(MedsegError, match="training forward"):
-        model.extra_losses(truth)  # an eval forward keeps nothing
+    check_scored_once(model, images, truth)
 
 
 def test_umnet_reverse_guidance_ignores_confident_foreground():
