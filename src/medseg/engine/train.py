@@ -254,7 +254,8 @@ def initialisation_notes(recipe: Recipe, module: SegmentationModule) -> tuple[Re
     from_file = bool(model.load_reports)
     if model.card.paper_weights and not from_file:
         notes.append(f"{recipe.model.name} starts from random weights, the paper from {model.card.paper_weights}: "
-                     "give model.encoder_weights=FILE (`medseg weights list` says which file)")
+                     "give it with model.encoder_weights=FILE or model.weights=FILE (`medseg weights list` says "
+                     "which)")
     for index, term in enumerate(recipe.loss):
         if term.name == "lossnet" and not (term.model_extra or {}).get("vgg_weights"):
             notes.append(f"lossnet runs on a random VGG-16, the paper's is ImageNet-trained: give "
