@@ -7,7 +7,8 @@ A study file (YAML, validated by `StudyFile`):
     name: polyp-cpu
     data: {train: DATA, test: [OTHER, ...]}   # paths relative to the study file; `--data` / `--test` override
     set: {data.size: 128, train.epochs: 10}   # overrides for every model
-    models: [{recipe: unet}, {recipe: anunet, name: anunet-L3, level: 3, set: {...}}]
+    models: [{recipe: unet}, {recipe: anunet, name: anunet-L3, level: 3, set: {...}},
+             {recipe: ehformer_stage1, name: stage1}, {recipe: ehformer, init_from: stage1}]
     seeds: [0, 1, 2]
     folds: 5                 # grouped k-fold on data.train; omit for one fixed held-out split
     groups: '^(?P<group>[^_]+)_'   # the patient / volume id in a file stem: no group in two folds (default:
@@ -29,6 +30,13 @@ last checkpoint, and a re-run of a finished study only re-aggregates. Each run e
 reported with its log and the others go on; `--jobs N` runs N at once, `--executor ray` submits each as a
 Ray task. Every run gets the same number of CPU threads (`--threads`) under either executor, so local and
 Ray results agree to the last digit.
+
+Two-stage training (`init_from: ROW`, another row of the study): for each training dataset, seed and fold the
+row's recipe gets `model.weights` = that row's run's `model/model.safetensors` (the same dataset, seed and
+fold), so its run starts after that one, in the next wave of runs; a first stage that failed leaves its second
+stage not started, marked failed with the reason. The first stage's run name (which carries its hash) is part of
+the second stage's hash, so a new first stage makes a new second stage. Ours: the hash takes that file's path
+within the study folder, so a moved study folder keeps its runs; the job's recipe has the absolute path.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from medseg.engine.study_report import aggregate, read_results_csv, write_result
 from medseg.errors import MedsegError, user_message
 from medseg.files import write_text_atomic
 from medseg.metrics import get_protocol
+from medseg.models.saving import WEIGHTS_NAME
 
 HOLDOUT_FOLDS = 5  # without `folds`: the first of 5 grouped folds is the fixed test set (20 %)
 
@@ -73,6 +82,7 @@ class StudyModel(Strict):
     name: Optional[str] = None  # default: the recipe name (with -L<level> for a pruned variant)
     set: dict[str, Any] = Field(default_factory=dict)
     level: Optional[int] = Field(None, ge=1)  # evaluate this pruning level (ANU-Net L1..L4)
+    init_from: Optional[str] = None  # another row: start each run from its run's model (same data, seed, fold)
 
 
 def _as_list(value: Any) -> Any:
@@ -138,6 +148,7 @@ class Job:
     protocol: str
     levels: list[Optional[int]]
     cells: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)  # the runs it starts from (init_from), to finish first
 
 
 @dataclass
@@ -208,6 +219,35 @@ def model_names(study: StudyFile) -> list[str]:
     if duplicates:
         raise MedsegError(f"study {study.name}: the models {duplicates} appear twice; give each a `name`")
     return names
+
+
+def chain_order(study: StudyFile, names: list[str]) -> list[int]:
+    """The indices of the study's rows, each after the row it starts from (`init_from`), otherwise in file order;
+    an unknown row, a row starting from itself or a pruning-level variant, and a cycle are refused in one line."""
+    index = {name: i for i, name in enumerate(names)}
+    for model, name in zip(study.models, names):
+        first = model.init_from
+        if first is None:
+            continue
+        if first == name:
+            raise MedsegError(f"study {study.name}: model {name!r} has init_from {first!r}, itself; name the row "
+                              "of its first stage")
+        if first not in index:
+            raise MedsegError(f"study {study.name}: model {name!r} has init_from {first!r}, which is not one of "
+                              f"its models {names}")
+        if study.models[index[first]].level is not None:
+            raise MedsegError(f"study {study.name}: model {name!r} starts from {first!r}, a pruning-level variant "
+                              "(scored pruned, trained whole); name the row that trains that network")
+    depth: dict[str, int] = {}
+    for name in names:
+        chain = [name]
+        while study.models[index[chain[-1]]].init_from is not None:
+            chain.append(study.models[index[chain[-1]]].init_from)  # type: ignore[arg-type]
+            if chain[-1] in chain[:-1]:
+                raise MedsegError(f"study {study.name}: the models start from each other in a cycle: "
+                                  f"{' -> '.join(chain)}")
+        depth[name] = len(chain) - 1
+    return sorted(range(len(names)), key=lambda i: depth[names[i]])  # stable: file order within a depth
 
 
 def resolve_recipe(model: StudyModel, study: StudyFile, base: Path, seed: int,
@@ -294,22 +334,38 @@ def plan_study(study: StudyFile, base: Path, out: Path) -> Plan:
     if clashes:
         raise MedsegError(f"study {study.name}: two of its data folders are named {clashes[0]!r}; results are "
                           "labelled by folder name, so give each training and test dataset a folder name of its own")
+    order = chain_order(study, names)
     for data in trained_on:
         defaults = data_channels(data)
         first = resolve_recipe(study.models[names.index(reference)], study, base, study.seeds[0], defaults)
         folds = dataset_splits(study, data, first)
-        for model, name in zip(study.models, names):
+        run_of_row: dict[tuple[str, int, Optional[int]], str] = {}  # (row, seed, fold) -> its run, for init_from
+        for model, name in ((study.models[i], names[i]) for i in order):
             for seed in study.seeds:
                 recipe = resolve_recipe(model, study, base, seed, defaults)
+                if model.init_from is not None and recipe.model.weights is not None:
+                    raise MedsegError(f"study {study.name}: model {name!r} sets model.weights and init_from "
+                                      f"{model.init_from!r}; give one of them")
                 for fold, splits, source in folds:
-                    key = hashlib.sha1(json.dumps({"recipe": shaping(recipe), "data": str(data), "splits": splits},
+                    trained = shaping(recipe)
+                    needs = []
+                    if model.init_from is not None:
+                        needs = [run_of_row[(model.init_from, seed, fold)]]
+                        trained["model"]["weights"] = f"runs/{needs[0]}/model/{WEIGHTS_NAME}"  # in the study folder
+                    key = hashlib.sha1(json.dumps({"recipe": trained, "data": str(data), "splits": splits},
                                                   sort_keys=True).encode()).hexdigest()[:8]
                     if key not in run_of:  # models that differ only in the evaluated level share one run
                         run_of[key] = (f"{slug(name if model.level is None else recipe.name)}-{slug(data.name)}"
                                        f"-s{seed}" + ("" if fold is None else f"-f{fold}") + f"-{key}")
-                    run_name = run_of[key]
-                    job = jobs.setdefault(run_name, Job(run_name, recipe.to_dict(), str(data), splits, source, tests,
-                                                        protocol, []))
+                    run_name = run_of_row[(name, seed, fold)] = run_of[key]
+                    if run_name not in jobs:
+                        resolved = recipe.to_dict()
+                        if needs:
+                            first_model = Run(folder.resolve() / "runs" / needs[0]).model_dir
+                            resolved["model"]["weights"] = str(first_model / WEIGHTS_NAME)
+                        jobs[run_name] = Job(run_name, resolved, str(data), splits, source, tests, protocol, [],
+                                             needs=needs)
+                    job = jobs[run_name]
                     if model.level not in job.levels:
                         job.levels.append(model.level)
                     cell_id = f"{name}-{slug(data.name)}-s{seed}" + ("" if fold is None else f"-f{fold}")
@@ -317,6 +373,8 @@ def plan_study(study: StudyFile, base: Path, out: Path) -> Plan:
                     scored = hashlib.sha1(json.dumps([run_name, model.level, protocol, tests]).encode()).hexdigest()[:8]
                     cells.append(Cell(cell_id, name, data.name, seed, fold, model.level, run_name,
                                       f"{cell_id}-{scored}.csv"))
+    datasets = [d.name for d in trained_on]
+    cells.sort(key=lambda c: (datasets.index(c.dataset), names.index(c.model)))  # file order (stable: seeds, folds)
     plan = Plan(study, folder, cells, jobs, reference, protocol)
     for cell in cells:
         cell.state = cell_state(plan, cell)
@@ -433,23 +491,54 @@ def outcome(plan: Plan, run_name: str, code: int) -> str:
     return f"{run_name}: FAILED (exit {code}): {lines[-1].strip() if lines else 'no output'} — log {log}"
 
 
-def run_local(plan: Plan, pending: list[str], jobs: int, threads: int,
-              report: Callable[[str], None]) -> dict[str, int]:
-    codes: dict[str, int] = {}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_job_process, plan.folder, name, plan.log_dir / f"{name}.log", threads)
-                   for name in pending]
-        for future in futures:
-            name, code = future.result()
-            codes[name] = code
+def run_in_waves(plan: Plan, pending: list[str], start: Callable[[list[str]], Iterator[tuple[str, int]]],
+                 report: Callable[[str], None]) -> dict[str, str]:
+    """Run the pending jobs wave by wave: each wave every job whose needed runs are done (finished now, or not
+    pending); `start(wave)` runs a wave and yields (run, exit code) as each finishes. A job whose needed run
+    failed or was not started is not started. Returns {run: why it did not finish} (a failed run: its log)."""
+    failures: dict[str, str] = {}
+    not_started: set[str] = set()
+    waiting = sorted(pending)
+    while waiting:
+        left, wave = set(waiting), []
+        for name in list(waiting):
+            broken = [need for need in plan.jobs[name].needs if need in failures]
+            if broken:
+                why = "was not started" if broken[0] in not_started else f"failed (log {failures[broken[0]]})"
+                failures[name] = f"not started: it starts from run {broken[0]}, which {why}"
+                report(f"{name}: NOT STARTED: it starts from run {broken[0]}, which {why}")
+                not_started.add(name)
+                waiting.remove(name)
+            elif not any(need in left for need in plan.jobs[name].needs):
+                wave.append(name)
+        if not wave:
+            if waiting and set(waiting) == left:  # planning refuses cycles, so this is a broken study.json
+                raise MedsegError(f"study {plan.study.name}: the runs {waiting} wait for each other; plan again")
+            continue
+        for name, code in start(wave):
             report(outcome(plan, name, code))
-    return codes
+            if code:
+                failures[name] = str(plan.log_dir / f"{name}.log")
+        waiting = [name for name in waiting if name not in wave]
+    return failures
+
+
+def run_local(plan: Plan, pending: list[str], jobs: int, threads: int,
+              report: Callable[[str], None]) -> dict[str, str]:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        def start(wave: list[str]) -> Iterator[tuple[str, int]]:
+            futures = [pool.submit(run_job_process, plan.folder, name, plan.log_dir / f"{name}.log", threads)
+                       for name in wave]
+            for future in futures:
+                yield future.result()
+
+        return run_in_waves(plan, pending, start, report)
 
 
 def run_ray(plan: Plan, pending: list[str], address: Optional[str], threads: int,
-            report: Callable[[str], None]) -> dict[str, int]:
-    """Each job a Ray task needing `threads` CPUs (and 1 GPU where the cluster has GPUs); the study folder must
-    be on storage every node sees (the same path), as with any shared run folder."""
+            report: Callable[[str], None]) -> dict[str, str]:
+    """Each job a Ray task needing `threads` CPUs (and 1 GPU where the cluster has GPUs), a wave at a time; the
+    study folder must be on storage every node sees (the same path), as with any shared run folder."""
     try:
         import ray
     except ImportError:
@@ -458,12 +547,13 @@ def run_ray(plan: Plan, pending: list[str], address: Optional[str], threads: int
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(run_job_process)
-        refs = {name: task.remote(plan.folder, name, plan.log_dir / f"{name}.log", threads) for name in pending}
-        codes: dict[str, int] = {}
-        for name, ref in refs.items():
-            codes[name] = ray.get(ref)[1]
-            report(outcome(plan, name, codes[name]))
-        return codes
+
+        def start(wave: list[str]) -> Iterator[tuple[str, int]]:
+            refs = [task.remote(plan.folder, name, plan.log_dir / f"{name}.log", threads) for name in wave]
+            for ref in refs:
+                yield ray.get(ref)
+
+        return run_in_waves(plan, pending, start, report)
     finally:
         ray.shutdown()
 
@@ -508,7 +598,9 @@ def run_study(name_or_path: str | Path, out: str | Path = "studies", data: Optio
     plan = plan_study(study, base, Path(out))
     if dry_run:
         for cell in plan.cells:
-            report(f"{cell.id:50} {cell.state:8} run {cell.run}  ~{estimate(plan, cell):,} images x epochs")
+            needs = plan.jobs[cell.run].needs
+            starts = f" from {', '.join(needs)}" if needs else ""
+            report(f"{cell.id:50} {cell.state:8} run {cell.run}{starts}  ~{estimate(plan, cell):,} images x epochs")
         total = sum(len(job.splits["train"]) * int(job.recipe["train"]["epochs"]) for job in plan.jobs.values())
         report(f"{len(plan.cells)} cells in {len(plan.jobs)} runs; {sum(c.state == 'done' for c in plan.cells)} done; "
                f"training work about {total:,} images x epochs in all")
@@ -521,12 +613,12 @@ def run_study(name_or_path: str | Path, out: str | Path = "studies", data: Optio
         report(f"study {study.name}: {len(plan.cells)} cells in {len(plan.jobs)} runs, {len(pending)} runs to do, "
                f"{threads} thread(s) each -> {plan.folder}")
         started = time.perf_counter()
-        codes = (run_ray(plan, pending, address, threads, report) if executor == "ray"
-                 else run_local(plan, pending, jobs, threads, report)) if pending else {}
+        failures = (run_ray(plan, pending, address, threads, report) if executor == "ray"
+                    else run_local(plan, pending, jobs, threads, report)) if pending else {}
         for cell in plan.cells:
             cell.state = cell_state(plan, cell)
-            if codes.get(cell.run):
-                cell.state, cell.error = "failed", str(plan.log_dir / f"{cell.run}.log")
+            if cell.run in failures:
+                cell.state, cell.error = "failed", failures[cell.run]
         write_study_json(plan)
         if not any(cell.state == "done" for cell in plan.cells):
             raise MedsegError(f"study {study.name}: no run finished; see the failures above and the logs in "
@@ -563,8 +655,9 @@ def aggregate_study(folder: str | Path) -> list[Path]:
                 rows += read_results_csv(path)
                 scored.append(cell)
             else:
-                missing.append(f"{cell['id']} ({cell['state']}"
-                               f"{', log ' + cell['error'] if cell.get('error') else ''})")
+                error = cell.get("error") or ""  # a failed run's log, or why a run was not started
+                detail = f", log {error}" if error.endswith(".log") else f", {error}" if error else ""
+                missing.append(f"{cell['id']} ({cell['state']}{detail})")
         if not rows:
             continue
         write_results_csv(rows, out / "results.csv")
