@@ -44,7 +44,9 @@ def test_ehformer_parameter_count_matches_the_reference_code(network):
 
 def test_ehformer_stage_one_trains_only_its_uncertainty_network():
     stage1 = medseg.create_model("ehformer", 1, 1, stage=1)
-    assert {id(p) for p in stage1.parameters() if p.requires_grad} == {id(p) for p in stage1.coarse.parameters()}
+    assert {name.split(".")[0] for name in stage1.state_dict()} == {"coarse", "alpha"}  # the stage-2 parts unbuilt
+    assert n_params(stage1) == ONE_BRANCH - 2 * 64 * 7 * 7  # 1 input channel: the 7x7 patch embedding has 2 fewer
+    assert all(p.requires_grad for p in stage1.parameters())
     with pytest.raises(MedsegError, match="binary only"):
         medseg.create_model("ehformer", 3, 2)
     with pytest.raises(MedsegError, match="stage must be 1"):
@@ -108,7 +110,11 @@ def test_stage_two_starts_from_a_stage_one_file(network, tmp_path):
     path = save_model(stage1, tmp_path / "stage1") / "model.safetensors"
     stage2 = medseg.create_model("ehformer", 3, 1)
     report = load_network_weights(stage2, path)
-    assert report.loaded == len(stage2.state_dict())
+    assert report.loaded == len(stage1.state_dict()) and not report.unused
+    later = [name for name in stage2.state_dict() if name.split(".")[0] in ("easy", "hard", "fusion", "decoder")]
+    assert sorted(report.reinitialised) == sorted(later)  # the stage-2 parts keep their init, reported
+    counts = {part: sum(name.startswith(part + ".") for name in later) for part in ("easy", "hard")}
+    assert f"{len(later)} re-initialised: {counts['easy']} under easy, {counts['hard']} under hard" in report.summary()
     assert torch.equal(stage2.coarse.encoder.block3[7].attn.q.weight, stage1.coarse.encoder.block3[7].attn.q.weight)
     assert not any(p.requires_grad for p in stage2.coarse.parameters())
 

@@ -37,6 +37,18 @@ OPTIONAL_BUFFERS = ("num_batches_tracked",)  # buffers a file may lack (the targ
 DDP_PREFIX = "module."
 
 
+def names_in_short(names: list[str], listed: int = 8) -> str:
+    """Up to `listed` tensor names as they are; more as the count under each top-level module (a later training
+    stage's whole parts, say), so the summary stays one readable line."""
+    if len(names) <= listed:
+        return ", ".join(names)
+    counts: dict[str, int] = {}
+    for name in names:
+        top = name.split(".", 1)[0]
+        counts[top] = counts.get(top, 0) + 1
+    return ", ".join(f"{count} under {top}" for top, count in counts.items())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a local .safetensors file or a .pt/.pth state dict (read with weights_only: no pickle code)."""
     return read_weights_file(path)[0]
@@ -93,7 +105,7 @@ class LoadReport:
         2 unused)'."""
         notes = [f"first conv adapted {detail}" for detail in self.adapted.values()]
         if self.reinitialised:
-            notes.append(f"{len(self.reinitialised)} re-initialised: {', '.join(self.reinitialised)}")
+            notes.append(f"{len(self.reinitialised)} re-initialised: {names_in_short(self.reinitialised)}")
         if self.missing_buffers:
             notes.append(f"{len(self.missing_buffers)} absent num_batches_tracked kept")
         if self.unused:

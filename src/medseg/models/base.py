@@ -78,6 +78,9 @@ class NetworkCard:
     # the pretrained initialisation the paper (or its authors' code) starts from; training without a local file
     # for it is said in the training header and config.yaml
     paper_weights: str | None = None
+    # module-name prefixes a whole-network file from an earlier training stage lacks: they keep their init when
+    # such a file is loaded, and the load report lists them (EH-Former's stage 2 from its stage-1 file)
+    later_stage: tuple[str, ...] = ()
     # False: bf16 autocast + channels_last does not pay for this network on a CPU (measured), so
     # `train.precision: auto` keeps fp32 for it (medseg.engine.precision)
     fast_path: bool = True

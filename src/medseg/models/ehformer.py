@@ -11,13 +11,16 @@ trains), one class here with the option `stage`:
   in evaluation too, code `baal` Dropout) on each stage's output, which also feeds the next stage, and a decoder of
   four residual up-blocks (code `RU_up_MCD`: a 2x2 transposed conv, conv-BN-ReLU-MC dropout-conv-BN plus a 1x1
   conv-GroupNorm shortcut, ReLU) to 16 channels at 1/2, a 1x1 head and a bilinear resize (align_corners=True).
-  Only this part trains; its output is the network's.
+  A `stage=1` network is this part alone (86,371,345 parameters), so its run trains, saves and counts only it.
 - Stage 2 (`stage=2`, the default, code `Fine_...`): the stage-1 network (`coarse`) is frozen with its BatchNorm in
-  evaluation mode (code `fix_bn`). In training, six stochastic passes of it give the uncertainty map
-  u = (var / max var + mean entropy / max mean entropy) / 2 (code `uncertain_map: 'var + mean'`; the variance is the
-  unbiased one over the six sigmoid maps, the entropy -p log(p + 1e-9) per map, both maxima over the whole batch)
-  and its complement max(u) - u. Two streams, each a MiT-B5 with the stage-1 decoder layout (no MC dropout) and a
-  head, run on the image: the easy stream with u, the hard stream with the complement, as DropKey ratios.
+  evaluation mode (code `fix_bn`); `model.weights` = a stage-1 run's model file initialises it, the stage-2 parts
+  (`easy`, `hard`, `fusion`, `decoder`: the card's `later_stage`) keep their init and the load report lists them
+  (main.py: `--Cnet_path` loads the stage-1 weights into the new network). In training, six stochastic passes of it
+  give the uncertainty map u = (var / max var + mean entropy / max mean entropy) / 2 (code `uncertain_map: 'var +
+  mean'`; the variance is the unbiased one over the six sigmoid maps, the entropy -p log(p + 1e-9) per map, both
+  maxima over the whole batch) and its complement max(u) - u. Two streams, each a MiT-B5 with the stage-1 decoder
+  layout (no MC dropout) and a head, run on the image: the easy stream with u, the hard stream with the complement, as
+  DropKey ratios.
 - AdaSep (code `Attention_Drop`, main.py `mode='dim_query'`, `dropkey_rate` [0.4, 0.32, 0.24, 0.16] per stage): in
   training each attention row (query) of every block is dropped with probability ratio(stage) x map, the map
   resized bilinearly to the stage's token grid (each stage from the previous stage's map, as the code does), drawn
@@ -280,9 +283,11 @@ def uncertainty_map(samples: torch.Tensor) -> torch.Tensor:
 EH_FORMER_PAPER = ("Qu, Zhou, Jiang, Wang, Wang, Wang, Tang & Lin, EH-former: Regional easy-hard-aware transformer for "
                    "breast lesion segmentation in ultrasound images, Information Fusion 109 (2024)")
 MIT_B5 = EncoderCard(family="smp", name=ENCODER, module="coarse.encoder", first_conv="patch_embed1.proj.weight")
+STAGE_TWO_PARTS = ("easy", "hard", "fusion", "decoder")
 CARD = NetworkCard(paper=EH_FORMER_PAPER, size_multiple=32, default_size=224, encoder=MIT_B5,
                    paper_weights="its stage-1 network for stage 2 (recipe ehformer: model.weights = the "
-                                 "ehformer_stage1 run's model/model.safetensors)")
+                                 "ehformer_stage1 run's model/model.safetensors)",
+                   later_stage=STAGE_TWO_PARTS)
 
 
 @register_model("ehformer", CARD)
@@ -300,17 +305,15 @@ class EHFormer(EpochScheduled, ExtraLosses, SegmentationNetwork):
             raise MedsegError(f"ehformer: stage must be 1 (the uncertainty network) or 2 (EH-Former), got {stage}")
         self.stage = stage
         self.coarse = SegFormerBranch(in_channels, num_classes, MC_DROPOUT)
+        self.register_buffer("alpha", torch.ones(()))  # D-Fusion's easy weight: 1 at the first epoch
+        self._streams: dict[str, torch.Tensor] = {}
+        if stage == 1:  # the stage-1 network alone: its file holds only `coarse` (and alpha)
+            return
         self.easy = SegFormerBranch(in_channels, num_classes)
         self.hard = SegFormerBranch(in_channels, num_classes)
         self.fusion = nn.ModuleList(FusionGate(w, p) for w, p in zip(WIDTHS, (0, *WIDTHS[:3])))
         self.decoder = Decoder(num_classes)
-        self.register_buffer("alpha", torch.ones(()))  # D-Fusion's easy weight: 1 at the first epoch
-        trained = self.coarse if stage == 1 else nn.ModuleList([self.easy, self.hard, self.fusion, self.decoder])
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-        for parameter in trained.parameters():
-            parameter.requires_grad_(True)
-        self._streams: dict[str, torch.Tensor] = {}
+        self.coarse.requires_grad_(False)  # code: the stage-1 network is frozen in stage 2
 
     def train(self, mode: bool = True) -> "EHFormer":
         super().train(mode)

@@ -59,11 +59,12 @@ def load_encoder_weights(model: SegmentationNetwork, path: str | Path) -> LoadRe
 
 
 def load_network_weights(model: SegmentationNetwork, path: str | Path) -> LoadReport:
-    """Initialise a whole network from a local file of the same network; only the head may stay random."""
+    """Initialise a whole network from a local file of the same network; only the head (and the parts a later
+    training stage adds, `card.later_stage`) may stay random."""
     encoder = model.card.encoder
     first_conv = f"{encoder.module}.{encoder.first_conv}" if encoder is not None else None
     # a run's Lightning checkpoint (last.ckpt / best.ckpt) holds the network under "model."
     report = load_weights(model, path, what=f"network {model.spec.name}", first_conv=first_conv,
-                          rename=((CHECKPOINT_PREFIX, ""),), reinit=(model.card.head,))
+                          rename=((CHECKPOINT_PREFIX, ""),), reinit=(model.card.head, *model.card.later_stage))
     model.load_reports.append(report)
     return report
