@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tests.baseline_training import n_params, recipe_training_losses
 
 import medseg
+from medseg.errors import MedsegError
 from medseg.models.centroidnet import instance_map, vector_targets
 
 
@@ -129,7 +130,7 @@ def test_centroidnet_v2_vector_losses_train_the_vector_channels_only():
     gradient = model.head.weight.grad.flatten(1).abs().sum(dim=1)
     assert (gradient[:4] > 0).all() and (gradient[4:] == 0).all()  # the vector channels, not the logits
     assert logits.shape == (2, 2, 64, 64)
-    with pytest.raises(RuntimeError, match="training-mode forward"):
+    with pytest.raises(MedsegError, match="training forward"):
         model.extra_losses(mask)
     model.eval()
     with torch.no_grad():

@@ -158,6 +158,7 @@ class DeepLabV3AFMA(ExtraLosses, SegmentationNetwork):
         """{"afma": MSE between the last training forward's AFMA and the gold AFMA of `mask`} (code: MSELoss)."""
         afma, self._training_afma = self._training_afma, None
         if afma is None:
-            raise RuntimeError("deeplabv3_afma.extra_losses needs a training-mode forward first")
+            raise MedsegError("deeplabv3_afma.extra_losses needs the AFMA of a training forward; there was none "
+                              "since the last call")
         gold = gold_afma(mask, self.num_classes, self.factor)
         return {"afma": F.mse_loss(afma.float(), gold)}

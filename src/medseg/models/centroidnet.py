@@ -53,6 +53,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch import nn
 
+from medseg.errors import MedsegError
 from medseg.models.base import ExtraLosses, NetworkCard, SegmentationNetwork
 from medseg.models.registry import register_model
 
@@ -186,7 +187,8 @@ class CentroidNetV2(SegmentationNetwork, ExtraLosses):
         `mask` (N, H, W labels); the cached vectors are released."""
         vectors, self.training_vectors = self.training_vectors, None
         if vectors is None:
-            raise RuntimeError("CentroidNetV2.extra_losses needs a training-mode forward before it")
+            raise MedsegError("CentroidNetV2.extra_losses needs the vector channels of a training forward; there "
+                              "was none since the last call")
         targets = np.stack([vector_targets(labels, self.max_dist) for labels in mask.cpu().numpy()])
         targets = torch.from_numpy(targets).to(vectors.device)
         vectors = vectors.float()  # under autocast: the errors are summed in fp32
