@@ -192,6 +192,11 @@ def test_the_busi_study_runs_m2snet_msnet_and_the_baselines_over_four_disjoint_f
     recipes = {c.model: plan.jobs[c.run].recipe for c in plan.cells}
     assert recipes["msnet"]["model"]["name"] == "msnet" and recipes["m2snet"]["model"]["name"] == "m2snet"
     assert recipes["m2snet"]["train"]["epochs"] == 100 and recipes["msnet"]["eval"]["protocol"] == "paper"
+    # the paper's U-Net baselines on its Res2Net-50 encoder, trained as M2SNet without its LossNet term
+    assert [recipes[m]["model"]["name"] for m in ("unet", "unetpp", "attention_unet")] == [
+        "unet_res2net50", "unetpp_res2net50", "attention_unet_res2net50"]
+    assert [term["name"] for term in recipes["unet"]["loss"]] == ["structure"]
+    assert recipes["unet"]["train"]["epochs"] == 100
     stems = sorted(p.stem for p in (phantom / "images").iterdir())
     for model in ("unet", "m2snet"):
         folds = [plan.jobs[c.run].splits for c in sorted(plan.cells, key=lambda c: c.fold) if c.model == model]
