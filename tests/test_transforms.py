@@ -55,6 +55,15 @@ def test_colour_jitter_leaves_masks_untouched():
     assert torch.equal(out_mask, mask)
 
 
+def test_grayscale_gives_every_channel_the_luma_and_leaves_masks_untouched():
+    image, mask = _pair()
+    image = torch.stack([image[0], image[0] * 0.5, image[0] * 0.25])  # an RGB image
+    out_image, out_mask = augment_pair(build_augmentation([{"name": "grayscale", "p": 1.0}], (32, 32)), image, mask)
+    luma = 0.2989 * image[0] + 0.587 * image[1] + 0.114 * image[2]
+    assert torch.equal(out_mask, mask) and out_image.shape == image.shape
+    assert all(torch.allclose(channel, luma, atol=1e-6) for channel in out_image)
+
+
 def test_unknown_augmentation_and_bad_options_are_clear_errors():
     with pytest.raises(MedsegError, match="unknown augmentation 'elastic'"):
         build_augmentation(["elastic"], (32, 32))

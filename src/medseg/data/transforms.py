@@ -156,6 +156,7 @@ AUGMENTATIONS = {
     "affine": _affine,
     "zoom": _zoom,
     "color_jitter": _color_jitter,
+    "grayscale": lambda p=0.1: v2.RandomGrayscale(p),  # RGB to its luma in every channel; a 1-channel image stays
     "channel_shift": RandomChannelShift,
 }
 
