@@ -124,14 +124,3 @@ def test_a_failed_first_stage_leaves_its_second_stage_not_started(phantom: Path,
     assert cells["second"]["state"] == "failed" and cells["second"]["error"] == reason
     assert cells["first"]["error"] == str(log) and cells["plain"]["state"] == "done"
     assert f"- {cells['second']['id']} (failed, {reason})" in (planned.folder / "report.md").read_text()
-
-
-def test_ray_runs_the_chain_in_waves(phantom: Path, tmp_path: Path):
-    pytest.importorskip("ray", reason="the ray extra is part of the test install (pip install 'medseg[ray]')")
-    lines: list[str] = []
-    planned = run_study(write_study(tmp_path, phantom, CHAIN[:2]), tmp_path / "out", executor="ray",
-                        report=lines.append, threads=1)
-    first, second = (next(c.run for c in planned.cells if c.model == m) for m in ("first", "second"))
-    assert [line for line in lines if line.endswith(": done")] == [f"{first}: done", f"{second}: done"]
-    config = yaml.safe_load((planned.folder / "runs" / second / "config.yaml").read_text())
-    assert config["run"]["weights"][0]["file"].endswith(f"/runs/{first}/model/model.safetensors")
