@@ -268,8 +268,8 @@ def test_the_shipped_studies_plan_on_real_data(kvasir: Path, tmp_path: Path):
     from medseg.engine.study import list_studies
 
     assert {"anunet-table2", "m2snet-table1", "m2snet-table2", "m2snet-table3", "m2snet-table4", "stsnet-table1",
-            "stsnet-table6", "stsnet-table9", "focusnet-table1", "focusnet-table2", "fovea-table4",
-            "fovea-table5"} <= set(list_studies())
+            "stsnet-table6", "stsnet-table9", "focusnet-table1", "focusnet-table2", "fovea-table2", "fovea-table3",
+            "fovea-table4", "fovea-table5"} <= set(list_studies())
     for name in list_studies():
         study, base = read_study(name, data=[str(kvasir)], cpu=True)
         plan = plan_study(study, base, tmp_path)
