@@ -112,6 +112,7 @@ def test_caranet_recipe_trains_on_cpu():
 # none of the authors' configurations.)
 def test_denseaspp_parameter_count_matches_the_reference_code():
     assert n_params(medseg.create_model("denseaspp", 3, 1)) == 8_265_857
+    assert n_params(medseg.create_model("denseaspp", 3, 2)) == 8_265_857 + 833  # the softmax head of its recipe
     assert n_params(medseg.create_model("denseaspp", 3, 19)) == 8_280_851
 
 

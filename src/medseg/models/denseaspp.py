@@ -71,7 +71,7 @@ DENSENET121 = EncoderCard(family="torchvision", name="densenet121", module="enco
                           rename=(("features.", ""),))
 CARD = NetworkCard(
     paper="Yang, Yu, Zhang, Li & Yang, DenseASPP for Semantic Segmentation in Street Scenes, CVPR 2018",
-    size_multiple=8, default_size=512, encoder=DENSENET121,
+    size_multiple=8, default_size=512, paper_num_classes=2, encoder=DENSENET121,  # a softmax head, as the code's
     paper_weights="an ImageNet DenseNet-121 (the authors' code loads ./pretrained/densenet121.pth)")
 
 
