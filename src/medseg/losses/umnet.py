@@ -21,10 +21,9 @@ side outputs; medseg's deep-supervision wrapper resizes it nearest (ours).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medseg.losses.basic import binary_target
+from medseg.losses.basic import BCELoss, DiceLoss, binary_target
 from medseg.losses.registry import register_loss
 
 
@@ -32,14 +31,10 @@ from medseg.losses.registry import register_loss
 class UMNetUncertaintyLoss(nn.Module):
     def __init__(self, smooth: float = 1.0):
         super().__init__()
-        self.smooth = smooth
+        self.bce, self.dice = BCELoss(), DiceLoss(smooth=smooth, per_image=True)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         truth = binary_target("umnet_uncertainty", logits, target)
-        probs = torch.sigmoid(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, truth)
-        dims = (1, 2, 3)  # per image
-        dice = 1 - ((2 * (probs * truth).sum(dims) + self.smooth)
-                    / (probs.sum(dims) + truth.sum(dims) + self.smooth)).mean()
-        variance = torch.log1p((probs - truth) ** 2)
-        return (bce + dice) / 2 * torch.exp(-variance).mean() + variance.mean()
+        variance = torch.log1p((torch.sigmoid(logits) - truth) ** 2)
+        structure = (self.bce(logits, truth) + self.dice(logits, truth)) / 2
+        return structure * torch.exp(-variance).mean() + variance.mean()
