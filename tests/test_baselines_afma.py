@@ -32,10 +32,10 @@ def test_forward_shapes_training_cache_and_limits():
     x = torch.randn(2, 3, 64, 96)
     out = model.train()(x)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 2, 64, 96)
-    assert model._training_afma.shape == (2, 2, 6 * 9, 1 * 2)  # 10 px image patches x patches of the 1/4 map
+    assert model.kept_for_losses.shape == (2, 2, 6 * 9, 1 * 2)  # 10 px image patches x patches of the 1/4 map
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 128, 128)).shape == (1, 2, 128, 128)
-    assert model._training_afma is None  # eval forwards keep nothing for the loss
+    assert model.kept_for_losses is None  # eval forwards keep nothing for the loss
     with pytest.raises(ValueError, match="at least 40 px"):
         model(torch.randn(1, 3, 32, 64))
     binary = medseg.create_model("deeplabv3_afma", 3, 1).eval()  # a sigmoid head: AFMA for the foreground alone

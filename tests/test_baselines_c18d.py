@@ -118,9 +118,9 @@ def test_centroidnet_v2_vector_losses_train_the_vector_channels_only():
     mask[0, 44:60, 5:20] = 1
     mask[1, 20:50, 30:50] = 1
     logits = model(x)
-    assert model.training_vectors is not None
+    assert model.kept_for_losses is not None
     losses = model.extra_losses(mask)
-    assert model.training_vectors is None  # released after use
+    assert model.kept_for_losses is None  # released after use
     vectors = model.all_outputs(x)[:, :4]
     targets = torch.from_numpy(np.stack([vector_targets(m, 8) for m in mask.numpy()]))
     for name, field in (("centroid", slice(0, 2)), ("border", slice(2, 4))):  # the code's sqrt-of-squares mean
@@ -134,7 +134,7 @@ def test_centroidnet_v2_vector_losses_train_the_vector_channels_only():
         model.extra_losses(mask)
     model.eval()
     with torch.no_grad():
-        assert torch.equal(model(x), model.all_outputs(x)[:, 4:]) and model.training_vectors is None
+        assert torch.equal(model(x), model.all_outputs(x)[:, 4:]) and model.kept_for_losses is None
 
 
 def test_centroidnet_v2_recipe_trains_the_vector_terms_through_the_engine():

@@ -140,7 +140,6 @@ class DeepLabV3AFMA(ExtraLosses, SegmentationNetwork):
         self.factor = 2 ** min(att_depth, 3)  # stages 4 and 5 are dilated: their features stay at 1/8
         self.afma = AcrossFeatureMapAttention(in_channels, self.network.encoder.out_channels[att_depth], num_classes,
                                               att_depth)
-        self._training_afma: torch.Tensor | None = None  # the last training forward's AFMA, for extra_losses
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         least = PATCH * self.factor
@@ -151,14 +150,11 @@ class DeepLabV3AFMA(ExtraLosses, SegmentationNetwork):
         features = self.network.encoder(x)
         logits = self.network.segmentation_head(self.network.decoder(features))
         afma = self.afma(x, features[self.att_depth])
-        self._training_afma = afma if self.training else None
+        self.keep_for_losses(afma)
         return modify_output(logits, afma, self.factor)
 
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"afma": MSE between the last training forward's AFMA and the gold AFMA of `mask`} (code: MSELoss)."""
-        afma, self._training_afma = self._training_afma, None
-        if afma is None:
-            raise MedsegError("deeplabv3_afma.extra_losses needs the AFMA of a training forward; there was none "
-                              "since the last call")
+        afma = self.take_kept()
         gold = gold_afma(mask, self.num_classes, self.factor)
         return {"afma": F.mse_loss(afma.float(), gold)}

@@ -208,7 +208,25 @@ class Gated(ABC):
 class ExtraLosses(ABC):
     """A network that computes loss terms of its own from the training forward: a feature regulariser, or an
     auxiliary output (an edge map, a vector field) scored against a target it derives from the mask. The
-    recipe's `train.extra_loss_weights` weighs each by name."""
+    recipe's `train.extra_loss_weights` weighs each by name.
+
+    An auxiliary output reaches `extra_losses` through `keep_for_losses` (in the forward) and `take_kept` (in
+    extra_losses): kept by a training forward only, scored once, so no graph outlives its step and a stale output
+    is never scored."""
+
+    kept_for_losses: Any = None  # what the last training forward kept for extra_losses
+
+    def keep_for_losses(self, outputs: Any) -> None:
+        """Keep `outputs` of a training forward for `extra_losses`; an eval forward (give None) keeps nothing."""
+        self.kept_for_losses = outputs if self.training else None  # type: ignore[attr-defined]
+
+    def take_kept(self) -> Any:
+        """What the last training forward kept, released; refused when there was none since the last call."""
+        kept, self.kept_for_losses = self.kept_for_losses, None
+        if kept is None:
+            raise MedsegError(f"{type(self).__name__}.extra_losses needs the outputs of a training forward; there "
+                              "was none since the last call")
+        return kept
 
     @abstractmethod
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -217,7 +217,8 @@ class BCSNet(EdgeSupervised, SegmentationNetwork):
         g2 = g2 * _scale(guide, 2) + g2
         _, map2 = self.level2(g2)
         prediction = _scale(map2, 8)
+        # scored by extra_losses against the mask's edges; an eval forward keeps nothing
+        self.keep_for_losses(_scale(boundary_logits, 4) if self.training else None)
         if not self.training:
             return prediction
-        self.keep_edge_logits(_scale(boundary_logits, 4))  # scored by extra_losses against the mask's edges
         return [prediction, _scale(map3, 16), _scale(map4, 32), _scale(semantic, 16)]

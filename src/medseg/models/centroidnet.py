@@ -53,7 +53,6 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from torch import nn
 
-from medseg.errors import MedsegError
 from medseg.models.base import ExtraLosses, NetworkCard, SegmentationNetwork
 from medseg.models.registry import register_model
 
@@ -149,7 +148,6 @@ class CentroidNetV2(SegmentationNetwork, ExtraLosses):
         widths = [base_channels * 2 ** i for i in range(DEPTH)]
         self.num_classes = num_classes
         self.max_dist = float(max_dist)
-        self.training_vectors: torch.Tensor | None = None  # the last training forward's vector channels
         self.encoder = nn.ModuleList(PlainDoubleConv(in_channels if i == 0 else widths[i - 1], widths[i])
                                      for i in range(DEPTH))
         self.pool = nn.MaxPool2d(2)
@@ -179,16 +177,13 @@ class CentroidNetV2(SegmentationNetwork, ExtraLosses):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = self.all_outputs(x)
-        self.training_vectors = outputs[:, :VECTOR_CHANNELS] if self.training else None
+        self.keep_for_losses(outputs[:, :VECTOR_CHANNELS])  # the vector channels, for extra_losses
         return outputs[:, VECTOR_CHANNELS:]
 
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The code's centroid and border vector errors of the last training forward against targets derived from
         `mask` (N, H, W labels); the cached vectors are released."""
-        vectors, self.training_vectors = self.training_vectors, None
-        if vectors is None:
-            raise MedsegError("CentroidNetV2.extra_losses needs the vector channels of a training forward; there "
-                              "was none since the last call")
+        vectors = self.take_kept()
         targets = np.stack([vector_targets(labels, self.max_dist) for labels in mask.cpu().numpy()])
         targets = torch.from_numpy(targets).to(vectors.device)
         vectors = vectors.float()  # under autocast: the errors are summed in fp32

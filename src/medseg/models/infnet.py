@@ -118,7 +118,8 @@ class InfNet(EdgeSupervised, SegmentationNetwork):
             coarser = attention(features, _resize(coarser, features.shape[-2:]), edge_guidance)
             maps.append(coarser)
         s4, s3, s2 = (_resize(m, x.shape[-2:]) for m in maps)
+        # scored by extra_losses against the mask's edges; an eval forward keeps nothing
+        self.keep_for_losses(_resize(edge_map, x.shape[-2:]) if self.training else None)
         if not self.training:
             return s2
-        self.keep_edge_logits(_resize(edge_map, x.shape[-2:]))  # scored by extra_losses against the mask's edges
         return [s2, s3, s4, _resize(global_map, x.shape[-2:])]

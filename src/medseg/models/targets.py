@@ -70,21 +70,12 @@ def mask_edges(mask: torch.Tensor, width: int = 1) -> torch.Tensor:
 
 class EdgeSupervised(ExtraLosses):
     """A network with an edge (boundary) output trained against `mask_edges(mask, edge_width)` by BCE with logits
-    (the extra loss "edge"). Its training forward hands the edge logits to `keep_edge_logits`; `extra_losses`
-    scores them once and drops them, so no graph outlives its step and no edge is scored twice. Eval forwards keep
-    nothing."""
+    (the extra loss "edge"): its training forward keeps the edge logits (`keep_for_losses`), scored once."""
 
     edge_width: ClassVar[int] = 1
-    _edge_logits: torch.Tensor | None = None
-
-    def keep_edge_logits(self, logits: torch.Tensor) -> None:
-        self._edge_logits = logits
 
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, self._edge_logits = self._edge_logits, None
-        if logits is None:
-            raise MedsegError(f"{type(self).__name__}.extra_losses needs the edge logits of a training forward; "
-                              "there was none since the last call")
+        logits = self.take_kept()
         target = mask_edges(mask, self.edge_width)
         if target.shape[-2:] != logits.shape[-2:]:  # the codes resize their edge images bilinearly
             target = F.interpolate(target, size=logits.shape[-2:], mode="bilinear", align_corners=False)

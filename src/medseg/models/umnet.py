@@ -183,7 +183,6 @@ class UMNet(ExtraLosses, SegmentationNetwork):
     """UM-Net: ResNet-34, local-global modules, contour-guided reverse attention, pyramid fusion (deep sup.; the
     contour head is the extra loss "contour")."""
 
-    _contour_logits: torch.Tensor | None = None  # the last training forward's, until extra_losses scores them
 
     def __init__(self, in_channels: int = 3, num_classes: int = 1):
         super().__init__()
@@ -222,7 +221,7 @@ class UMNet(ExtraLosses, SegmentationNetwork):
             context = module(feature, context[1:])
             contexts.append(context[0])
         contour = self.contour(e1)
-        self._contour_logits = self.contour_head(contour) if self.training else None
+        self.keep_for_losses(self.contour_head(contour) if self.training else None)
         d = self.decoder[0](top[0])  # 1/16
         sides, maps = [self.sides[0](d)], [d]
         for i, (feature, ctx) in enumerate(zip(skips[::-1], contexts)):
@@ -239,9 +238,6 @@ class UMNet(ExtraLosses, SegmentationNetwork):
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"contour": the code's focal loss between the Sobel edges of the last training forward's contour map and
         of `mask` (N, H, W labels)}; the kept logits are released, so each is scored once."""
-        logits, self._contour_logits = self._contour_logits, None
-        if logits is None:
-            raise MedsegError("UMNet.extra_losses needs the contour logits of a training forward; there was none "
-                              "since the last call")
+        logits = self.take_kept()
         edges = sobel_edges(torch.sigmoid(logits.float()))
         return {"contour": contour_focal_loss(edges, mask_sobel_edges(mask, logits.shape[-2:]))}
