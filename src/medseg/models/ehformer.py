@@ -306,7 +306,6 @@ class EHFormer(EpochScheduled, ExtraLosses, SegmentationNetwork):
         self.stage = stage
         self.coarse = SegFormerBranch(in_channels, num_classes, MC_DROPOUT)
         self.register_buffer("alpha", torch.ones(()))  # D-Fusion's easy weight: 1 at the first epoch
-        self._streams: dict[str, torch.Tensor] = {}
         if stage == 1:  # the stage-1 network alone: its file holds only `coarse` (and alpha)
             return
         self.easy = SegFormerBranch(in_channels, num_classes)
@@ -339,17 +338,17 @@ class EHFormer(EpochScheduled, ExtraLosses, SegmentationNetwork):
         for gate, easy, hard in zip(self.fusion, easy_features, hard_features):
             previous = gate(easy, hard, previous, self.alpha)
             fused.append(previous)
-        if self.training:
-            # each stream is scored where its regions are: the easy one where u is low, the hard one where it is high
-            self._streams = {"easy_stream": easy_logits, "easy_weight": hard_map,
-                             "hard_stream": hard_logits, "hard_weight": easy_map}
+        # each stream is scored where its regions are: the easy one where u is low, the hard one where it is high
+        self.keep_for_losses({"easy_stream": easy_logits, "easy_weight": hard_map,
+                              "hard_stream": hard_logits, "hard_weight": easy_map} if self.training else None)
         return self.decoder(fused, x.shape[-2:])
 
     def extra_losses(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The streams' BCE, weighted per pixel by their region maps, from the last stage-2 training forward."""
-        streams, self._streams = self._streams, {}
-        if not streams:
+        """The streams' BCE, weighted per pixel by their region maps, from the last stage-2 training forward;
+        nothing for stage 1 or after an evaluation forward (no streams were scored)."""
+        if self.kept_for_losses is None:
             return {}
+        streams = self.take_kept()
         target = (mask > 0).float().unsqueeze(1)
         return {name: F.binary_cross_entropy_with_logits(streams[name].float(), target,
                                                          weight=streams[name.replace("stream", "weight")])
