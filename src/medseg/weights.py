@@ -23,6 +23,7 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,10 +43,7 @@ def names_in_short(names: list[str], listed: int = 8) -> str:
     stage's whole parts, say), so the summary stays one readable line."""
     if len(names) <= listed:
         return ", ".join(names)
-    counts: dict[str, int] = {}
-    for name in names:
-        top = name.split(".", 1)[0]
-        counts[top] = counts.get(top, 0) + 1
+    counts = Counter(name.split(".", 1)[0] for name in names)
     return ", ".join(f"{count} under {top}" for top, count in counts.items())
 
 
